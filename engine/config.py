@@ -1,0 +1,197 @@
+"""Engine configuration: dataclass sections, YAML presets in ``configs/``, and command-line overrides.
+
+Every field of every section is settable from a preset file and from a ``--flag`` of the same name (underscores
+become dashes), so the dataclass defaults below are the single source of truth for defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import yaml
+
+from engine.errors import ConfigError
+from scheduler.config import SchedulerConfig
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = None  # a .gguf file or a Hugging Face directory; None: the embedded default model
+    served_model_name: str | None = None
+    dtype: str = "bfloat16"
+    seed: int = 0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: str = "1GiB"  # bytes ("2GiB", "500MB", "1073741824") or a fraction of total RAM ("0.1")
+    enable_prefix_caching: bool = True
+
+    def kv_cache_bytes(self) -> int:
+        return parse_memory(self.kv_cache_memory, psutil.virtual_memory().total)
+
+
+@dataclass
+class RuntimeConfig:
+    attention_backend: str = "auto"
+    device: str = "cpu"
+    num_threads: int | None = None  # None: all cores this process may use
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # also read from SPINDLE_API_KEY
+    auth_health_and_metrics: bool = False  # require the key on /health and /metrics too
+    max_request_body_bytes: int = 4 * 1024 * 1024
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(EngineConfig)}
+
+
+def parse_memory(text: str | int | float, total_bytes: int) -> int:
+    """'2GiB' / '500MB' / 1073741824 -> bytes; a number below 1 ('0.1') is a fraction of ``total_bytes``."""
+    value = str(text).strip().upper().replace(" ", "")
+    number = value.rstrip("KMGIB")
+    unit = value[len(number) :]
+    try:
+        amount = float(number)
+    except ValueError:
+        raise ConfigError(f"kv_cache_memory: cannot read {text!r} as a size (e.g. '2GiB', '0.1')") from None
+    if unit not in _SIZE_UNITS or amount <= 0:
+        raise ConfigError(f"kv_cache_memory: cannot read {text!r} as a size (e.g. '2GiB', '0.1')")
+    if not unit and amount < 1:
+        return int(amount * total_bytes)
+    return int(amount * _SIZE_UNITS[unit])
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(EngineConfig)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert a YAML or command-line value to the field's annotated type."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in options):
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{name} may not be empty")
+    for option in options:
+        if option is type(None):
+            continue
+        if option is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            continue
+        try:
+            return option(value)
+        except (TypeError, ValueError):
+            continue
+    raise ConfigError(f"{name}: cannot use {value!r} (expected {annotation})")
+
+
+def build_config(preset: str | Path | None = None, overrides: dict[str, Any] | None = None) -> EngineConfig:
+    """Defaults, then a preset file (a name in configs/ or a path), then flat ``field=value`` overrides."""
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if preset is not None:
+        for section, values in _read_preset(preset).items():
+            if section not in sections or not isinstance(values, dict):
+                raise ConfigError(f"unknown config section {section!r} (known: {', '.join(SECTIONS)})")
+            sections[section].update(values)
+    owners = {f: s for s, cls in _section_classes().items() for f in _field_types(cls)}
+    for name, value in (overrides or {}).items():
+        if name not in owners:
+            raise ConfigError(f"unknown config field {name!r}")
+        sections[owners[name]][name] = value
+    if os.environ.get("SPINDLE_API_KEY") and not sections["server"].get("api_key"):
+        sections["server"]["api_key"] = os.environ["SPINDLE_API_KEY"]
+    built = {}
+    for section, cls in _section_classes().items():
+        types_ = _field_types(cls)
+        unknown = set(sections[section]) - set(types_)
+        if unknown:
+            raise ConfigError(f"unknown field(s) in section {section!r}: {', '.join(sorted(unknown))}")
+        values = {k: _coerce(v, types_[k], k) for k, v in sections[section].items()}
+        try:
+            built[section] = cls(**values)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    return EngineConfig(**built)
+
+
+def _read_preset(preset: str | Path) -> dict[str, Any]:
+    path = Path(preset)
+    if not path.exists():
+        path = CONFIGS_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config preset not found: {preset} (looked in {CONFIGS_DIR})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    return data
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` flag per config field, defaulting to "not given" so presets are not overridden."""
+    for section, cls in _section_classes().items():
+        group = parser.add_argument_group(section)
+        for name, annotation in _field_types(cls).items():
+            flag = "--" + name.replace("_", "-")
+            group.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=_metavar(annotation))
+    parser.add_argument("--config", default=None, help="a preset name in configs/ or a YAML file")
+
+
+def _metavar(annotation: Any) -> str:
+    options = [o for o in typing.get_args(annotation) if o is not type(None)] or [annotation]
+    return getattr(options[0], "__name__", str(options[0])).upper()
+
+
+def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    values = vars(args)
+    fields_ = {f for cls in _section_classes().values() for f in _field_types(cls)}
+    overrides = {k: v for k, v in values.items() if k in fields_}
+    return build_config(values.get("config"), overrides)

@@ -1,0 +1,245 @@
+"""The synchronous engine: admits requests, runs scheduled steps, and turns sampled tokens into outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import ConfigError
+from engine.kv_cache import KVCacheLayout, allocate_kv_cache
+from engine.loader import ModelSource, open_model
+from engine.model_runner import ModelRunner
+from engine.models import build_model
+from engine.outputs import RequestOutput, RequestTimes
+from engine.sampler import SampledToken, SamplingRow
+from engine.sampling_params import InvalidParameter, SamplingParams
+from kernels.registry import get_attention_backend
+from scheduler.kv_cache_manager import KVCacheManager
+from scheduler.output import RequestUpdate, SchedulerOutput, SchedulerStats
+from scheduler.request import FinishReason, Request
+from scheduler.scheduler import Scheduler
+
+logger = logging.getLogger("spindle.engine")
+
+
+@dataclass
+class _RequestState:
+    """Engine-side state of a live request, beside the scheduler's ``Request``."""
+
+    request: Request
+    params: SamplingParams
+    row: SamplingRow
+    detokenizer: IncrementalDetokenizer
+    times: RequestTimes
+
+
+@dataclass
+class EngineCounters:
+    """Cumulative token counts and finished requests by reason, for metrics."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, source: ModelSource | None = None, progress: bool = True) -> None:
+        self.config = config
+        runtime = config.runtime
+        torch.set_num_threads(runtime.num_threads or len(os.sched_getaffinity(0)))
+        self.device = torch.device(runtime.device)
+        self.source = source or open_model(config.model.model)
+        self.tokenizer = self.source.tokenizer
+        self.model_name = config.model.served_model_name or self.source.name
+        spec = self.source.spec
+        dtype = config.model.torch_dtype
+
+        started = time.monotonic()
+        model = build_model(self.source, dtype, self.device, progress)
+        self.load_seconds = time.monotonic() - started
+
+        max_model_len = min(
+            config.scheduler.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings
+        )
+        self.scheduler_config = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
+        self.max_model_len = max_model_len
+        layout = KVCacheLayout.for_model(spec, config.cache.block_size, dtype)
+        num_blocks = layout.num_blocks_for(config.cache.kv_cache_bytes())
+        self.kv_layout = layout
+        self.num_kv_blocks = num_blocks
+        try:
+            backend = get_attention_backend(runtime.attention_backend, self.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        kv_caches = allocate_kv_cache(layout, num_blocks, self.device)
+        self.runner = ModelRunner(model, backend, kv_caches, layout.block_size, self.device)
+        self.kv_manager = KVCacheManager(num_blocks, layout.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
+        self.counters = EngineCounters()
+        self._states: dict[str, _RequestState] = {}
+        logger.info(
+            "model %s loaded in %.1fs (%s, %s); KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB; "
+            "attention backend: %s",
+            self.model_name,
+            self.load_seconds,
+            config.model.dtype,
+            self.device,
+            num_blocks,
+            layout.block_size,
+            num_blocks * layout.block_size,
+            num_blocks * layout.bytes_per_block / 2**20,
+            backend.name,
+        )
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Queue a request. Raises InvalidParameter or RequestRejected (both ValueError) for bad input."""
+        if request_id in self._states:
+            raise InvalidParameter("request_id", f"request id {request_id!r} is already in use")
+        params.validate(self.source.spec.vocab_size)
+        if any(not 0 <= t < self.source.spec.vocab_size for t in prompt_token_ids):
+            raise InvalidParameter("prompt", "prompt contains token ids outside the vocabulary")
+        max_tokens = params.max_tokens or max(self.max_model_len - len(prompt_token_ids), 1)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            max_tokens=max_tokens,
+            eos_token_ids=frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids,
+            stop_token_ids=frozenset(params.stop_token_ids),
+            min_tokens=params.min_tokens,
+            arrival_time=arrival,
+            priority=priority,
+        )
+        self.scheduler.add_request(request)
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        row = SamplingRow(
+            params, generator, request.prompt_token_ids, request.output_token_ids, self.tokenizer.eos_token_ids
+        )
+        detokenizer = IncrementalDetokenizer(
+            self.tokenizer,
+            request.prompt_token_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+        self._states[request_id] = _RequestState(request, params, row, detokenizer, RequestTimes(arrival))
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request at once and free its KV blocks; unknown or finished ids are ignored."""
+        if self._states.pop(request_id, None) is not None:
+            self.scheduler.finish_request(request_id, FinishReason.ABORT)
+            self._count_finished(FinishReason.ABORT.value)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[RequestOutput]:
+        """Run one model step over the scheduled batch; report every request that got tokens or finished."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.scheduled:
+            return []
+        now = time.monotonic()
+        for item in scheduled.scheduled:
+            times = self._states[item.request_id].times
+            if times.first_scheduled is None:
+                times.first_scheduled = now
+            if item.start_position < self._states[item.request_id].request.num_prompt_tokens:
+                self.counters.prompt_tokens += len(item.token_ids)
+        try:
+            sampled = self.runner.execute(scheduled, {rid: s.row for rid, s in self._states.items()})
+        except Exception as exc:  # a failed step fails its requests, never the engine
+            logger.exception("model step failed")
+            return self._fail_step(scheduled, f"model step failed: {exc}")
+        updates = self.scheduler.update(scheduled, {rid: [tok.token_id] for rid, tok in sampled.items()})
+        finished_at = time.monotonic()
+        return [self._make_output(update, sampled.get(update.request_id), finished_at) for update in updates]
+
+    def _make_output(self, update: RequestUpdate, token: SampledToken | None, now: float) -> RequestOutput:
+        state = self._states[update.request_id]
+        request, times = state.request, state.times
+        new_ids = update.new_token_ids
+        if new_ids:
+            self.counters.generation_tokens += len(new_ids)
+            times.tokens.extend([now] * len(new_ids))
+            if times.first_token is None:
+                times.first_token = now
+        finish_reason = update.finish_reason
+        stop_reason: str | int | None = None
+        if finish_reason is FinishReason.STOP and new_ids and not state.params.include_stop_str_in_output:
+            # The EOS / stop token ends the request but is not part of its text.
+            stop_reason = new_ids[-1] if new_ids[-1] not in self.tokenizer.eos_token_ids else None
+            delta = state.detokenizer.update(new_ids[:-1])
+        else:
+            delta = state.detokenizer.update(new_ids)
+        new_text = delta.text
+        if delta.stop_hit is not None and finish_reason is None:
+            finish_reason, stop_reason = FinishReason.STOP, delta.stop_hit
+            self.scheduler.finish_request(update.request_id, FinishReason.STOP)
+        if finish_reason is not None and delta.stop_hit is None:
+            new_text += state.detokenizer.flush()
+        output = RequestOutput(
+            request_id=update.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            new_token_ids=list(new_ids),
+            new_text=new_text,
+            new_logprobs=[token] if token is not None and state.params.logprobs is not None else [],
+            num_output_tokens=request.num_output_tokens,
+            finished=finish_reason is not None,
+            finish_reason=finish_reason.value if finish_reason is not None else None,
+            stop_reason=stop_reason,
+            num_cached_tokens=request.num_cached_prompt_tokens,
+            times=times,
+        )
+        if output.finished:
+            times.finished = now
+            self._count_finished(output.finish_reason or "")
+            del self._states[update.request_id]
+        return output
+
+    def _fail_step(self, scheduled: SchedulerOutput, message: str) -> list[RequestOutput]:
+        outputs = []
+        for item in scheduled.scheduled:
+            self.scheduler.finish_request(item.request_id, FinishReason.ERROR)
+        self.scheduler.update(scheduled, {})  # every schedule() is closed by its update()
+        for item in scheduled.scheduled:
+            state = self._states.pop(item.request_id)
+            self._count_finished(FinishReason.ERROR.value)
+            outputs.append(
+                RequestOutput(
+                    request_id=item.request_id,
+                    prompt_token_ids=state.request.prompt_token_ids,
+                    new_token_ids=[],
+                    new_text="",
+                    new_logprobs=[],
+                    num_output_tokens=state.request.num_output_tokens,
+                    finished=True,
+                    finish_reason=FinishReason.ERROR.value,
+                    error=message,
+                    times=state.times,
+                )
+            )
+        return outputs
+
+    def _count_finished(self, reason: str) -> None:
+        self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1

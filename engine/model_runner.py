@@ -1,0 +1,73 @@
+"""Run one scheduled step: build the flat batch tensors, run the model, sample the rows that need a token."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from engine.models import AttentionContext, LlamaForCausalLM
+from engine.sampler import SampledToken, Sampler, SamplingRow
+from kernels.backend import AttentionBackend, BatchLayout
+from scheduler.output import ScheduledRequest, SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        backend: AttentionBackend,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput, rows: Mapping[str, SamplingRow]) -> dict[str, SampledToken]:
+        """Compute the scheduled tokens; return one sampled token for each request whose chunk reached its end."""
+        # Decodes (one token) first: the attention backend handles them as one batched computation.
+        batch = sorted(output.scheduled, key=lambda s: len(s.token_ids) != 1)
+        layout, input_ids, positions = self._flatten(batch)
+        ctx = AttentionContext(self.backend, self.backend.prepare(layout, self.dtype), self.kv_caches)
+        hidden = self.model(input_ids, positions, ctx)
+        last_rows, sampled = [], []
+        end = 0
+        for scheduled in batch:
+            end += len(scheduled.token_ids)
+            if scheduled.sample:
+                last_rows.append(end - 1)
+                sampled.append(scheduled.request_id)
+        if not sampled:
+            return {}
+        logits = self.model.compute_logits(hidden[last_rows])
+        tokens = self.sampler(logits, [rows[request_id] for request_id in sampled])
+        return dict(zip(sampled, tokens))
+
+    def _flatten(self, batch: list[ScheduledRequest]) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
+        block_size = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for scheduled in batch:
+            table = scheduled.block_table
+            start = scheduled.start_position
+            input_ids.extend(scheduled.token_ids)
+            span = range(start, start + len(scheduled.token_ids))
+            positions.extend(span)
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
+        layout = BatchLayout(
+            query_lens=[len(s.token_ids) for s in batch],
+            context_lens=[s.start_position + len(s.token_ids) for s in batch],
+            block_tables=[s.block_table for s in batch],
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            block_size=block_size,
+        )
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        return layout, as_tensor(input_ids), as_tensor(positions)

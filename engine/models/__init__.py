@@ -1,0 +1,26 @@
+"""Model definitions and construction from a ``ModelSource``."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.loader import ModelSource
+from engine.models.llama import AttentionContext, LlamaForCausalLM, RotaryEmbedding
+
+__all__ = ["AttentionContext", "LlamaForCausalLM", "build_model"]
+
+
+def build_model(
+    source: ModelSource, dtype: torch.dtype, device: torch.device, progress: bool = True
+) -> LlamaForCausalLM:
+    """Build the architecture without initialising weights (on "meta"), then fill it from the model files."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(source.spec)
+    model = model.to_empty(device=device).to(dtype)
+    if source.spec.tie_word_embeddings:  # to_empty unties shared parameters
+        model.lm_head.weight = model.embed_tokens.weight
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_tables()
+    model.load_weights(source.iter_weights(dtype, progress))
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,178 @@
+"""A Llama-family decoder (Llama, Mistral, SmolLM): RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+
+The model takes one flat batch of tokens from many sequences ([T] ids and positions). Attention goes through an
+``AttentionBackend`` that owns how K/V are stored (paged blocks) and read. Q/K/V and gate/up projections are fused
+into single matmuls, which matters on the CPU where each matmul call has a fixed cost.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.errors import ModelLoadError
+from engine.model_spec import ModelSpec
+from kernels.backend import AttentionBackend
+
+
+@dataclass
+class AttentionContext:
+    """What every attention layer of one step needs: the backend, its per-step metadata and the KV caches."""
+
+    backend: AttentionBackend
+    metadata: Any
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as the reference implementation does) so bf16 weights don't lose the small variances.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE with a precomputed cos/sin table indexed by absolute position."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
+        self.reset_tables()
+
+    def reset_tables(self) -> None:
+        """(Re)compute the tables in fp32 on the buffers' device, e.g. after the model was built on "meta"."""
+        if self.cos.is_meta:
+            return
+        device = self.cos.device
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32, device=device), inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.cos = angles.cos()
+        self.sin = angles.sin()
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, head_dim] at positions [T]."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_index: int, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.spec = spec
+        self.layer_index = layer_index
+        self.rope = rope
+        self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=False)
+        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=False)
+        self.scale = spec.head_dim**-0.5
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        spec = self.spec
+        q, k, v = self.qkv_proj(x).split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
+        q = self.rope(positions, q.view(-1, spec.num_heads, spec.head_dim))
+        k = self.rope(positions, k.view(-1, spec.num_kv_heads, spec.head_dim))
+        v = v.view(-1, spec.num_kv_heads, spec.head_dim)
+        key_cache, value_cache = ctx.kv_caches[self.layer_index]
+        out = ctx.backend.forward(q, k, v, key_cache, value_cache, ctx.metadata, self.scale)
+        return self.o_proj(out.reshape(-1, spec.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_index: int, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, layer_index, rope)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        rope = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, rope) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Flat batch [T] -> final hidden states [T, hidden] (normalised)."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up into their combined projections."""
+        spec = self.spec
+        fused_slices = {
+            "q_proj": ("qkv_proj", 0, spec.q_size),
+            "k_proj": ("qkv_proj", spec.q_size, spec.kv_size),
+            "v_proj": ("qkv_proj", spec.q_size + spec.kv_size, spec.kv_size),
+            "gate_proj": ("gate_up_proj", 0, spec.intermediate_size),
+            "up_proj": ("gate_up_proj", spec.intermediate_size, spec.intermediate_size),
+        }
+        params = dict(self.named_parameters())
+        # A fused parameter is complete once each of its parts arrived.
+        parts_needed = {name: 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 1 for name in params}
+        parts_loaded: Counter[str] = Counter()
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if name == "lm_head.weight" and spec.tie_word_embeddings:
+                continue
+            parts = name.split(".")
+            target, offset, length = name, 0, None
+            if len(parts) >= 2 and parts[-2] in fused_slices:
+                fused, offset, length = fused_slices[parts[-2]]
+                target = ".".join([*parts[:-2], fused, parts[-1]])
+            if target not in params:
+                raise ModelLoadError(f"unexpected weight {hf_name!r} for a {spec.architecture} model")
+            param = params[target]
+            destination = param.data if length is None else param.data[offset : offset + length]
+            if destination.shape != tensor.shape:
+                raise ModelLoadError(
+                    f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(destination.shape)}"
+                )
+            destination.copy_(tensor)
+            parts_loaded[target] += 1
+        missing = [name for name, needed in parts_needed.items() if parts_loaded[name] < needed]
+        if missing:
+            raise ModelLoadError(f"weights missing from the model files: {', '.join(missing[:5])}")

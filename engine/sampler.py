@@ -1,0 +1,142 @@
+"""Turn a step's logits into tokens: logit bias, min-tokens, penalties, temperature, top-k/top-p/min-p, seeds.
+
+Everything is vectorised over the rows of the batch; a Python loop runs only over rows that carry their own
+random generator (a seed), so that a seeded request draws the same numbers whatever batch it shares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    eos_token_ids: frozenset[int]
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None = None  # log-probability under the model's raw distribution
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+def _padded(rows: list[list[int]]) -> torch.Tensor:
+    """Right-pad id lists with -1 into one [N, max_len] tensor."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(width, 1)), -1, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        if ids:
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def _token_counts(rows: list[list[int]], vocab_size: int) -> torch.Tensor:
+    ids = _padded(rows)
+    counts = torch.zeros((len(rows), vocab_size + 1), dtype=torch.float32)
+    counts.scatter_add_(1, ids % (vocab_size + 1), torch.ones_like(ids, dtype=torch.float32))
+    return counts[:, :vocab_size]  # column vocab_size collected the -1 padding
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """OpenAI presence/frequency penalties over output tokens; repetition penalty (CTRL) over prompt and output."""
+    vocab = logits.shape[1]
+    output_counts = _token_counts([list(r.output_token_ids) for r in rows], vocab)
+    presence = torch.tensor([r.params.presence_penalty for r in rows]).unsqueeze(1)
+    frequency = torch.tensor([r.params.frequency_penalty for r in rows]).unsqueeze(1)
+    repetition = torch.tensor([r.params.repetition_penalty for r in rows]).unsqueeze(1)
+    prompt_seen = _token_counts([list(r.prompt_token_ids) for r in rows], vocab) > 0
+    seen = prompt_seen | (output_counts > 0)
+    penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits.copy_(torch.where(seen, penalised, logits))
+    logits -= frequency * output_counts + presence * (output_counts > 0).float()
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor):
+    """Mask (to -inf) tokens outside each row's top-k, nucleus top-p and min-p sets. top_k 0 means no cut."""
+    vocab = logits.shape[1]
+    if bool((min_p > 0).any()):
+        probs = torch.softmax(logits, dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+        logits.masked_fill_(probs < threshold, float("-inf"))
+    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).unsqueeze(1)
+        ranks = torch.arange(vocab).unsqueeze(0)
+        cut = ranks >= k
+        sorted_probs = torch.softmax(sorted_logits.masked_fill(cut, float("-inf")), dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        cut |= mass_before >= top_p.unsqueeze(1)
+        cut[:, 0] = False  # the most likely token always survives
+        logits.scatter_(1, order, sorted_logits.masked_fill(cut, float("-inf")))
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
+        """logits [N, V] in fp32 (modified in place) -> one token per row."""
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in rows):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        self._apply_biases(logits, rows)
+        penalised_rows = [i for i, r in enumerate(rows) if r.params.uses_penalties]
+        if penalised_rows:
+            subset = logits[penalised_rows]
+            apply_penalties(subset, [rows[i] for i in penalised_rows])
+            logits[penalised_rows] = subset
+        token_ids = self._choose(logits, rows)
+        return [self._result(int(token_ids[i]), i, rows[i], raw_logprobs) for i in range(len(rows))]
+
+    @staticmethod
+    def _apply_biases(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+        for i, row in enumerate(rows):
+            params = row.params
+            if params.logit_bias:
+                ids = torch.tensor([int(t) for t in params.logit_bias], dtype=torch.long)
+                logits[i].index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype))
+            if len(row.output_token_ids) < params.min_tokens:
+                banned = row.eos_token_ids | frozenset(params.stop_token_ids)
+                if banned:
+                    logits[i, list(banned)] = float("-inf")
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        chosen = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if not random_rows:
+            return chosen
+        subset = logits[random_rows]
+        temperature = torch.tensor([rows[i].params.temperature for i in random_rows]).unsqueeze(1)
+        subset /= temperature
+        apply_top_k_top_p_min_p(
+            subset,
+            torch.tensor([max(rows[i].params.top_k, 0) for i in random_rows]),
+            torch.tensor([rows[i].params.top_p for i in random_rows]),
+            torch.tensor([rows[i].params.min_p for i in random_rows]),
+        )
+        probs = torch.softmax(subset, dim=-1)
+        # Gumbel-max in its exponential form: argmax(p / E) with E ~ Exp(1) samples from p.
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(random_rows):
+            noise[j].exponential_(generator=rows[i].generator)
+        chosen[random_rows] = (probs / noise).argmax(dim=-1)
+        return chosen
+
+    @staticmethod
+    def _result(token_id: int, i: int, row: SamplingRow, raw_logprobs: torch.Tensor | None) -> SampledToken:
+        if raw_logprobs is None or row.params.logprobs is None:
+            return SampledToken(token_id)
+        logprob = float(raw_logprobs[i, token_id])
+        top: tuple[tuple[int, float], ...] = ()
+        if row.params.logprobs > 0:
+            values, ids = raw_logprobs[i].topk(row.params.logprobs)
+            top = tuple(zip(ids.tolist(), values.tolist()))
+        return SampledToken(token_id, logprob, top)

@@ -1,0 +1,136 @@
+"""Paged attention on the CPU with vectorised PyTorch.
+
+Decode sequences are handled in one batched computation: their blocks are gathered through padded block tables and
+the query heads of each KV head are treated as a small matrix (grouped-query attention without repeating K/V).
+Prefill chunks attend, one sequence at a time, to their cached prefix plus themselves under a causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.backend import BatchLayout
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    query_start: int
+    query_len: int
+    context_len: int
+    block_ids: torch.Tensor  # the blocks that hold the context, in order
+
+
+@dataclass(frozen=True)
+class CpuAttentionMetadata:
+    slot_mapping: torch.Tensor
+    num_decodes: int
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
+    decode_bias: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size]: 0 for real tokens, -inf for padding
+    prefills: list[PrefillChunk]
+
+
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Scatter new K/V rows [T, KVH, D] into the caches at flat slot indices (block * block_size + offset)."""
+    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slots, key)
+    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slots, value)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence. query [B, H, D] -> [B, H, D]."""
+    batch, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    # [B, max_blocks, block_size, KVH, D] -> [B, KVH, L, D]
+    keys = key_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    values = value_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    grouped_query = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(grouped_query, keys.transpose(-1, -2)).float() * scale + bias
+    probs = torch.softmax(scores, dim=-1).to(query.dtype)
+    return torch.matmul(probs, values).view(batch, num_heads, head_dim)
+
+
+def prefill_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_offset: int, scale: float
+) -> torch.Tensor:
+    """Causal attention of query rows [Lq, H, D] at positions query_offset.. over key/value [Lk, KVH, D]."""
+    q = query.transpose(0, 1).unsqueeze(0)
+    k = key.transpose(0, 1).unsqueeze(0)
+    v = value.transpose(0, 1).unsqueeze(0)
+    if query_offset == 0:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        query_positions = torch.arange(query_offset, query_offset + query.shape[0]).unsqueeze(1)
+        visible = torch.arange(key.shape[0]).unsqueeze(0) <= query_positions
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)
+
+
+class CpuAttentionBackend:
+    name = "cpu"
+
+    def prepare(self, layout: BatchLayout, dtype: torch.dtype) -> CpuAttentionMetadata:
+        num_decodes = layout.num_decodes
+        decode_tables = layout.block_tables[:num_decodes]
+        max_blocks = max((len(table) for table in decode_tables), default=0)
+        padded = torch.zeros((num_decodes, max_blocks), dtype=torch.long)
+        for row, table in enumerate(decode_tables):
+            padded[row, : len(table)] = torch.tensor(table, dtype=torch.long)
+        positions = torch.arange(max_blocks * layout.block_size)
+        lengths = torch.tensor(layout.context_lens[:num_decodes], dtype=torch.long).unsqueeze(1)
+        bias = torch.zeros((num_decodes, max_blocks * layout.block_size), dtype=torch.float32)
+        bias.masked_fill_(positions.unsqueeze(0) >= lengths, float("-inf"))
+        prefills = []
+        query_start = sum(layout.query_lens[:num_decodes])
+        for query_len, context_len, table in zip(
+            layout.query_lens[num_decodes:], layout.context_lens[num_decodes:], layout.block_tables[num_decodes:]
+        ):
+            num_blocks = -(-context_len // layout.block_size)
+            block_ids = torch.tensor(table[:num_blocks], dtype=torch.long)
+            prefills.append(PrefillChunk(query_start, query_len, context_len, block_ids))
+            query_start += query_len
+        return CpuAttentionMetadata(
+            slot_mapping=layout.slot_mapping,
+            num_decodes=num_decodes,
+            decode_block_tables=padded,
+            decode_bias=bias[:, None, None, :],
+            prefills=prefills,
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        metadata: CpuAttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
+        output = torch.empty_like(query)
+        num_decodes = metadata.num_decodes
+        if num_decodes:
+            output[:num_decodes] = decode_attention(
+                query[:num_decodes], key_cache, value_cache, metadata.decode_block_tables, metadata.decode_bias, scale
+            )
+        for chunk in metadata.prefills:
+            rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+            query_offset = chunk.context_len - chunk.query_len
+            if query_offset == 0:  # no cached prefix: the new rows are the whole context
+                chunk_key, chunk_value = key[rows], value[rows]
+            else:
+                chunk_key = key_cache[chunk.block_ids].flatten(0, 1)[: chunk.context_len]
+                chunk_value = value_cache[chunk.block_ids].flatten(0, 1)[: chunk.context_len]
+            output[rows] = prefill_attention(query[rows], chunk_key, chunk_value, query_offset, scale)
+        return output

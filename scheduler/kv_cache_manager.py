@@ -1,0 +1,114 @@
+"""Maps requests to KV-cache blocks: block tables, prefix-cache lookups and registration of computed blocks."""
+
+from dataclasses import dataclass
+
+from scheduler.block_hash import extend_block_hashes
+from scheduler.block_pool import BlockPool
+from scheduler.request import Request
+
+
+@dataclass
+class PrefixCacheStats:
+    """Cumulative token counts over admissions: tokens looked up in the prefix cache, and tokens found."""
+
+    queries: int = 0
+    hits: int = 0
+
+
+class KVCacheManager:
+    """Per-request block tables over a BlockPool, with prefix-cache lookup and registration of computed blocks."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
+        self.block_size = block_size
+        self.prefix_cache_stats = PrefixCacheStats()
+        self._tables: dict[str, list[int]] = {}
+        # Leading blocks of each table already registered in the prefix cache.
+        self._num_cached_blocks: dict[str, int] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def num_blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def block_table(self, request_id: str) -> list[int]:
+        """A copy of the request's block table (empty if it holds no blocks)."""
+        return list(self._tables.get(request_id, ()))
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+        """Longest cached prefix of the request's full blocks, and the number of tokens it covers.
+
+        At most ``(num_tokens - 1) // block_size`` blocks match, so at least one token is left to compute: the step
+        needs it to produce logits. The caller passes the blocks to ``allocate_slots``, which takes references.
+        """
+        if not self.pool.enable_prefix_caching:
+            return [], 0
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        blocks = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block_id = self.pool.get_cached_block(block_hash)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+        return blocks, len(blocks) * self.block_size
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed_blocks: list[int] | None = None
+    ) -> list[int] | None:
+        """Grow the request's table to hold its computed tokens, ``computed_blocks`` and ``num_new_tokens`` more.
+
+        When admitting a request that holds no blocks, pass ``get_computed_blocks``' blocks, even if empty: the hits
+        are referenced and the lookup is counted in ``prefix_cache_stats``. Counting here, once the admission succeeds,
+        rather than at lookup keeps a request that waits at the head of the queue from being counted every step.
+        Returns the newly allocated block ids, or None without changing anything if the pool is too small.
+        """
+        hits = computed_blocks or []
+        table = self._tables.get(request.request_id, [])
+        assert computed_blocks is None or not table, "prefix-cache hits only apply to a request without blocks"
+        num_tokens = request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
+        num_required = max(0, self.num_blocks_needed(num_tokens) - len(table) - len(hits))
+        # Cached hits sitting in the free queue stop being allocatable once touched.
+        num_revived = sum(1 for block_id in hits if self.pool.ref_count(block_id) == 0)
+        if num_required + num_revived > self.pool.num_free_blocks:
+            return None
+        # Touch before allocating so that allocation cannot evict the hits.
+        self.pool.touch(hits)
+        new_blocks = self.pool.allocate(num_required)
+        self._tables[request.request_id] = table
+        table.extend(hits)
+        table.extend(new_blocks)
+        self._num_cached_blocks.setdefault(request.request_id, len(hits))
+        if computed_blocks is not None and self.pool.enable_prefix_caching:
+            self.prefix_cache_stats.queries += request.num_tokens
+            self.prefix_cache_stats.hits += len(hits) * self.block_size
+        return new_blocks
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the request's full blocks whose KV is now computed; call once the step's tokens are written."""
+        if not self.pool.enable_prefix_caching:
+            return
+        num_full = request.num_computed_tokens // self.block_size
+        num_cached = self._num_cached_blocks[request.request_id]
+        if num_full <= num_cached:
+            return
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
+        table = self._tables[request.request_id]
+        for i in range(num_cached, num_full):
+            self.pool.cache_full_block(table[i], request.block_hashes[i])
+        self._num_cached_blocks[request.request_id] = num_full
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks, last block first so the tail of its prefix is evicted before the head."""
+        self.pool.free(reversed(self._tables.pop(request.request_id, [])))
+        self._num_cached_blocks.pop(request.request_id, None)

@@ -1,0 +1,45 @@
+"""Plain data exchanged between the scheduler, the model runner and the engine."""
+
+from dataclasses import dataclass
+
+from scheduler.request import FinishReason
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request_id: str
+    token_ids: list[int]  # tokens whose KV is computed this step: a prefill chunk or the one decode token
+    start_position: int  # position of token_ids[0] (the request's num_computed_tokens before this step)
+    block_table: list[int]  # the request's whole block table after allocation (a copy)
+    sample: bool  # the chunk reaches the end of the known tokens, so the runner samples the next token
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_batched_tokens: int
+    preempted_request_ids: list[str]
+    finished_request_ids: list[str]  # finished or aborted since the previous schedule(): drop their runner state
+
+
+@dataclass(frozen=True)
+class RequestUpdate:
+    """What one step did to a request: the tokens it received and, if it ended, why."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot for metrics; counters are cumulative."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    num_free_blocks: int
+    num_blocks: int

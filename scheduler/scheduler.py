@@ -1,0 +1,216 @@
+"""Continuous batching: decides each step which tokens of which requests the model computes."""
+
+from scheduler.config import SchedulerConfig
+from scheduler.errors import RequestRejected
+from scheduler.kv_cache_manager import KVCacheManager
+from scheduler.output import RequestUpdate, ScheduledRequest, SchedulerOutput, SchedulerStats
+from scheduler.request import FinishReason, Request, RequestStatus
+from scheduler.waiting_queue import WaitingQueue
+
+
+class Scheduler:
+    """Running requests first (decodes and unfinished chunked prefills), then new admissions, under a token budget.
+
+    ``schedule()`` advances ``num_computed_tokens`` for everything it schedules: the runner is committed to compute
+    those tokens before the matching ``update()``, which only appends sampled tokens and registers full blocks.
+    Each ``schedule()`` must be followed by ``update()`` with its output before the next one.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        if config.max_model_len is None:
+            raise ValueError("SchedulerConfig.max_model_len must be resolved (to the model's context) before use")
+        self.config = config
+        self.max_model_len: int = config.max_model_len
+        self.kv_cache_manager = kv_cache_manager
+        self.waiting = WaitingQueue()
+        self.running: list[Request] = []  # admission order; the last one is preempted first
+        self._requests: dict[str, Request] = {}  # waiting and running
+        self._finished_ids: list[str] = []  # since the previous schedule()
+        self._num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request, or raise RequestRejected if it could never be served."""
+        self._validate(request)
+        self._requests[request.request_id] = request
+        self.waiting.push(request)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+
+        # Running requests in admission order; make room by preempting the most recently admitted.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(self._cap(request.num_tokens - request.num_computed_tokens), budget)
+            while self.kv_cache_manager.allocate_slots(request, num_new) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(self._commit(request, num_new))
+                budget -= num_new
+                i += 1
+
+        # Admit waiting requests in queue order; never preempt for them, and skip admission after a preemption.
+        while not preempted and self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
+            request = self.waiting.peek()
+            computed_blocks, num_cached = self.kv_cache_manager.get_computed_blocks(request)
+            num_new = self._cap(request.num_tokens - num_cached)
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks) is None:
+                break
+            self.waiting.pop()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = request.num_cached_prompt_tokens = num_cached
+            self.running.append(request)
+            scheduled.append(self._commit(request, num_new))
+            budget -= num_new
+
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(scheduled, self.config.max_num_batched_tokens - budget, preempted, finished)
+
+    def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, list[int]]) -> list[RequestUpdate]:
+        """Apply a computed step: sampled tokens for requests with ``sample``, stop checks, prefix-cache registration.
+
+        ``sampled_token_ids`` maps every scheduled request with ``sample`` to its new tokens (several under speculative
+        decoding). Requests finished since ``schedule()`` are skipped, so a runner failing one request reports it with
+        ``finish_request(..., FinishReason.ERROR)`` first.
+        """
+        updates = []
+        for item in output.scheduled:
+            request = self._requests.get(item.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # finished from outside after schedule()
+            self.kv_cache_manager.cache_full_blocks(request)
+            if not item.sample:
+                continue
+            new_token_ids: list[int] = []
+            reason = None
+            for token in sampled_token_ids[item.request_id]:
+                request.append_output_tokens([token])
+                new_token_ids.append(token)
+                reason = self._stop_reason(request, token)
+                if reason is not None:
+                    self._finish(request, reason)
+                    break
+            updates.append(RequestUpdate(request.request_id, new_token_ids, reason))
+        return updates
+
+    def finish_request(self, request_id: str, reason: FinishReason) -> None:
+        """End a waiting or running request from outside (abort, stop string, error); unknown ids are ignored."""
+        request = self._requests.get(request_id)
+        if request is not None:
+            self._finish(request, reason)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def is_queue_full(self) -> bool:
+        limit = self.config.max_waiting_requests
+        return limit is not None and len(self.waiting) >= limit
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The waiting or running request with this id; None once finished."""
+        return self._requests.get(request_id)
+
+    def stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_stats.queries,
+            prefix_cache_hits=kv.prefix_cache_stats.hits,
+            num_preemptions=self._num_preemptions,
+            num_free_blocks=kv.num_free_blocks,
+            num_blocks=kv.num_blocks,
+        )
+
+    def _validate(self, request: Request) -> None:
+        rid, prompt_len, max_tokens = request.request_id, request.num_prompt_tokens, request.max_tokens
+        max_model_len = self.max_model_len
+        if rid in self._requests:
+            raise RequestRejected(f"request {rid!r}: id already in use")
+        if prompt_len == 0:
+            raise RequestRejected(f"request {rid!r}: prompt is empty")
+        if max_tokens < 1:
+            raise RequestRejected(f"request {rid!r}: max_tokens must be >= 1, got {max_tokens}")
+        if not 0 <= request.min_tokens <= max_tokens:
+            raise RequestRejected(f"request {rid!r}: min_tokens ({request.min_tokens}) must be in [0, {max_tokens}]")
+        if prompt_len > max_model_len - 1:
+            raise RequestRejected(
+                f"request {rid!r}: prompt has {prompt_len} tokens, more than max_model_len - 1 = {max_model_len - 1}"
+            )
+        if prompt_len + max_tokens > max_model_len:
+            raise RequestRejected(
+                f"request {rid!r}: prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
+                f"{prompt_len + max_tokens} exceeds max_model_len ({max_model_len})"
+            )
+        kv = self.kv_cache_manager
+        num_blocks = kv.num_blocks_needed(prompt_len + max_tokens)
+        if num_blocks > kv.num_blocks:
+            raise RequestRejected(
+                f"request {rid!r}: prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) needs {num_blocks} "
+                f"KV-cache blocks of {kv.block_size} tokens, but the pool has only {kv.num_blocks}"
+            )
+
+    def _cap(self, num_tokens: int) -> int:
+        """Limit one request's tokens per step so a long prefill cannot take the whole budget."""
+        threshold = self.config.long_prefill_token_threshold
+        return min(num_tokens, threshold) if threshold else num_tokens
+
+    def _commit(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        request.num_computed_tokens += num_new
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=list(request.all_token_ids[start : start + num_new]),
+            start_position=start,
+            block_table=self.kv_cache_manager.block_table(request.request_id),
+            sample=request.num_computed_tokens == request.num_tokens,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        """Drop the request's KV and requeue it; on readmission it recomputes all its tokens, minus prefix hits."""
+        self.kv_cache_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self._num_preemptions += 1
+        self.waiting.push_front(request)
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        """Check a just-appended token: stop/EOS tokens (once min_tokens are out), then the length limits."""
+        if request.num_output_tokens >= request.min_tokens and (
+            token in request.stop_token_ids or token in request.eos_token_ids
+        ):
+            return FinishReason.STOP
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        """Take the request out of its queue and free its blocks at once; the next schedule() reports it."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.kv_cache_manager.free(request)
+        del self._requests[request.request_id]
+        self._finished_ids.append(request.request_id)

@@ -1,0 +1,70 @@
+"""The ``spindle`` command: ``serve`` (the OpenAI-compatible server) and ``generate`` (offline, one prompt)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from engine.config import add_config_arguments, config_from_args
+from engine.errors import SpindleError
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    llm = LLM(config=config_from_args(args))
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.sampling_seed,
+    )
+    if args.chat:
+        result = llm.chat([{"role": "user", "content": args.prompt}], params)
+    else:
+        result = llm.generate(args.prompt, params)[0]
+    print(result.outputs[0].text)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.app import run_server
+
+    run_server(config_from_args(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spindle", description="Spindle LLM serving engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    add_config_arguments(serve)
+    serve.set_defaults(handler=_serve)
+    generate = commands.add_parser("generate", help="generate a completion offline")
+    generate.add_argument("prompt")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--max-tokens", type=int, default=128)
+    generate.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampler for this prompt")
+    add_config_arguments(generate)
+    generate.set_defaults(handler=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except SpindleError as exc:
+        print(f"spindle: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Random programs of add / step / abort checked against invariants that must hold for every schedule."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scheduler import FinishReason, Request, RequestRejected, Scheduler
+from tests.test_scheduler import VOCAB, FakeRunner, make_scheduler, reference_output, step
+
+PREFIXES = [[(7 * i + 3) % VOCAB for i in range(40)], [(5 * i + 1) % VOCAB for i in range(40)]]
+
+
+@dataclass(frozen=True)
+class Add:
+    prefix: int
+    prompt_len: int
+    tail_seed: int
+    max_tokens: int
+    min_tokens: int
+    priority: int
+    stop_token: int
+
+
+@dataclass(frozen=True)
+class Step:
+    count: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    index: int
+
+
+@st.composite
+def adds(draw: st.DrawFn, max_model_len: int) -> Add:
+    """Mostly requests that fit max_model_len; max_tokens may overshoot by one to exercise rejection."""
+    prompt_len = draw(st.integers(1, max_model_len - 1))
+    return Add(
+        prefix=draw(st.integers(0, len(PREFIXES) - 1)),
+        prompt_len=prompt_len,
+        tail_seed=draw(st.integers(0, 3)),
+        max_tokens=draw(st.integers(1, max_model_len - prompt_len + 1)),
+        min_tokens=draw(st.integers(0, 4)),
+        priority=draw(st.integers(0, 1)),
+        stop_token=draw(st.integers(0, VOCAB - 1)),
+    )
+
+
+@st.composite
+def programs(draw: st.DrawFn) -> tuple[dict[str, Any], list[Add | Step | Abort]]:
+    """Small random scheduler limits, and operations sized so that most requests fit but some do not."""
+    max_model_len = draw(st.integers(2, 40))
+    block_size = draw(st.integers(1, 6))
+    blocks_per_seq = -(-max_model_len // block_size)
+    chunked = draw(st.booleans())
+    limits = dict(
+        num_blocks=draw(st.integers(max(1, blocks_per_seq - 2), blocks_per_seq * 3)),
+        block_size=block_size,
+        prefix_caching=draw(st.booleans()),
+        max_model_len=max_model_len,
+        max_num_seqs=draw(st.integers(1, 5)),
+        max_num_batched_tokens=draw(st.integers(1, 48) if chunked else st.integers(max_model_len, 64)),
+        enable_chunked_prefill=chunked,
+        long_prefill_token_threshold=draw(st.integers(0, 8)) if chunked else 0,
+    )
+    ops = st.one_of(
+        adds(max_model_len),
+        adds(max_model_len),
+        st.builds(Step, st.integers(1, 4)),
+        st.builds(Abort, st.integers(0, 30)),
+    )
+    return limits, draw(st.lists(ops, min_size=4, max_size=60))
+
+
+def make_request(op: Add, request_id: str) -> Request:
+    """A prompt that shares a prefix of random length with other requests' prompts, then diverges."""
+    shared = PREFIXES[op.prefix][: op.prompt_len - op.prompt_len // 3]
+    tail = [(op.tail_seed * 13 + i) % VOCAB for i in range(op.prompt_len - len(shared))]
+    return Request(
+        request_id,
+        shared + tail,
+        max_tokens=op.max_tokens,
+        min_tokens=op.min_tokens,
+        stop_token_ids=frozenset({op.stop_token}),
+        priority=op.priority,
+    )
+
+
+def must_reject(scheduler: Scheduler, request: Request) -> bool:
+    total = request.num_prompt_tokens + request.max_tokens
+    block_size = scheduler.kv_cache_manager.block_size
+    return (
+        request.min_tokens > request.max_tokens
+        or total > scheduler.config.max_model_len
+        or -(-total // block_size) > scheduler.kv_cache_manager.num_blocks
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(setup=programs())
+def test_random_programs_keep_invariants_and_finish(setup: tuple[dict[str, Any], list[Add | Step | Abort]]) -> None:
+    limits, program = setup
+    scheduler = make_scheduler(**limits)
+    runner = FakeRunner(scheduler.kv_cache_manager)
+    added: list[Request] = []
+    reported: list[str] = []
+
+    def run_step() -> None:
+        reported.extend(step(scheduler, runner).finished_request_ids)
+
+    for op in program:
+        if isinstance(op, Add):
+            request = make_request(op, f"r{len(added)}")
+            try:
+                scheduler.add_request(request)
+            except RequestRejected:
+                assert must_reject(scheduler, request)
+                continue
+            assert not must_reject(scheduler, request)
+            added.append(request)
+        elif isinstance(op, Step):
+            for _ in range(op.count):
+                run_step()
+        elif added:
+            scheduler.finish_request(added[op.index % len(added)].request_id, FinishReason.ABORT)
+
+    # The oldest running request progresses every step and is never preempted, so each request needs at most
+    # max_model_len steps once it leads.
+    budget = (len(added) + 1) * scheduler.config.max_model_len
+    while scheduler.has_unfinished_requests():
+        run_step()
+        budget -= 1
+        assert budget > 0, "scheduler stopped making progress"
+    run_step()
+
+    kv = scheduler.kv_cache_manager
+    assert kv.num_free_blocks == kv.num_blocks, "blocks leaked"
+    assert sorted(reported) == sorted(r.request_id for r in added), "each finished request is reported once"
+    for request in added:
+        expected, reason = reference_output(request)
+        assert request.is_finished
+        if request.finish_reason is FinishReason.ABORT:
+            assert request.output_token_ids == expected[: request.num_output_tokens]
+        else:
+            assert (request.output_token_ids, request.finish_reason) == (expected, reason)
