@@ -125,7 +125,7 @@ class LLMEngine:
             arrival_time=arrival,
             priority=priority,
         )
-        self.scheduler.add_request(request)
+        # Everything that can fail comes before the scheduler takes the request, so a refusal leaves no trace.
         generator = None
         if params.seed is not None and not params.greedy:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -139,6 +139,7 @@ class LLMEngine:
             stop=params.stop,
             include_stop_str_in_output=params.include_stop_str_in_output,
         )
+        self.scheduler.add_request(request)
         self._states[request_id] = _RequestState(request, params, row, detokenizer, RequestTimes(arrival))
 
     def abort_request(self, request_id: str) -> None:
@@ -158,14 +159,16 @@ class LLMEngine:
         """Run one model step over the scheduled batch; report every request that got tokens or finished."""
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
+            self.scheduler.update(scheduled, {})
             return []
         now = time.monotonic()
         for item in scheduled.scheduled:
             times = self._states[item.request_id].times
             if times.first_scheduled is None:
                 times.first_scheduled = now
-            if item.start_position < self._states[item.request_id].request.num_prompt_tokens:
-                self.counters.prompt_tokens += len(item.token_ids)
+            num_prompt = self._states[item.request_id].request.num_prompt_tokens
+            end = item.start_position + len(item.token_ids)
+            self.counters.prompt_tokens += max(0, min(end, num_prompt) - item.start_position)
         try:
             sampled = self.runner.execute(scheduled, {rid: s.row for rid, s in self._states.items()})
         except Exception as exc:  # a failed step fails its requests, never the engine
@@ -193,11 +196,12 @@ class LLMEngine:
         else:
             delta = state.detokenizer.update(new_ids)
         new_text = delta.text
-        if delta.stop_hit is not None and finish_reason is None:
-            finish_reason, stop_reason = FinishReason.STOP, delta.stop_hit
-            self.scheduler.finish_request(update.request_id, FinishReason.STOP)
         if finish_reason is not None and delta.stop_hit is None:
-            new_text += state.detokenizer.flush()
+            new_text += state.detokenizer.flush()  # may itself complete a stop string
+        if state.detokenizer.stop_hit is not None:
+            if finish_reason is None:
+                self.scheduler.finish_request(update.request_id, FinishReason.STOP)
+            finish_reason, stop_reason = FinishReason.STOP, state.detokenizer.stop_hit
         output = RequestOutput(
             request_id=update.request_id,
             prompt_token_ids=request.prompt_token_ids,
