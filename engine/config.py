@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -34,6 +35,9 @@ class ModelConfig:
     dtype: str = "bfloat16"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _ = self.torch_dtype  # validates the name now rather than when the model is loaded
+
     @property
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in DTYPES:
@@ -46,6 +50,9 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_memory: str = "1GiB"  # bytes ("2GiB", "500MB", "1073741824") or a fraction of total RAM ("0.1")
     enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        parse_memory(self.kv_cache_memory, 1)  # validates the syntax now; a fraction is resolved when used
 
     def kv_cache_bytes(self) -> int:
         return parse_memory(self.kv_cache_memory, psutil.virtual_memory().total)
@@ -90,7 +97,7 @@ def parse_memory(text: str | int | float, total_bytes: int) -> int:
         amount = float(number)
     except ValueError:
         raise ConfigError(f"kv_cache_memory: cannot read {text!r} as a size (e.g. '2GiB', '0.1')") from None
-    if unit not in _SIZE_UNITS or amount <= 0:
+    if unit not in _SIZE_UNITS or not math.isfinite(amount) or amount <= 0:
         raise ConfigError(f"kv_cache_memory: cannot read {text!r} as a size (e.g. '2GiB', '0.1')")
     if not unit and amount < 1:
         return int(amount * total_bytes)
@@ -116,6 +123,10 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     for option in options:
         if option is type(None):
             continue
+        if isinstance(value, bool) and option is not bool:
+            continue  # YAML's yes/no/true/false are not numbers or names
+        if option is int and isinstance(value, float) and not value.is_integer():
+            continue  # int(2.5) would silently drop the fraction
         if option is bool:
             if isinstance(value, bool):
                 return value
@@ -136,8 +147,12 @@ def build_config(preset: str | Path | None = None, overrides: dict[str, Any] | N
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if preset is not None:
         for section, values in _read_preset(preset).items():
-            if section not in sections or not isinstance(values, dict):
+            if section not in sections:
                 raise ConfigError(f"unknown config section {section!r} (known: {', '.join(SECTIONS)})")
+            if values is None:  # a section whose lines are all commented out
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section {section!r} must be a mapping of field: value, got {values!r}")
             sections[section].update(values)
     owners = {f: s for s, cls in _section_classes().items() for f in _field_types(cls)}
     for name, value in (overrides or {}).items():

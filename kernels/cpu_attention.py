@@ -51,9 +51,15 @@ def decode_attention(
     """One query token per sequence. query [B, H, D] -> [B, H, D]."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
-    # [B, max_blocks, block_size, KVH, D] -> [B, KVH, L, D]
-    keys = key_cache[block_tables].flatten(1, 2).transpose(1, 2)
-    values = value_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    blocks = block_tables.flatten()
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:
+        # index_select is several times faster than advanced indexing here; the one copy into [B, KVH, L, D]
+        # gives the matmuls contiguous operands.
+        rows = cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim)
+        return rows.transpose(1, 2).contiguous()
+
+    keys, values = gather(key_cache), gather(value_cache)
     grouped_query = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.matmul(grouped_query, keys.transpose(-1, -2)).float() * scale + bias
     probs = torch.softmax(scores, dim=-1).to(query.dtype)
@@ -130,7 +136,7 @@ class CpuAttentionBackend:
             if query_offset == 0:  # no cached prefix: the new rows are the whole context
                 chunk_key, chunk_value = key[rows], value[rows]
             else:
-                chunk_key = key_cache[chunk.block_ids].flatten(0, 1)[: chunk.context_len]
-                chunk_value = value_cache[chunk.block_ids].flatten(0, 1)[: chunk.context_len]
+                chunk_key = key_cache.index_select(0, chunk.block_ids).flatten(0, 1)[: chunk.context_len]
+                chunk_value = value_cache.index_select(0, chunk.block_ids).flatten(0, 1)[: chunk.context_len]
             output[rows] = prefill_attention(query[rows], chunk_key, chunk_value, query_offset, scale)
         return output

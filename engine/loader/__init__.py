@@ -38,7 +38,13 @@ def open_model(path: str | Path | None = None) -> ModelSource:
         return _open_gguf(default_model_path(), DEFAULT_MODEL_NAME)
     path = Path(path).expanduser()
     if path.is_dir():
-        return ModelSource(path, hf_loader.read_spec(path), Tokenizer.from_hf_dir(path), path.name)
+        spec = hf_loader.read_spec(path)
+        hf_loader.check_weight_files(path)
+        try:
+            tokenizer = Tokenizer.from_hf_dir(path)
+        except Exception as exc:  # missing file, bad JSON, or whatever the tokenizers library rejects
+            raise ModelLoadError(f"{path}: cannot load the tokenizer: {exc}") from exc
+        return ModelSource(path, spec, tokenizer, path.name)
     if path.suffix == ".gguf" or path.is_file():
         return _open_gguf(path, path.stem)
     raise ModelLoadError(f"model path not found: {path} (expected a .gguf file or a Hugging Face model directory)")
@@ -47,8 +53,9 @@ def open_model(path: str | Path | None = None) -> ModelSource:
 def _open_gguf(path: Path, name: str) -> ModelSource:
     reader = gguf_loader.open_gguf(path)
     spec = gguf_loader.read_spec(reader, path)
+    gguf_loader.check_tensor_types(reader, path)
     try:
         tokenizer = Tokenizer.from_gguf(reader)
-    except ValueError as exc:
-        raise ModelLoadError(f"{path.name}: {exc}") from exc
+    except Exception as exc:  # incomplete or inconsistent tokenizer metadata
+        raise ModelLoadError(f"{path.name}: cannot build the tokenizer from the GGUF metadata: {exc}") from exc
     return ModelSource(path, spec, tokenizer, name, reader)

@@ -51,40 +51,57 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
         raise ModelLoadError(f"{path} is not a readable GGUF file (corrupt or truncated?): {exc}") from exc
 
 
-def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+def field(reader: gguf.GGUFReader, key: str, default: Any = None, path: Path | None = None) -> Any:
     entry = reader.fields.get(key)
     if entry is None:
         if default is None:
-            raise ModelLoadError(f"GGUF metadata is missing the required key {key!r}")
+            where = f"{path.name}: " if path is not None else ""
+            raise ModelLoadError(f"{where}GGUF metadata is missing the required key {key!r}")
         return default
     return entry.contents()
 
 
 def read_spec(reader: gguf.GGUFReader, path: Path) -> ModelSpec:
-    arch = field(reader, "general.architecture")
+    def get(key: str, default: Any = None) -> Any:
+        return field(reader, key, default, path)
+
+    arch = get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
             f"{path.name}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    hidden = int(field(reader, f"{arch}.embedding_length"))
-    heads = int(field(reader, f"{arch}.attention.head_count"))
-    tensor_names = {t.name for t in reader.tensors}
-    vocab = len(field(reader, "tokenizer.ggml.tokens", []) or []) or int(field(reader, f"{arch}.vocab_size"))
-    return ModelSpec(
-        architecture=arch,
-        vocab_size=int(field(reader, f"{arch}.vocab_size", vocab)),
-        hidden_size=hidden,
-        intermediate_size=int(field(reader, f"{arch}.feed_forward_length")),
-        num_layers=int(field(reader, f"{arch}.block_count")),
-        num_heads=heads,
-        num_kv_heads=int(field(reader, f"{arch}.attention.head_count_kv", heads)),
-        head_dim=int(field(reader, f"{arch}.rope.dimension_count", hidden // heads)),
-        rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
-        max_position_embeddings=int(field(reader, f"{arch}.context_length")),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        name=str(field(reader, "general.name", path.stem)),
-    )
+    try:
+        hidden = int(get(f"{arch}.embedding_length"))
+        heads = int(get(f"{arch}.attention.head_count"))
+        tensor_names = {t.name for t in reader.tensors}
+        vocab = len(get("tokenizer.ggml.tokens", []) or []) or int(get(f"{arch}.vocab_size"))
+        return ModelSpec(
+            architecture=arch,
+            vocab_size=int(get(f"{arch}.vocab_size", vocab)),
+            hidden_size=hidden,
+            intermediate_size=int(get(f"{arch}.feed_forward_length")),
+            num_layers=int(get(f"{arch}.block_count")),
+            num_heads=heads,
+            num_kv_heads=int(get(f"{arch}.attention.head_count_kv", heads)),
+            head_dim=int(get(f"{arch}.rope.dimension_count", hidden // heads)),
+            rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)),
+            rms_norm_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon")),
+            max_position_embeddings=int(get(f"{arch}.context_length")),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            name=str(get("general.name", path.stem)),
+        )
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ModelLoadError(f"{path.name}: invalid {arch} metadata in GGUF file: {exc}") from exc
+
+
+def check_tensor_types(reader: gguf.GGUFReader, path: Path) -> None:
+    """Refuse a file with tensors we cannot decode when it is opened, before any weight is loaded."""
+    for tensor in reader.tensors:
+        if tensor.tensor_type not in SUPPORTED_TENSOR_TYPES:
+            raise ModelLoadError(
+                f"{path.name}: tensor {tensor.name!r} has unsupported quantization type {tensor.tensor_type.name} "
+                f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TENSOR_TYPES))})"
+            )
 
 
 def hf_name(gguf_name: str) -> str:
@@ -108,11 +125,6 @@ def iter_tensors(
     reader: gguf.GGUFReader, spec: ModelSpec, dtype: torch.dtype, progress: bool
 ) -> Iterator[tuple[str, torch.Tensor]]:
     for tensor in tqdm(reader.tensors, desc="Loading weights", unit="tensor", disable=not progress):
-        if tensor.tensor_type not in SUPPORTED_TENSOR_TYPES:
-            raise ModelLoadError(
-                f"tensor {tensor.name!r} has unsupported quantization type {tensor.tensor_type.name} "
-                f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TENSOR_TYPES))})"
-            )
         try:
             values = dequantize(tensor.data, tensor.tensor_type)
         except Exception as exc:

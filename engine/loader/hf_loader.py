@@ -22,6 +22,8 @@ def read_spec(model_dir: Path) -> ModelSpec:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_path} must hold a JSON object")
     arch = config.get("model_type", "")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
@@ -29,6 +31,10 @@ def read_spec(model_dir: Path) -> ModelSpec:
         )
     if config.get("rope_scaling"):
         raise ModelLoadError(f"{model_dir.name}: rope_scaling {config['rope_scaling']!r} is not supported")
+    # transformers >= 5 writes RoPE settings as "rope_parameters" (rope_theta moves there) instead of top-level keys.
+    rope = config.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+        raise ModelLoadError(f"{model_dir.name}: rope_parameters {rope!r} are not supported")
     try:
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
@@ -41,7 +47,7 @@ def read_spec(model_dir: Path) -> ModelSpec:
             num_heads=heads,
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
-            rope_theta=float(config.get("rope_theta", 10000.0)),
+            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
@@ -49,12 +55,45 @@ def read_spec(model_dir: Path) -> ModelSpec:
         )
     except KeyError as exc:
         raise ModelLoadError(f"{config_path} is missing the required key {exc.args[0]!r}") from exc
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ModelLoadError(f"{config_path} has an invalid value: {exc}") from exc
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors shards of the model: those its index names, else every ``*.safetensors`` file.
+
+    Some repositories ship the same weights twice (``consolidated.safetensors`` in another naming scheme beside the
+    Hugging Face shards); the index says which files belong to the Hugging Face model.
+    """
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"{index_path} is not a valid safetensors index: {exc}") from exc
+        missing = [file.name for file in files if not file.is_file()]
+        if missing:
+            raise ModelLoadError(f"{model_dir}: weight files listed in {index_path.name} are missing: {missing}")
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir} has no *.safetensors weight files")
+    return files
+
+
+def check_weight_files(model_dir: Path) -> None:
+    """Read every shard's header, so that a corrupt or truncated file is reported when the model is opened."""
+    for file in weight_files(model_dir):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as exc:
+            raise ModelLoadError(f"{file} is not a readable safetensors file (corrupt or truncated?): {exc}") from exc
 
 
 def iter_tensors(model_dir: Path, dtype: torch.dtype, progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{model_dir} has no *.safetensors weight files")
+    files = weight_files(model_dir)
     for file in tqdm(files, desc="Loading weights", unit="file", disable=not progress):
         try:
             with safe_open(str(file), framework="pt") as shard:
