@@ -8,24 +8,29 @@ and a model step (which releases the GIL inside PyTorch) never stalls accepting 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import EngineCounters, LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from scheduler.output import SchedulerStats
 
 logger = logging.getLogger("spindle.engine")
 
-StepObserver = Callable[[list[RequestOutput], SchedulerStats], None]
+StepObserver = Callable[[list[RequestOutput], SchedulerStats, EngineCounters], None]
+
+_IDLE_WAIT_SECONDS = 1.0
 
 
 class EngineDeadError(RuntimeError):
-    """The engine loop has stopped; no request can be served."""
+    """The engine is not serving (stopped, shutting down or failed); no request can be served."""
 
 
 class QueueFullError(RuntimeError):
@@ -38,36 +43,63 @@ class _Stream:
     queue: asyncio.Queue[RequestOutput | BaseException]
 
 
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    accepted: asyncio.Future[None]
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, observer: StepObserver | None = None) -> None:
         self.engine = engine
         self.observer = observer
-        self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._num_pending = 0  # accepted by generate() but not yet finished; read from any thread
+        # Orders "enqueue a request" against "the loop has exited", so that no request waits on a dead loop.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._abort_at: float | None = None  # set by drain()
         self.error: BaseException | None = None
-        self.latest_stats: SchedulerStats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="spindle-engine", daemon=True)
 
     # ------------------------------------------------------------------ caller side (any event loop)
     def start(self) -> None:
-        self._thread.start()
+        """Start the engine loop; a no-op once it was started (it cannot be restarted)."""
+        if self._thread.ident is None:
+            self._thread.start()
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        """True while new requests are accepted."""
+        return self._thread.is_alive() and not self._closed and self._abort_at is None
 
     @property
-    def num_unfinished(self) -> int:
-        return self._num_pending
+    def unavailable_reason(self) -> str:
+        if self.error is not None:
+            return f"the engine failed: {self.error!r}"
+        return "the server is shutting down" if self._abort_at is not None else "the engine is stopped"
+
+    def drain(self, grace: float) -> None:
+        """Refuse new requests from now on; abort the unfinished ones after ``grace`` seconds."""
+        self._abort_at = time.monotonic() + grace
+        self._wake.set()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the loop after its current step; unfinished requests are failed with EngineDeadError."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
 
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
@@ -77,16 +109,14 @@ class AsyncEngine:
         Raises the engine's validation errors (ValueError subclasses), QueueFullError when the waiting queue is at
         its bound, and EngineDeadError when the engine is not serving.
         """
-        if not self.is_running:
-            raise EngineDeadError(f"the engine is not running: {self.error or 'stopped'}")
-        limit = self.engine.scheduler_config.max_waiting_requests
-        if limit is not None and self.latest_stats.num_waiting >= limit:
-            raise QueueFullError(f"{self.latest_stats.num_waiting} requests are already waiting (limit {limit})")
         loop = asyncio.get_running_loop()
         stream = RequestStream(self, request_id, asyncio.Queue())
-        self._streams[request_id] = _Stream(loop, stream.queue)
         accepted: asyncio.Future[None] = loop.create_future()
-        self._commands.put(("add", request_id, prompt_token_ids, params, priority, accepted))
+        with self._lock:
+            if not self.is_running:
+                raise EngineDeadError(self.unavailable_reason)
+            self._streams[request_id] = _Stream(loop, stream.queue)
+            self._commands.put(_Add(request_id, prompt_token_ids, params, priority, accepted))
         self._wake.set()
         try:
             await accepted
@@ -95,7 +125,6 @@ class AsyncEngine:
             if not accepted.done():  # cancelled while waiting: the request may still be added, so abort it
                 self.abort(request_id)
             raise
-        self._num_pending += 1
         return stream
 
     async def generate(
@@ -107,57 +136,79 @@ class AsyncEngine:
             async for output in stream:
                 yield output
 
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+        self._wake.set()
+
     def _release(self, request_id: str, finished: bool) -> None:
-        self._num_pending -= 1
         self._streams.pop(request_id, None)
         if not finished:
             self.abort(request_id)
 
-    def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
-        self._wake.set()
-
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
-                self._drain_commands()
+            while not self._stop.is_set() and not self._drain_expired():
+                if self._drain_commands():
+                    self._publish([])  # aborts free blocks without a step: metrics must show it now
                 if not self.engine.has_unfinished_requests():
-                    self._wake.wait(timeout=1.0)
+                    self._wake.wait(timeout=_IDLE_WAIT_SECONDS)
                     self._wake.clear()
                     continue
                 outputs = self.engine.step()
-                self.latest_stats = self.engine.stats()
-                if self.observer is not None:
-                    self.observer(outputs, self.latest_stats)
+                self._publish(outputs)
                 self._deliver(outputs)
+            self._abort_unfinished()
         except BaseException as exc:  # the loop itself failed: report it, fail everyone, never hang
             logger.exception("engine loop died")
             self.error = exc
         finally:
-            self._fail_all(EngineDeadError(f"the engine stopped: {self.error or 'shutting down'}"))
+            with self._lock:
+                self._closed = True
+            self._fail_all(EngineDeadError(self.unavailable_reason))
 
-    def _drain_commands(self) -> None:
+    def _abort_unfinished(self) -> None:
+        """Free what is still running when the loop is stopped or its drain expires, leaving the engine clean."""
+        for request_id in list(self._streams):
+            self.engine.abort_request(request_id)
+        self._publish([])
+
+    def _drain_expired(self) -> bool:
+        return self._abort_at is not None and time.monotonic() >= self._abort_at
+
+    def _drain_commands(self) -> bool:
+        """Apply every queued command; return whether there was any."""
+        applied = False
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
-            if command[0] == "abort":
-                self.engine.abort_request(command[1])
-                continue
-            _, request_id, prompt_token_ids, params, priority, accepted = command
-            stream = self._streams.get(request_id)
-            try:
-                self.engine.add_request(request_id, prompt_token_ids, params, priority=priority)
-            except Exception as exc:
-                if stream is not None:
-                    stream.loop.call_soon_threadsafe(_settle, accepted, exc)
-                continue
-            if stream is None:  # the caller went away before its request was added
-                self.engine.abort_request(request_id)
+                return applied
+            applied = True
+            if isinstance(command, _Abort):
+                self.engine.abort_request(command.request_id)
             else:
-                stream.loop.call_soon_threadsafe(_settle, accepted, None)
+                self._add(command)
+
+    def _add(self, command: _Add) -> None:
+        stream = self._streams.get(command.request_id)
+        if stream is None:  # the caller went away before its request was added
+            return
+        try:
+            if self.engine.scheduler.is_queue_full():
+                limit = self.engine.scheduler_config.max_waiting_requests
+                raise QueueFullError(f"{limit} requests are already waiting, the most this server queues")
+            self.engine.add_request(
+                command.request_id, command.prompt_token_ids, command.params, priority=command.priority
+            )
+        except Exception as exc:
+            _notify(stream.loop, _settle, command.accepted, exc)
+            return
+        _notify(stream.loop, _settle, command.accepted, None)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        if self.observer is not None:
+            self.observer(outputs, self.engine.stats(), self.engine.counters)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
@@ -166,23 +217,19 @@ class AsyncEngine:
             if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((stream, output))
         for loop, items in by_loop.items():  # one wake-up of each event loop per step
-            loop.call_soon_threadsafe(_put_all, items)
+            _notify(loop, _put_all, items)
 
     def _fail_all(self, error: BaseException) -> None:
-        self._drain_pending_adds(error)
-        for stream in list(self._streams.values()):
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
-
-    def _drain_pending_adds(self, error: BaseException) -> None:
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
-            if command[0] == "add":
-                stream = self._streams.get(command[1])
-                if stream is not None:
-                    stream.loop.call_soon_threadsafe(_settle, command[5], error)
+                break
+            stream = self._streams.get(command.request_id)
+            if isinstance(command, _Add) and stream is not None:
+                _notify(stream.loop, _settle, command.accepted, error)
+        for stream in list(self._streams.values()):
+            _notify(stream.loop, stream.queue.put_nowait, error)
 
 
 class RequestStream:
@@ -218,6 +265,12 @@ class RequestStream:
         if not self._released:
             self._released = True
             self._engine._release(self.request_id, self._finished)
+
+
+def _notify(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    # A caller whose event loop has closed is no longer listening; that must not take the engine loop down.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

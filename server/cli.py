@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except SpindleError as exc:
         print(f"spindle: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C, re-raised by uvicorn after its graceful shutdown
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from engine.llm_engine import EngineCounters
 from engine.outputs import RequestOutput
 from scheduler.output import SchedulerStats
 
@@ -12,21 +13,24 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 
 
 class EngineMetrics:
-    """Updated from the engine thread after every step (prometheus_client is thread-safe)."""
+    """Updated from the engine thread after every step (prometheus_client is thread-safe).
+
+    Every series but the per-reason request counts exists from the start (at 0), so dashboards and alerts see
+    them before the first request.
+    """
 
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        labels = ["model_name"]
         r = self.registry
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"spindle:{name}", doc, labels, registry=r)
+            return Gauge(f"spindle:{name}", doc, ["model_name"], registry=r).labels(model_name)
 
-        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
-            return Counter(f"spindle:{name}", doc, [*labels, *extra], registry=r)
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"spindle:{name}", doc, ["model_name"], registry=r).labels(model_name)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(f"spindle:{name}", doc, labels, buckets=buckets, registry=r)
+            return Histogram(f"spindle:{name}", doc, ["model_name"], buckets=buckets, registry=r).labels(model_name)
 
         self.running = gauge("num_requests_running", "Requests in the running batch.")
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
@@ -37,48 +41,52 @@ class EngineMetrics:
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.preemptions = counter("num_preemptions", "Requests preempted for lack of KV blocks.")
-        self.success = counter("request_success", "Finished requests by finish reason.", ("finished_reason",))
+        self.success = Counter(
+            "spindle:request_success",
+            "Finished requests by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive tokens.", _LATENCY_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish of a request.", _E2E_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduling.", _E2E_BUCKETS)
         self.model_name = model_name
-        self._last = SchedulerStats(0, 0, 0.0, 0, 0, 0, 0, 0)
-        self._tokens_seen: dict[str, int] = {}
+        self._totals: dict[Counter, int] = {}  # by counter child: the engine total it was last advanced to
 
-    def observe(self, outputs: list[RequestOutput], stats: SchedulerStats) -> None:
-        m = self.model_name
-        self.running.labels(m).set(stats.num_running)
-        self.waiting.labels(m).set(stats.num_waiting)
-        self.kv_usage.labels(m).set(stats.kv_cache_usage)
-        self.free_blocks.labels(m).set(stats.num_free_blocks)
-        self.prefix_queries.labels(m).inc(stats.prefix_cache_queries - self._last.prefix_cache_queries)
-        self.prefix_hits.labels(m).inc(stats.prefix_cache_hits - self._last.prefix_cache_hits)
-        self.preemptions.labels(m).inc(stats.num_preemptions - self._last.num_preemptions)
-        self._last = stats
+    def observe(self, outputs: list[RequestOutput], stats: SchedulerStats, counters: EngineCounters) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        self.free_blocks.set(stats.num_free_blocks)
+        self._advance(self.prompt_tokens, counters.prompt_tokens)
+        self._advance(self.generation_tokens, counters.generation_tokens)
+        self._advance(self.prefix_queries, stats.prefix_cache_queries)
+        self._advance(self.prefix_hits, stats.prefix_cache_hits)
+        self._advance(self.preemptions, stats.num_preemptions)
+        for reason, count in counters.finished.items():
+            self._advance(self.success.labels(self.model_name, reason), count)
         for output in outputs:
-            self._observe_request(output)
+            self._observe_latencies(output)
 
-    def observe_prompt_tokens(self, count: int) -> None:
-        self.prompt_tokens.labels(self.model_name).inc(count)
+    def _advance(self, counter: Counter, total: int) -> None:
+        """Move a Prometheus counter up to the engine's cumulative ``total``."""
+        previous = self._totals.get(counter, 0)
+        if total > previous:
+            counter.inc(total - previous)
+            self._totals[counter] = total
 
-    def _observe_request(self, output: RequestOutput) -> None:
-        m, times = self.model_name, output.times
+    def _observe_latencies(self, output: RequestOutput) -> None:
+        times = output.times
         if times is None:
             return
-        if output.new_token_ids:
-            self.generation_tokens.labels(m).inc(len(output.new_token_ids))
-            seen = self._tokens_seen.get(output.request_id, 0)
-            if seen == 0 and times.first_token is not None:
-                self.ttft.labels(m).observe(times.first_token - times.arrival)
-                if times.first_scheduled is not None:
-                    self.queue_time.labels(m).observe(times.first_scheduled - times.arrival)
-            token_times = times.tokens
-            for i in range(max(seen, 1), len(token_times)):
-                self.itl.labels(m).observe(token_times[i] - token_times[i - 1])
-            self._tokens_seen[output.request_id] = len(token_times)
-        if output.finished:
-            self._tokens_seen.pop(output.request_id, None)
-            self.success.labels(m, output.finish_reason or "").inc()
-            if times.finished is not None:
-                self.e2e.labels(m).observe(times.finished - times.arrival)
+        token_times = times.tokens
+        first_new = len(token_times) - len(output.new_token_ids)
+        if first_new == 0 and token_times:
+            self.ttft.observe(token_times[0] - times.arrival)
+            if times.first_scheduled is not None:
+                self.queue_time.observe(times.first_scheduled - times.arrival)
+        for i in range(max(first_new, 1), len(token_times)):
+            self.itl.observe(token_times[i] - token_times[i - 1])
+        if output.finished and times.finished is not None:
+            self.e2e.observe(times.finished - times.arrival)

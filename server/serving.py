@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
 from engine.chat_template import ChatTemplateError
@@ -15,12 +20,13 @@ from engine.sampler import SampledToken
 from engine.sampling_params import InvalidParameter, SamplingParams
 from engine.tokenizer import Tokenizer
 from scheduler.errors import RequestRejected
-from server.errors import APIError
+from server.errors import APIError, error_body
 from server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     ChatResponseMessage,
     ChatStreamChoice,
     ChoiceLogprobs,
@@ -36,6 +42,9 @@ from server.protocol import (
 )
 
 RETRY_AFTER_SECONDS = "1"
+DISCONNECT_POLL_SECONDS = 0.5
+
+Disconnected = Callable[[], Awaitable[bool]]
 
 
 @dataclass
@@ -49,6 +58,7 @@ class Choice:
     logprobs: list[SampledToken] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    text_offset: int = 0  # where the next logprob token starts in the choice's text (completions' logprobs)
 
     def add(self, output: RequestOutput) -> None:
         self.text += output.new_text
@@ -56,6 +66,26 @@ class Choice:
         self.logprobs.extend(output.new_logprobs)
         if output.finished:
             self.finish_reason, self.stop_reason = output.finish_reason, output.stop_reason
+
+
+Started = list[tuple[Choice, RequestStream]]
+
+
+class EventStream(StreamingResponse):
+    """A server-sent event stream that aborts its requests however the connection ends."""
+
+    def __init__(self, events: AsyncGenerator[str, None], started: Started) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self._events = events
+        self._started = started
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+            for _, stream in self._started:
+                stream.close()
 
 
 class Serving:
@@ -95,11 +125,9 @@ class Serving:
                 code="context_length_exceeded",
             )
 
-    async def start(
-        self, base_id: str, prompts: list[list[int]], params: SamplingParams, priority: int
-    ) -> list[tuple[Choice, RequestStream]]:
+    async def start(self, base_id: str, prompts: list[list[int]], params: SamplingParams, priority: int) -> Started:
         """Add one engine request per prompt and sample (n); on any refusal abort those already added."""
-        started: list[tuple[Choice, RequestStream]] = []
+        started: Started = []
         try:
             for prompt_index, prompt in enumerate(prompts):
                 for sample_index, child in enumerate(fan_out(params)):
@@ -109,11 +137,14 @@ class Serving:
         except BaseException as exc:
             for _, stream in started:
                 stream.close()
-            raise _as_api_error(exc) from exc
+            api_error = _api_error_for(exc)
+            if api_error is None:
+                raise
+            raise api_error from exc
         return started
 
     @staticmethod
-    async def merged(started: list[tuple[Choice, RequestStream]]) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+    async def merged(started: Started) -> AsyncGenerator[tuple[Choice, RequestOutput], None]:
         """Interleave the outputs of several requests as they arrive; closing it aborts the unfinished ones."""
         queue: asyncio.Queue[tuple[Choice, RequestOutput] | BaseException | None] = asyncio.Queue()
 
@@ -135,8 +166,10 @@ class Serving:
                 if item is None:
                     remaining -= 1
                 elif isinstance(item, BaseException):
-                    raise _as_api_error(item)
+                    raise _api_error_for(item) or item
                 else:
+                    if item[1].finish_reason == "error":
+                        raise APIError(500, item[1].error or "generation failed", code="generation_error")
                     yield item
         finally:
             for task in tasks:
@@ -144,43 +177,74 @@ class Serving:
             for _, stream in started:
                 stream.close()
 
-    async def collect(
-        self, started: list[tuple[Choice, RequestStream]], disconnected: Callable[[], Awaitable[bool]]
-    ) -> list[Choice]:
+    async def collect(self, started: Started, disconnected: Disconnected) -> list[Choice]:
         """Run every request to the end; abort them all if the client goes away meanwhile."""
 
         async def run() -> None:
-            async for choice, output in self.merged(started):
-                choice.add(output)
-                if output.finish_reason == "error":
-                    raise APIError(500, output.error or "generation failed", code="generation_error")
+            async with aclosing(self.merged(started)) as outputs:
+                async for choice, output in outputs:
+                    choice.add(output)
 
         task = asyncio.create_task(run())
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.5)
-            if not task.done() and await disconnected():
-                task.cancel()
-                raise APIError(400, "client disconnected")
-        task.result()
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+                if not task.done() and await disconnected():
+                    raise APIError(400, "client disconnected")
+            task.result()
+        finally:
+            task.cancel()
         return [choice for choice, _ in started]
+
+    async def event_stream(
+        self,
+        started: Started,
+        prompts: list[list[int]],
+        opening: list[dict[str, Any]],
+        event: Callable[[Choice, RequestOutput], dict[str, Any]],
+        usage_event: Callable[[UsageInfo], dict[str, Any]] | None,
+    ) -> AsyncGenerator[str, None]:
+        """SSE lines: the ``opening`` events, one event per output that carries news, usage, then ``[DONE]``.
+
+        A failure after the response started can only be reported in-band, as an event in OpenAI's error shape.
+        """
+        try:
+            for payload in opening:
+                yield _sse(payload)
+            async with aclosing(self.merged(started)) as outputs:
+                async for choice, output in outputs:
+                    choice.add(output)
+                    if output.new_text or output.finished or output.new_logprobs or output.new_token_ids:
+                        yield _sse(event(choice, output))
+            if usage_event is not None:
+                yield _sse(usage_event(_usage(prompts, [choice for choice, _ in started])))
+        except APIError as exc:
+            yield _sse(error_body(exc.status, exc.message, exc.param, exc.code))
+        yield "data: [DONE]\n\n"
 
     # ------------------------------------------------------------------ completions
     def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
         prompt = request.prompt
         if isinstance(prompt, str):
             return [self.tokenizer.encode(prompt)]
-        if prompt and all(isinstance(p, int) for p in prompt):
-            return [list(prompt)]  # type: ignore[arg-type]
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
         return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[union-attr]
 
-    async def create_completion(self, request: CompletionRequest, disconnected: Callable[[], Awaitable[bool]]):
+    async def create_completion(
+        self, request: CompletionRequest, disconnected: Disconnected
+    ) -> CompletionResponse | EventStream:
         self.check_model(request.model)
         if request.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if request.best_of is not None and request.best_of != request.n:
             raise APIError(400, "best_of must equal n (or be omitted)", param="best_of")
+        if request.echo and request.logprobs is not None:
+            raise APIError(
+                400, "echo with logprobs is not supported: this server does not compute prompt logprobs", param="echo"
+            )
         prompts = self.completion_prompts(request)
         params = _sampling_params(request, request.max_tokens, request.logprobs)
         for prompt in prompts:
@@ -198,93 +262,86 @@ class Serving:
         )
 
     def _completion_choice(self, request: CompletionRequest, choice: Choice) -> CompletionChoice:
-        prefix = self.tokenizer.decode(choice.prompt_token_ids) if request.echo else ""
-        logprobs = self._completion_logprobs(choice.logprobs, len(prefix)) if request.logprobs is not None else None
+        prefix = self._prompt_text(choice) if request.echo else ""
         return CompletionChoice(
             index=choice.index,
             text=prefix + choice.text,
-            logprobs=logprobs,
+            logprobs=self._completion_logprobs(choice, choice.logprobs) if request.logprobs is not None else None,
             finish_reason=choice.finish_reason,
             stop_reason=choice.stop_reason,
+            token_ids=choice.token_ids if request.return_token_ids else None,
+            prompt_token_ids=choice.prompt_token_ids if request.return_token_ids else None,
         )
 
-    def _completion_logprobs(self, tokens: list[SampledToken], offset: int) -> CompletionLogprobs:
+    def _completion_logprobs(self, choice: Choice, tokens: list[SampledToken]) -> CompletionLogprobs:
+        """The legacy logprobs shape for ``tokens``, which continue ``choice``'s text (advancing its offset)."""
         result = CompletionLogprobs()
         for token in tokens:
-            text = self.tokenizer.decode([token.token_id], skip_special_tokens=False)
-            result.text_offset.append(offset)
-            offset += len(text)
+            text = self._token_text(token.token_id)
+            result.text_offset.append(choice.text_offset)
+            choice.text_offset += len(text)
             result.tokens.append(text)
             result.token_logprobs.append(token.logprob)
-            result.top_logprobs.append(
-                {self.tokenizer.decode([tid], skip_special_tokens=False): lp for tid, lp in token.top_logprobs}
-            )
+            result.top_logprobs.append({self._token_text(tid): lp for tid, lp in token.top_logprobs})
         return result
 
-    async def stream_completion(
-        self,
-        request: CompletionRequest,
-        request_id: str,
-        started: list[tuple[Choice, RequestStream]],
-        prompts: list[list[int]],
-    ) -> AsyncIterator[str]:
-        offsets = {choice.index: 0 for choice, _ in started}
-        try:
-            if request.echo:
-                for choice, _ in started:
-                    text = self.tokenizer.decode(choice.prompt_token_ids)
-                    offsets[choice.index] = len(text)
-                    yield _sse(self._completion_chunk(request_id, CompletionChoice(index=choice.index, text=text)))
-            async for choice, output in self.merged(started):
-                choice.add(output)
-                if not (output.new_text or output.finished):
-                    continue
-                logprobs = None
-                if request.logprobs is not None:
-                    logprobs = self._completion_logprobs(output.new_logprobs, offsets[choice.index])
-                offsets[choice.index] += len(output.new_text)
-                item = CompletionChoice(
+    def stream_completion(
+        self, request: CompletionRequest, request_id: str, started: Started, prompts: list[list[int]]
+    ) -> EventStream:
+        def chunk(choice: CompletionChoice) -> dict[str, Any]:
+            body = CompletionResponse(id=request_id, model=self.model_name, choices=[choice])
+            return body.model_dump(exclude={"usage"})
+
+        def event(choice: Choice, output: RequestOutput) -> dict[str, Any]:
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = self._completion_logprobs(choice, output.new_logprobs)
+            return chunk(
+                CompletionChoice(
                     index=choice.index,
                     text=output.new_text,
                     logprobs=logprobs,
                     finish_reason=output.finish_reason,
                     stop_reason=output.stop_reason,
+                    token_ids=output.new_token_ids if request.return_token_ids else None,
                 )
-                yield _sse(self._completion_chunk(request_id, item))
-            if request.stream_options and request.stream_options.include_usage:
-                usage = _usage(prompts, [choice for choice, _ in started])
-                chunk = CompletionResponse(id=request_id, model=self.model_name, choices=[], usage=usage)
-                yield _sse(chunk.model_dump(exclude_none=False))
-        except APIError as exc:
-            yield _sse({"error": {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}})
-        yield "data: [DONE]\n\n"
+            )
 
-    def _completion_chunk(self, request_id: str, choice: CompletionChoice) -> dict:
-        return CompletionResponse(id=request_id, model=self.model_name, choices=[choice]).model_dump(exclude={"usage"})
+        def usage_event(usage: UsageInfo) -> dict[str, Any]:
+            return CompletionResponse(id=request_id, model=self.model_name, choices=[], usage=usage).model_dump()
+
+        echoed = []
+        if request.echo:
+            echoed = [chunk(CompletionChoice(index=c.index, text=self._prompt_text(c))) for c, _ in started]
+        events = self.event_stream(started, prompts, echoed, event, usage_event if _include_usage(request) else None)
+        return EventStream(events, started)
 
     # ------------------------------------------------------------------ chat
-    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(
+        self, messages: list[ChatMessage], add_generation_prompt: bool, template_kwargs: dict[str, Any] | None = None
+    ) -> list[int]:
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+            conversation = [{"role": m.role, "content": m.text()} for m in messages]
             return self.tokenizer.encode_chat(
-                messages,
-                add_generation_prompt=request.add_generation_prompt,
-                **(request.chat_template_kwargs or {}),
+                conversation, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
             )
-        except (ChatTemplateError, ValueError) as exc:
+        except (ChatTemplateError, ValueError, TypeError) as exc:
+            # TypeError: chat_template_kwargs naming one of the template's own arguments.
             raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from exc
 
-    async def create_chat_completion(self, request: ChatCompletionRequest, disconnected: Callable[[], Awaitable[bool]]):
+    async def create_chat_completion(
+        self, request: ChatCompletionRequest, disconnected: Disconnected
+    ) -> ChatCompletionResponse | EventStream:
         self.check_model(request.model)
         if request.tools or request.tool_choice not in (None, "none"):
             raise APIError(400, "tool calling is not supported by this server yet", param="tools")
         if request.response_format is not None and request.response_format.type != "text":
             raise APIError(400, "only response_format type 'text' is supported", param="response_format")
-        prompt = self.chat_prompt(request)
-        max_tokens = request.max_completion_tokens or request.max_tokens
-        logprobs = (request.top_logprobs or 0) if request.logprobs else None
         if request.top_logprobs and not request.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        prompt = self.chat_prompt(request.messages, request.add_generation_prompt, request.chat_template_kwargs)
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = _sampling_params(request, max_tokens, logprobs)
         self.check_length(len(prompt), params.max_tokens)
         request_id = random_id("chatcmpl")
@@ -302,6 +359,8 @@ class Serving:
                     logprobs=self._chat_logprobs(c.logprobs) if request.logprobs else None,
                     finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
+                    token_ids=c.token_ids if request.return_token_ids else None,
+                    prompt_token_ids=c.prompt_token_ids if request.return_token_ids else None,
                 )
                 for c in choices
             ],
@@ -310,7 +369,7 @@ class Serving:
 
     def _chat_logprobs(self, tokens: list[SampledToken]) -> ChoiceLogprobs:
         def entry(token_id: int, logprob: float) -> TopLogprob:
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            text = self._token_text(token_id)
             return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
 
         content = []
@@ -320,43 +379,49 @@ class Serving:
             content.append(TokenLogprob(**head.model_dump(), top_logprobs=top))
         return ChoiceLogprobs(content=content)
 
-    async def stream_chat(
-        self,
-        request: ChatCompletionRequest,
-        request_id: str,
-        started: list[tuple[Choice, RequestStream]],
-        prompts: list[list[int]],
-    ) -> AsyncIterator[str]:
-        def chunk(choice: ChatStreamChoice) -> str:
+    def stream_chat(
+        self, request: ChatCompletionRequest, request_id: str, started: Started, prompts: list[list[int]]
+    ) -> EventStream:
+        def chunk(choice: ChatStreamChoice) -> dict[str, Any]:
             body = ChatCompletionChunk(id=request_id, model=self.model_name, choices=[choice])
-            return _sse(body.model_dump(exclude={"usage"}))
+            return body.model_dump(exclude={"usage"})
 
-        try:
-            for choice, _ in started:
-                yield chunk(ChatStreamChoice(index=choice.index, delta=DeltaMessage(role="assistant", content="")))
-            async for choice, output in self.merged(started):
-                choice.add(output)
-                if not (output.new_text or output.finished):
-                    continue
-                yield chunk(
-                    ChatStreamChoice(
-                        index=choice.index,
-                        delta=DeltaMessage(content=output.new_text),
-                        logprobs=self._chat_logprobs(output.new_logprobs) if request.logprobs else None,
-                        finish_reason=output.finish_reason,
-                        stop_reason=output.stop_reason,
-                    )
+        def event(choice: Choice, output: RequestOutput) -> dict[str, Any]:
+            return chunk(
+                ChatStreamChoice(
+                    index=choice.index,
+                    delta=DeltaMessage(content=output.new_text),
+                    logprobs=self._chat_logprobs(output.new_logprobs) if request.logprobs else None,
+                    finish_reason=output.finish_reason,
+                    stop_reason=output.stop_reason,
+                    token_ids=output.new_token_ids if request.return_token_ids else None,
                 )
-            if request.stream_options and request.stream_options.include_usage:
-                usage = _usage(prompts, [choice for choice, _ in started])
-                body = ChatCompletionChunk(id=request_id, model=self.model_name, choices=[], usage=usage)
-                yield _sse(body.model_dump())
-        except APIError as exc:
-            yield _sse({"error": {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}})
-        yield "data: [DONE]\n\n"
+            )
+
+        def usage_event(usage: UsageInfo) -> dict[str, Any]:
+            return ChatCompletionChunk(id=request_id, model=self.model_name, choices=[], usage=usage).model_dump()
+
+        roles = [
+            chunk(ChatStreamChoice(index=choice.index, delta=DeltaMessage(role="assistant", content="")))
+            for choice, _ in started
+        ]
+        events = self.event_stream(started, prompts, roles, event, usage_event if _include_usage(request) else None)
+        return EventStream(events, started)
+
+    def _prompt_text(self, choice: Choice) -> str:
+        return self.tokenizer.decode(choice.prompt_token_ids)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def _sampling_params(request: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, logprobs: int | None):
+def _include_usage(request: CompletionRequest | ChatCompletionRequest) -> bool:
+    return request.stream_options is not None and request.stream_options.include_usage
+
+
+def _sampling_params(
+    request: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
     try:
         return request.to_sampling_params(max_tokens, logprobs)
     except InvalidParameter as exc:
@@ -371,11 +436,12 @@ def _usage(prompts: list[list[int]], choices: list[Choice]) -> UsageInfo:
     )
 
 
-def _sse(payload: dict) -> str:
+def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-def _as_api_error(exc: BaseException) -> BaseException:
+def _api_error_for(exc: BaseException) -> APIError | None:
+    """The HTTP error for an exception raised while adding or running requests; None for unexpected ones."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, QueueFullError):
@@ -388,4 +454,4 @@ def _as_api_error(exc: BaseException) -> BaseException:
         return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, (RequestRejected, ValueError)):
         return APIError(400, str(exc))
-    return exc
+    return None
