@@ -61,23 +61,20 @@ class LLMEngine:
         spec = self.source.spec
         dtype = config.model.torch_dtype
 
-        started = time.monotonic()
-        model = build_model(self.source, dtype, self.device, progress)
-        self.load_seconds = time.monotonic() - started
-
-        max_model_len = min(
-            config.scheduler.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings
-        )
-        self.scheduler_config = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
-        self.max_model_len = max_model_len
         layout = KVCacheLayout.for_model(spec, config.cache.block_size, dtype)
         num_blocks = layout.num_blocks_for(config.cache.kv_cache_bytes())
+        max_model_len = self._resolve_max_model_len(config.scheduler.max_model_len, num_blocks * layout.block_size)
+        self.scheduler_config = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
+        self.max_model_len = max_model_len
         self.kv_layout = layout
         self.num_kv_blocks = num_blocks
         try:
             backend = get_attention_backend(runtime.attention_backend, self.device)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        started = time.monotonic()
+        model = build_model(self.source, dtype, self.device, progress)
+        self.load_seconds = time.monotonic() - started
         kv_caches = allocate_kv_cache(layout, num_blocks, self.device)
         self.runner = ModelRunner(model, backend, kv_caches, layout.block_size, self.device)
         self.kv_manager = KVCacheManager(num_blocks, layout.block_size, config.cache.enable_prefix_caching)
@@ -97,6 +94,22 @@ class LLMEngine:
             num_blocks * layout.bytes_per_block / 2**20,
             backend.name,
         )
+
+    def _resolve_max_model_len(self, asked: int | None, kv_tokens: int) -> int:
+        """The context window: as asked, else the model's own, capped so that one sequence fits the KV cache."""
+        model_len = self.source.spec.max_position_embeddings
+        if asked is not None:
+            if asked > model_len:
+                raise ConfigError(f"max_model_len {asked} exceeds the model's context length {model_len}")
+            if asked > kv_tokens:
+                raise ConfigError(
+                    f"max_model_len {asked} does not fit the KV cache ({kv_tokens} tokens): "
+                    "raise kv_cache_memory or lower max_model_len"
+                )
+            return asked
+        if kv_tokens < model_len:
+            logger.warning("max_model_len capped at %d tokens, what the KV cache holds", kv_tokens)
+        return min(model_len, kv_tokens)
 
     # ------------------------------------------------------------------ requests
     def add_request(

@@ -165,8 +165,9 @@ def test_mixed_batch_matches_reference(block_size: int, gqa: int, head_dim: int,
         ([], [(0, 37)]),  # one fresh prompt
         ([], [(19, 30), (0, 1), (64, 17)]),  # only prefills
         ([300], [(250, 70)]),  # long contexts over many blocks
+        ([(i * 37) % 200 + 1 for i in range(40)], [(5, 9)]),  # more decodes than one decode group holds
     ],
-    ids=["decodes", "one-prompt", "prefills", "long"],
+    ids=["decodes", "one-prompt", "prefills", "long", "many-decodes"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_batch_shapes(decodes: list[int], prefills: list[tuple[int, int]], dtype: torch.dtype) -> None:

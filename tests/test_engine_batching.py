@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 
 from engine.config import build_config
+from engine.errors import ConfigError
 from engine.kv_cache import KVCacheLayout
 from engine.llm_engine import LLMEngine
 from engine.loader import ModelSource, open_model
@@ -123,3 +124,10 @@ def test_repeated_prompt_prefills_only_the_uncached_tail(source, prompts, refere
     cached = (len(prompt) - 1) // 16 * 16
     assert recomputed == len(prompt) - cached < 17
     assert first == second == references[0]
+
+
+def test_context_window_fits_the_kv_cache(source) -> None:
+    engine = make_engine(source, block_size=16, num_blocks=20)
+    assert engine.max_model_len == 320  # capped from the model's 8192 to what 20 blocks hold
+    with pytest.raises(ConfigError, match="does not fit the KV cache"):
+        make_engine(source, block_size=16, num_blocks=20, max_model_len=1024)
