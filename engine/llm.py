@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from engine.config import EngineConfig, build_config
 from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 
@@ -24,8 +25,19 @@ class CompletionOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[SampledToken] = field(default_factory=list)
+    prompt_logprobs: list[SampledToken] | None = None  # with SamplingParams.prompt_logprobs: prompt tokens 1..
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+
+    def add(self, output: RequestOutput) -> None:
+        """Fold one step's output of the request into the accumulated completion."""
+        self.text += output.new_text
+        self.token_ids.extend(output.new_token_ids)
+        self.logprobs.extend(output.new_logprobs)
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
+        if output.finished:
+            self.finish_reason, self.stop_reason = output.finish_reason, output.stop_reason
 
 
 @dataclass
@@ -78,12 +90,8 @@ class LLM:
         with tqdm(total=len(slots), desc="Generating", disable=not use_tqdm) as progress:
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step():
-                    slot = slots[output.request_id]
-                    slot.text += output.new_text
-                    slot.token_ids.extend(output.new_token_ids)
-                    slot.logprobs.extend(output.new_logprobs)
+                    slots[output.request_id].add(output)
                     if output.finished:
-                        slot.finish_reason, slot.stop_reason = output.finish_reason, output.stop_reason
                         progress.update(1)
         return results
 

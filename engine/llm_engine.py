@@ -38,6 +38,8 @@ class _RequestState:
     row: SamplingRow
     detokenizer: IncrementalDetokenizer
     times: RequestTimes
+    # Prompt logprobs recorded so far (when asked for); their count is where recording resumes after a preemption.
+    prompt_logprobs: list[SampledToken] = field(default_factory=list)
 
 
 @dataclass
@@ -137,6 +139,7 @@ class LLMEngine:
             min_tokens=params.min_tokens,
             arrival_time=arrival,
             priority=priority,
+            skip_prefix_cache=params.prompt_logprobs is not None,
         )
         # Everything that can fail comes before the scheduler takes the request, so a refusal leaves no trace.
         generator = None
@@ -183,10 +186,17 @@ class LLMEngine:
             end = item.start_position + len(item.token_ids)
             self.counters.prompt_tokens += max(0, min(end, num_prompt) - item.start_position)
         try:
-            sampled = self.runner.execute(scheduled, {rid: s.row for rid, s in self._states.items()})
+            prompt_logprobs_from = {
+                rid: len(s.prompt_logprobs) for rid, s in self._states.items() if s.params.prompt_logprobs is not None
+            }
+            sampled, prompt_logprobs = self.runner.execute(
+                scheduled, {rid: s.row for rid, s in self._states.items()}, prompt_logprobs_from
+            )
         except Exception as exc:  # a failed step fails its requests, never the engine
             logger.exception("model step failed")
             return self._fail_step(scheduled, f"model step failed: {exc}")
+        for rid, entries in prompt_logprobs.items():
+            self._states[rid].prompt_logprobs.extend(entries)
         updates = self.scheduler.update(scheduled, {rid: [tok.token_id] for rid, tok in sampled.items()})
         finished_at = time.monotonic()
         return [self._make_output(update, sampled.get(update.request_id), finished_at) for update in updates]
@@ -195,6 +205,8 @@ class LLMEngine:
         state = self._states[update.request_id]
         request, times = state.request, state.times
         new_ids = update.new_token_ids
+        # The prompt is fully computed by the first output, which carries its logprobs.
+        with_prompt_logprobs = state.params.prompt_logprobs is not None and bool(new_ids) and times.first_token is None
         if new_ids:
             self.counters.generation_tokens += len(new_ids)
             times.tokens.extend([now] * len(new_ids))
@@ -221,6 +233,7 @@ class LLMEngine:
             new_token_ids=list(new_ids),
             new_text=new_text,
             new_logprobs=[token] if token is not None and state.params.logprobs is not None else [],
+            prompt_logprobs=state.prompt_logprobs if with_prompt_logprobs else None,
             num_output_tokens=request.num_output_tokens,
             finished=finish_reason is not None,
             finish_reason=finish_reason.value if finish_reason is not None else None,

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from engine.models import AttentionContext, LlamaForCausalLM
-from engine.sampler import SampledToken, Sampler, SamplingRow
+from engine.sampler import SampledToken, Sampler, SamplingRow, logprob_tokens
 from kernels.backend import AttentionBackend, BatchLayout
 from scheduler.output import ScheduledRequest, SchedulerOutput
 
@@ -30,25 +30,50 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput, rows: Mapping[str, SamplingRow]) -> dict[str, SampledToken]:
-        """Compute the scheduled tokens; return one sampled token for each request whose chunk reached its end."""
+    def execute(
+        self, output: SchedulerOutput, rows: Mapping[str, SamplingRow], prompt_logprobs_from: Mapping[str, int]
+    ) -> tuple[dict[str, SampledToken], dict[str, list[SampledToken]]]:
+        """Compute the scheduled tokens; return one sampled token for each request whose chunk reached its end.
+
+        ``prompt_logprobs_from`` maps requests that want prompt logprobs to the first prompt position not yet recorded;
+        the second result holds, per such request, the entries of the chunk's positions from there on (in order).
+        """
         # Decodes (one token) first: the attention backend handles them as one batched computation.
         batch = sorted(output.scheduled, key=lambda s: len(s.token_ids) != 1)
         layout, input_ids, positions = self._flatten(batch)
         ctx = AttentionContext(self.backend, self.backend.prepare(layout, self.dtype), self.kv_caches)
         hidden = self.model(input_ids, positions, ctx)
         last_rows, sampled = [], []
+        prompt_logprobs: dict[str, list[SampledToken]] = {}
         end = 0
         for scheduled in batch:
-            end += len(scheduled.token_ids)
+            begin, end = end, end + len(scheduled.token_ids)
+            if scheduled.request_id in prompt_logprobs_from:
+                entries = self._prompt_logprobs(
+                    hidden[begin:end], scheduled, rows[scheduled.request_id], prompt_logprobs_from[scheduled.request_id]
+                )
+                if entries:
+                    prompt_logprobs[scheduled.request_id] = entries
             if scheduled.sample:
                 last_rows.append(end - 1)
                 sampled.append(scheduled.request_id)
         if not sampled:
-            return {}
+            return {}, prompt_logprobs
         logits = self.model.compute_logits(hidden[last_rows])
         tokens = self.sampler(logits, [rows[request_id] for request_id in sampled])
-        return dict(zip(sampled, tokens))
+        return dict(zip(sampled, tokens)), prompt_logprobs
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, scheduled: ScheduledRequest, row: SamplingRow, first: int
+    ) -> list[SampledToken]:
+        """Entries for the chunk's positions p >= ``first`` that predict a prompt token (p + 1 < prompt length)."""
+        prompt = row.prompt_token_ids
+        start = scheduled.start_position
+        lo, hi = max(start, first), min(start + len(scheduled.token_ids), len(prompt) - 1)
+        if lo >= hi:
+            return []
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[lo - start : hi - start]), dim=-1)
+        return logprob_tokens(logprobs, list(prompt[lo + 1 : hi + 1]), row.params.prompt_logprobs or 0)
 
     def _flatten(self, batch: list[ScheduledRequest]) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
         block_size = self.block_size

@@ -26,6 +26,8 @@ class RequestOutput:
     new_text: str
     new_logprobs: list[SampledToken]
     num_output_tokens: int
+    # With SamplingParams.prompt_logprobs, on the first output only: entries for prompt tokens 1.. (the first has none).
+    prompt_logprobs: list[SampledToken] | None = None
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it

@@ -30,6 +30,16 @@ class SampledToken:
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
+def logprob_tokens(logprobs: torch.Tensor, token_ids: list[int], num_top: int) -> list[SampledToken]:
+    """One SampledToken per row of ``logprobs`` [N, V]: ``token_ids[i]``'s logprob and the row's ``num_top`` best."""
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device).unsqueeze(1)).squeeze(1).tolist()
+    tops: list[tuple[tuple[int, float], ...]] = [()] * len(token_ids)
+    if num_top > 0:
+        values, ids = logprobs.topk(num_top, dim=-1)
+        tops = [tuple(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+    return [SampledToken(t, lp, top) for t, lp, top in zip(token_ids, chosen, tops)]
+
+
 def _padded(rows: list[list[int]]) -> torch.Tensor:
     """Right-pad id lists with -1 into one [N, max_len] tensor."""
     width = max((len(r) for r in rows), default=0)
@@ -134,9 +144,4 @@ class Sampler:
     def _result(token_id: int, i: int, row: SamplingRow, raw_logprobs: torch.Tensor | None) -> SampledToken:
         if raw_logprobs is None or row.params.logprobs is None:
             return SampledToken(token_id)
-        logprob = float(raw_logprobs[i, token_id])
-        top: tuple[tuple[int, float], ...] = ()
-        if row.params.logprobs > 0:
-            values, ids = raw_logprobs[i].topk(row.params.logprobs)
-            top = tuple(zip(ids.tolist(), values.tolist()))
-        return SampledToken(token_id, logprob, top)
+        return logprob_tokens(raw_logprobs[i : i + 1], [token_id], row.params.logprobs)[0]

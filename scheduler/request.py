@@ -36,6 +36,8 @@ class Request:
     min_tokens: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0
+    # Compute every prompt position even if cached (for prompt logprobs); its blocks are still registered for others.
+    skip_prefix_cache: bool = False
     output_token_ids: list[int] = field(default_factory=list, init=False)
     num_computed_tokens: int = field(default=0, init=False)
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)

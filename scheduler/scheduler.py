@@ -58,7 +58,9 @@ class Scheduler:
         # Admit waiting requests in queue order; never preempt for them, and skip admission after a preemption.
         while not preempted and self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             request = self.waiting.peek()
-            computed_blocks, num_cached = self.kv_cache_manager.get_computed_blocks(request)
+            computed_blocks, num_cached = (
+                ([], 0) if request.skip_prefix_cache else self.kv_cache_manager.get_computed_blocks(request)
+            )
             num_new = self._cap(request.num_tokens - num_cached)
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break

@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
 from engine.chat_template import ChatTemplateError
-from engine.llm import fan_out
+from engine.llm import CompletionOutput, fan_out
 from engine.outputs import RequestOutput
 from engine.sampler import SampledToken
 from engine.sampling_params import InvalidParameter, SamplingParams
@@ -48,24 +48,11 @@ Disconnected = Callable[[], Awaitable[bool]]
 
 
 @dataclass
-class Choice:
+class Choice(CompletionOutput):
     """The accumulated state of one choice (one engine request) of a response."""
 
-    index: int
-    prompt_token_ids: list[int]
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[SampledToken] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)
     text_offset: int = 0  # where the next logprob token starts in the choice's text (completions' logprobs)
-
-    def add(self, output: RequestOutput) -> None:
-        self.text += output.new_text
-        self.token_ids.extend(output.new_token_ids)
-        self.logprobs.extend(output.new_logprobs)
-        if output.finished:
-            self.finish_reason, self.stop_reason = output.finish_reason, output.stop_reason
 
 
 Started = list[tuple[Choice, RequestStream]]
@@ -133,7 +120,7 @@ class Serving:
                 for sample_index, child in enumerate(fan_out(params)):
                     index = prompt_index * params.n + sample_index
                     stream = await self.engine.add_request(f"{base_id}-{index}", prompt, child, priority)
-                    started.append((Choice(index, prompt), stream))
+                    started.append((Choice(index, prompt_token_ids=prompt), stream))
         except BaseException as exc:
             for _, stream in started:
                 stream.close()
@@ -241,12 +228,9 @@ class Serving:
             raise APIError(400, "suffix is not supported", param="suffix")
         if request.best_of is not None and request.best_of != request.n:
             raise APIError(400, "best_of must equal n (or be omitted)", param="best_of")
-        if request.echo and request.logprobs is not None:
-            raise APIError(
-                400, "echo with logprobs is not supported: this server does not compute prompt logprobs", param="echo"
-            )
         prompts = self.completion_prompts(request)
-        params = _sampling_params(request, request.max_tokens, request.logprobs)
+        prompt_logprobs = request.logprobs if request.echo else None
+        params = _sampling_params(request, request.max_tokens, request.logprobs, prompt_logprobs)
         for prompt in prompts:
             self.check_length(len(prompt), params.max_tokens)
         request_id = random_id("cmpl")
@@ -266,23 +250,44 @@ class Serving:
         return CompletionChoice(
             index=choice.index,
             text=prefix + choice.text,
-            logprobs=self._completion_logprobs(choice, choice.logprobs) if request.logprobs is not None else None,
+            logprobs=(
+                self._completion_logprobs(choice, choice.logprobs, choice.prompt_logprobs)
+                if request.logprobs is not None
+                else None
+            ),
             finish_reason=choice.finish_reason,
             stop_reason=choice.stop_reason,
             token_ids=choice.token_ids if request.return_token_ids else None,
             prompt_token_ids=choice.prompt_token_ids if request.return_token_ids else None,
         )
 
-    def _completion_logprobs(self, choice: Choice, tokens: list[SampledToken]) -> CompletionLogprobs:
-        """The legacy logprobs shape for ``tokens``, which continue ``choice``'s text (advancing its offset)."""
+    def _completion_logprobs(
+        self, choice: Choice, tokens: list[SampledToken], prompt_logprobs: list[SampledToken] | None = None
+    ) -> CompletionLogprobs:
+        """The legacy logprobs shape for ``tokens``, which continue ``choice``'s text (advancing its offset).
+
+        With ``prompt_logprobs`` (echo), the echoed prompt's tokens come first, from offset 0.
+        """
         result = CompletionLogprobs()
-        for token in tokens:
-            text = self._token_text(token.token_id)
+
+        def add(token_id: int, logprob: float | None, top_logprobs: dict[str, float] | None) -> None:
+            text = self._token_text(token_id)
             result.text_offset.append(choice.text_offset)
             choice.text_offset += len(text)
             result.tokens.append(text)
-            result.token_logprobs.append(token.logprob)
-            result.top_logprobs.append({self._token_text(tid): lp for tid, lp in token.top_logprobs})
+            result.token_logprobs.append(logprob)
+            result.top_logprobs.append(top_logprobs)
+
+        def add_all(entries: list[SampledToken]) -> None:
+            for token in entries:
+                add(token.token_id, token.logprob, {self._token_text(tid): lp for tid, lp in token.top_logprobs})
+
+        if prompt_logprobs is not None:
+            # Nothing precedes the first prompt token to predict it from: OpenAI reports nulls for it.
+            add(choice.prompt_token_ids[0], None, None)
+            add_all(prompt_logprobs)
+            choice.text_offset = len(self._prompt_text(choice))  # the completion follows the echoed text
+        add_all(tokens)
         return result
 
     def stream_completion(
@@ -293,13 +298,16 @@ class Serving:
             return body.model_dump(exclude={"usage"})
 
         def event(choice: Choice, output: RequestOutput) -> dict[str, Any]:
-            logprobs = None
+            text, logprobs = output.new_text, None
+            if output.prompt_logprobs is not None:
+                # Echo with logprobs: the echoed prompt waits for its logprobs, which come with the first tokens.
+                text = self._prompt_text(choice) + text
             if request.logprobs is not None:
-                logprobs = self._completion_logprobs(choice, output.new_logprobs)
+                logprobs = self._completion_logprobs(choice, output.new_logprobs, output.prompt_logprobs)
             return chunk(
                 CompletionChoice(
                     index=choice.index,
-                    text=output.new_text,
+                    text=text,
                     logprobs=logprobs,
                     finish_reason=output.finish_reason,
                     stop_reason=output.stop_reason,
@@ -311,7 +319,7 @@ class Serving:
             return CompletionResponse(id=request_id, model=self.model_name, choices=[], usage=usage).model_dump()
 
         echoed = []
-        if request.echo:
+        if request.echo and request.logprobs is None:
             echoed = [chunk(CompletionChoice(index=c.index, text=self._prompt_text(c))) for c, _ in started]
         events = self.event_stream(started, prompts, echoed, event, usage_event if _include_usage(request) else None)
         return EventStream(events, started)
@@ -420,10 +428,13 @@ def _include_usage(request: CompletionRequest | ChatCompletionRequest) -> bool:
 
 
 def _sampling_params(
-    request: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, logprobs: int | None
+    request: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     try:
-        return request.to_sampling_params(max_tokens, logprobs)
+        return request.to_sampling_params(max_tokens, logprobs, prompt_logprobs)
     except InvalidParameter as exc:
         raise APIError(400, str(exc), param=exc.param) from exc
 

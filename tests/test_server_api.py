@@ -365,3 +365,23 @@ def test_echo(client: openai.OpenAI, model: str) -> None:
     streamed = stream_completion(client, model=model, prompt=PROMPT, max_tokens=4, echo=True, **GREEDY)
     assert streamed.pieces[0] == PROMPT
     assert streamed.text[0] == PROMPT + plain.text
+
+
+def test_echo_with_logprobs(client: openai.OpenAI, model: str, offline_llm: LLM) -> None:
+    choice = complete(client, model=model, prompt=PROMPT, max_tokens=4, echo=True, logprobs=2, **GREEDY).choices[0]
+    prompt_ids, logprobs = choice.prompt_token_ids, choice.logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(prompt_ids) + len(choice.token_ids)
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(isinstance(lp, float) for lp in logprobs.token_logprobs[1:])
+    assert all(len(top) == 2 for top in logprobs.top_logprobs[1:])
+    assert logprobs.text_offset[len(prompt_ids)] == len(PROMPT)
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=2)
+    offline = offline_llm.generate([prompt_ids], params)[0].outputs[0].prompt_logprobs
+    assert offline is not None
+    assert logprobs.token_logprobs[1 : len(prompt_ids)] == pytest.approx([t.logprob for t in offline], abs=1e-5)
+    streamed = stream_completion(client, model=model, prompt=PROMPT, max_tokens=4, echo=True, logprobs=2, **GREEDY)
+    assert streamed.text[0] == choice.text
+    pieces = streamed.logprobs[0]
+    assert [t for p in pieces for t in p.tokens] == logprobs.tokens
+    assert [lp for p in pieces for lp in p.token_logprobs] == logprobs.token_logprobs
+    assert [o for p in pieces for o in p.text_offset] == logprobs.text_offset

@@ -58,7 +58,6 @@ INVALID_PARAMETERS = [
     (COMPLETIONS, {"logit_bias": {"abc": 1}}, "logit_bias"),
     (COMPLETIONS, {"logit_bias": {"10000000": 1}}, "logit_bias"),
     (COMPLETIONS, {"logit_bias": {"5": 500}}, "logit_bias"),
-    (COMPLETIONS, {"echo": True, "logprobs": 1}, "echo"),
     (COMPLETIONS, {"suffix": "x"}, "suffix"),
     (COMPLETIONS, {"prompt": ""}, "prompt"),
     (COMPLETIONS, {"prompt": []}, "prompt"),
