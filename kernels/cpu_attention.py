@@ -109,12 +109,11 @@ class CpuAttentionBackend:
 
     def prepare(self, layout: BatchLayout, dtype: torch.dtype) -> CpuAttentionMetadata:
         num_decodes = layout.num_decodes
-        groups = [
-            _decode_group(start, layout.block_tables[start:end], layout.context_lens[start:end], layout.block_size)
-            for start, end in (
-                (s, min(s + DECODE_GROUP_SIZE, num_decodes)) for s in range(0, num_decodes, DECODE_GROUP_SIZE)
-            )
-        ]
+        groups = []
+        for start in range(0, num_decodes, DECODE_GROUP_SIZE):
+            end = min(start + DECODE_GROUP_SIZE, num_decodes)
+            tables, lengths = layout.block_tables[start:end], layout.context_lens[start:end]
+            groups.append(_decode_group(start, tables, lengths, layout.block_size))
         prefills = []
         query_start = num_decodes
         for query_len, context_len, table in zip(
