@@ -71,7 +71,7 @@ class LLMEngine:
         self.kv_layout = layout
         self.num_kv_blocks = num_blocks
         try:
-            backend = get_attention_backend(runtime.attention_backend, self.device)
+            backend = get_attention_backend(runtime.attention_backend, self.device, spec.head_dim)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         started = time.monotonic()

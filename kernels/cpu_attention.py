@@ -1,10 +1,14 @@
-"""Paged attention on the CPU with vectorised PyTorch.
+"""Paged attention on the CPU.
 
-Decode sequences are handled in batched computations over groups of DECODE_GROUP_SIZE sequences: their blocks are
-gathered through padded block tables and the query heads of each KV head are treated as a small matrix (grouped-query
-attention without repeating K/V). Grouping keeps the gathered K/V of a group in the CPU caches: one gather over a
-batch of 128 sequences was measured 3x slower per sequence than groups of 16.
-Prefill chunks attend, one sequence at a time, to their cached prefix plus themselves under a causal mask.
+Decode sequences (one query token each) go through one of two paths:
+- the native kernel (kernels/native.py, kernels/csrc), which reads K/V in place through the block tables; or
+- vectorised PyTorch, used where the native kernel can't be built: decodes are handled in groups of
+  DECODE_GROUP_SIZE sequences whose blocks are gathered through padded block tables, with the query heads of each KV
+  head treated as a small matrix (grouped-query attention without repeating K/V). Grouping keeps the gathered K/V of
+  a group in the CPU caches: one gather over a batch of 128 sequences was measured 3x slower per sequence than groups
+  of 16.
+Prefill chunks attend, one sequence at a time, to their cached prefix plus themselves under a causal mask (PyTorch's
+fused CPU attention).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import BatchLayout
+from kernels.native import NativeKernels
 
 
 @dataclass(frozen=True)
@@ -36,9 +41,16 @@ class DecodeGroup:
 
 
 @dataclass(frozen=True)
+class NativeDecodeBatch:
+    block_tables: torch.Tensor  # int32 [decodes, max blocks], padded with block 0 (never read past context_lens)
+    context_lens: torch.Tensor  # int32 [decodes]
+
+
+@dataclass(frozen=True)
 class CpuAttentionMetadata:
     slot_mapping: torch.Tensor
-    decode_groups: list[DecodeGroup]
+    num_decodes: int
+    decode: NativeDecodeBatch | list[DecodeGroup]
     prefills: list[PrefillChunk]
 
 
@@ -92,11 +104,17 @@ def prefill_attention(
     return out.squeeze(0).transpose(0, 1)
 
 
-def _decode_group(start: int, tables: list[list[int]], context_lens: list[int], block_size: int) -> DecodeGroup:
+def _padded_block_tables(tables: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
     max_blocks = max(len(table) for table in tables)
-    padded = torch.zeros((len(tables), max_blocks), dtype=torch.long)
+    padded = torch.zeros((len(tables), max_blocks), dtype=dtype)
     for row, table in enumerate(tables):
-        padded[row, : len(table)] = torch.tensor(table, dtype=torch.long)
+        padded[row, : len(table)] = torch.tensor(table, dtype=dtype)
+    return padded
+
+
+def _decode_group(start: int, tables: list[list[int]], context_lens: list[int], block_size: int) -> DecodeGroup:
+    padded = _padded_block_tables(tables, torch.long)
+    max_blocks = padded.shape[1]
     positions = torch.arange(max_blocks * block_size)
     lengths = torch.tensor(context_lens, dtype=torch.long).unsqueeze(1)
     bias = torch.zeros((len(tables), max_blocks * block_size), dtype=torch.float32)
@@ -105,15 +123,25 @@ def _decode_group(start: int, tables: list[list[int]], context_lens: list[int], 
 
 
 class CpuAttentionBackend:
-    name = "cpu"
+    """Paged attention on the CPU; decodes through ``native`` kernels when given, else vectorised PyTorch."""
+
+    def __init__(self, native: NativeKernels | None = None) -> None:
+        self.native = native
+        self.name = "cpu" if native is not None else "torch"
 
     def prepare(self, layout: BatchLayout, dtype: torch.dtype) -> CpuAttentionMetadata:
         num_decodes = layout.num_decodes
-        groups = []
-        for start in range(0, num_decodes, DECODE_GROUP_SIZE):
-            end = min(start + DECODE_GROUP_SIZE, num_decodes)
-            tables, lengths = layout.block_tables[start:end], layout.context_lens[start:end]
-            groups.append(_decode_group(start, tables, lengths, layout.block_size))
+        decode: NativeDecodeBatch | list[DecodeGroup] = []
+        if self.native is not None and num_decodes:
+            decode = NativeDecodeBatch(
+                _padded_block_tables(layout.block_tables[:num_decodes], torch.int32),
+                torch.tensor(layout.context_lens[:num_decodes], dtype=torch.int32),
+            )
+        elif self.native is None:
+            for start in range(0, num_decodes, DECODE_GROUP_SIZE):
+                end = min(start + DECODE_GROUP_SIZE, num_decodes)
+                tables, lengths = layout.block_tables[start:end], layout.context_lens[start:end]
+                decode.append(_decode_group(start, tables, lengths, layout.block_size))
         prefills = []
         query_start = num_decodes
         for query_len, context_len, table in zip(
@@ -123,7 +151,7 @@ class CpuAttentionBackend:
             block_ids = torch.tensor(table[:num_blocks], dtype=torch.long)
             prefills.append(PrefillChunk(query_start, query_len, context_len, block_ids))
             query_start += query_len
-        return CpuAttentionMetadata(slot_mapping=layout.slot_mapping, decode_groups=groups, prefills=prefills)
+        return CpuAttentionMetadata(layout.slot_mapping, num_decodes, decode, prefills)
 
     def forward(
         self,
@@ -137,9 +165,23 @@ class CpuAttentionBackend:
     ) -> torch.Tensor:
         write_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
         output = torch.empty_like(query)
-        for group in metadata.decode_groups:
-            rows = slice(group.start, group.start + group.block_tables.shape[0])
-            output[rows] = decode_attention(query[rows], key_cache, value_cache, group.block_tables, group.bias, scale)
+        if isinstance(metadata.decode, NativeDecodeBatch):
+            assert self.native is not None
+            batch = metadata.decode
+            output[: metadata.num_decodes] = self.native.decode_attention(
+                query[: metadata.num_decodes].contiguous(),
+                key_cache,
+                value_cache,
+                batch.block_tables,
+                batch.context_lens,
+                scale,
+            )
+        else:
+            for group in metadata.decode:
+                rows = slice(group.start, group.start + group.block_tables.shape[0])
+                output[rows] = decode_attention(
+                    query[rows], key_cache, value_cache, group.block_tables, group.bias, scale
+                )
         for chunk in metadata.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
             query_offset = chunk.context_len - chunk.query_len

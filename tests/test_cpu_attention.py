@@ -1,4 +1,4 @@
-"""The CPU paged-attention backend against a naive reference written here.
+"""The CPU paged-attention backend (native decode kernel and pure-PyTorch paths) against a naive reference here.
 
 The reference writes each new K/V row into a copy of the cache with plain indexing, gathers every sequence's context
 token by token through its block table, repeats K/V heads for grouped-query attention and computes causal softmax
@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from kernels.backend import BatchLayout
 from kernels.cpu_attention import CpuAttentionBackend, write_kv
+from kernels.native import load_native_kernels
 
 # --- the reference ---------------------------------------------------------------------------------------------------
 
@@ -113,13 +114,18 @@ def make_case(
     )
 
 
-def check(case: Case, atol: float, rtol: float) -> None:
+@pytest.fixture(params=["cpu", "torch"])
+def backend(request) -> CpuAttentionBackend:
+    """Both decode paths: the native kernel (the test fails if it can't be built here) and vectorised PyTorch."""
+    return CpuAttentionBackend(load_native_kernels()) if request.param == "cpu" else CpuAttentionBackend()
+
+
+def check(case: Case, atol: float, rtol: float, backend: CpuAttentionBackend) -> None:
     scale = case.query.shape[-1] ** -0.5
     expected_key_cache, expected_value_cache = case.key_cache.clone(), case.value_cache.clone()
     reference_write(expected_key_cache, expected_value_cache, case.key, case.value, case.slots)
     expected = reference_attention(case.query, expected_key_cache, expected_value_cache, case.layout, scale)
 
-    backend = CpuAttentionBackend()
     metadata = backend.prepare(case.layout, case.query.dtype)
     out = backend.forward(case.query, case.key, case.value, case.key_cache, case.value_cache, metadata, scale)
 
@@ -129,7 +135,7 @@ def check(case: Case, atol: float, rtol: float) -> None:
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=rtol)
 
 
-TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 HEADS = {1: (4, 4), 3: (9, 3), 4: (8, 2)}  # GQA ratio -> (query heads, KV heads)
 
 
@@ -146,16 +152,21 @@ def mixed_batch(rng: random.Random, block_size: int) -> tuple[list[int], list[tu
     return decodes, prefills
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("head_dim", [64, 128])
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+
+
+@DTYPES
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
 @pytest.mark.parametrize("gqa", sorted(HEADS))
 @pytest.mark.parametrize("block_size", [8, 16, 32])
-def test_mixed_batch_matches_reference(block_size: int, gqa: int, head_dim: int, dtype: torch.dtype) -> None:
+def test_mixed_batch_matches_reference(
+    block_size: int, gqa: int, head_dim: int, dtype: torch.dtype, backend: CpuAttentionBackend
+) -> None:
     rng = random.Random(f"{block_size}-{gqa}-{head_dim}-{dtype}")
     decodes, prefills = mixed_batch(rng, block_size)
     num_heads, num_kv_heads = HEADS[gqa]
     case = make_case(rng, decodes, prefills, block_size, num_heads, num_kv_heads, head_dim, dtype)
-    check(case, *TOLERANCE[dtype])
+    check(case, *TOLERANCE[dtype], backend)
 
 
 @pytest.mark.parametrize(
@@ -166,13 +177,17 @@ def test_mixed_batch_matches_reference(block_size: int, gqa: int, head_dim: int,
         ([], [(19, 30), (0, 1), (64, 17)]),  # only prefills
         ([300], [(250, 70)]),  # long contexts over many blocks
         ([(i * 37) % 200 + 1 for i in range(40)], [(5, 9)]),  # more decodes than one decode group holds
+        ([3000, 1100, 5], []),  # contexts split into several partitions whose partial results are merged
+        ([200], []),  # one sequence: split so that both threads work
     ],
-    ids=["decodes", "one-prompt", "prefills", "long", "many-decodes"],
+    ids=["decodes", "one-prompt", "prefills", "long", "many-decodes", "partitioned", "single"],
 )
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_batch_shapes(decodes: list[int], prefills: list[tuple[int, int]], dtype: torch.dtype) -> None:
+@DTYPES
+def test_batch_shapes(
+    decodes: list[int], prefills: list[tuple[int, int]], dtype: torch.dtype, backend: CpuAttentionBackend
+) -> None:
     case = make_case(random.Random(len(decodes) * 7 + len(prefills)), decodes, prefills, 16, 9, 3, 64, dtype)
-    check(case, *TOLERANCE[dtype])
+    check(case, *TOLERANCE[dtype], backend)
 
 
 @settings(max_examples=60, deadline=None)
@@ -180,9 +195,12 @@ def test_batch_shapes(decodes: list[int], prefills: list[tuple[int, int]], dtype
     data=st.data(),
     block_size=st.sampled_from([1, 2, 4, 8]),
     heads=st.sampled_from([(1, 1), (2, 1), (6, 2), (4, 4), (8, 2)]),
-    head_dim=st.sampled_from([8, 16]),
+    head_dim=st.sampled_from([64, 80]),
+    native=st.booleans(),
 )
-def test_random_batches_match_reference(data, block_size: int, heads: tuple[int, int], head_dim: int) -> None:
+def test_random_batches_match_reference(
+    data, block_size: int, heads: tuple[int, int], head_dim: int, native: bool
+) -> None:
     decodes = data.draw(st.lists(st.integers(1, 40), max_size=4), label="decode context lengths")
     prefills = data.draw(
         st.lists(st.tuples(st.integers(0, 30), st.integers(1, 20)), min_size=0 if decodes else 1, max_size=3),
@@ -190,10 +208,10 @@ def test_random_batches_match_reference(data, block_size: int, heads: tuple[int,
     )
     seed = data.draw(st.integers(0, 2**16), label="seed")
     case = make_case(random.Random(seed), decodes, prefills, block_size, *heads, head_dim, torch.float32)
-    check(case, *TOLERANCE[torch.float32])
+    check(case, *TOLERANCE[torch.float32], CpuAttentionBackend(load_native_kernels() if native else None))
 
 
-def test_prepare_requires_no_rebuild_across_layers() -> None:
+def test_prepare_requires_no_rebuild_across_layers(backend: CpuAttentionBackend) -> None:
     """One prepare() serves every layer of a step: a second layer's caches give that layer's own result."""
     rng = random.Random(5)
     decodes, prefills = mixed_batch(rng, 8)
@@ -201,7 +219,6 @@ def test_prepare_requires_no_rebuild_across_layers() -> None:
     other = {name: torch.randn_like(getattr(first, name)) for name in ("query", "key", "value")}
     other |= {name: torch.randn_like(getattr(first, name)) for name in ("key_cache", "value_cache")}
     second = dataclasses.replace(first, **other)  # the next layer: same step and block tables, other tensors
-    backend = CpuAttentionBackend()
     metadata = backend.prepare(first.layout, torch.float32)
     scale = 64**-0.5
     for case in (first, second):

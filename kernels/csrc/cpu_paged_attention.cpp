@@ -1,0 +1,292 @@
+// Paged decode attention for the CPU: one query token per sequence, K/V read in place through block tables.
+//
+// The vectorised PyTorch path has to gather every sequence's K/V blocks into a contiguous copy before its matmuls;
+// at serving batch sizes that copy costs more than the attention arithmetic. This kernel streams K and V straight
+// from the cache blocks, so each byte of the cache is read once per step (twice counting the two passes' K then V).
+//
+// Work is split flash-decoding style into (sequence, KV head, context partition) items so that one long sequence
+// still keeps every core busy; each item writes an unnormalised partial result with its running max and sum, and a
+// second loop merges the partials of each (sequence, KV head). Query heads that share a KV head (grouped-query
+// attention) are processed together so each K/V row is converted to fp32 once and used for the whole group.
+//
+// Built at first use by kernels/native.py (g++ -O3 -march=native -fopenmp) and called through ctypes; OpenMP
+// resolves to the libgomp PyTorch already loaded, so the two share one thread pool.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Context tokens per work item: long contexts are split (flash-decoding) so a few sequences still fill every thread.
+constexpr int kItemsPerThread = 4;
+constexpr int kMinPartition = 128;
+constexpr int kMaxPartition = 1024;
+
+struct BFloat16 {
+    uint16_t bits;
+};
+
+inline float to_float(float value) { return value; }
+inline float to_float(_Float16 value) { return static_cast<float>(value); }
+inline float to_float(BFloat16 value) {
+    const uint32_t bits = static_cast<uint32_t>(value.bits) << 16;
+    float result;
+    std::memcpy(&result, &bits, sizeof(result));
+    return result;
+}
+
+inline void store(float value, float* out) { *out = value; }
+inline void store(float value, _Float16* out) { *out = static_cast<_Float16>(value); }
+inline void store(float value, BFloat16* out) {
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN
+        out->bits = static_cast<uint16_t>((bits >> 16) | 0x40u);
+        return;
+    }
+    bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even, as torch does
+    out->bits = static_cast<uint16_t>(bits >> 16);
+}
+
+// exp(x) for x <= 0 (scores minus their max), vectorisable unlike libm's expf: x = n ln2 + r with |r| <= ln2 / 2,
+// e^r by its Taylor series to degree 7 (relative error < 1e-8, below fp32 resolution), 2^n through the exponent bits.
+// Inputs below -87 are clamped there, which keeps 2^n a normal float; e^-87 is 1.6e-38, nothing next to the max's 1.
+#pragma omp declare simd
+inline float exp_nonpositive(float x) {
+    x = std::max(x, -87.0f);
+    const float n = std::nearbyint(x * 1.4426950408889634f);
+    const float r = x - n * 0.6931471805599453f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits;
+    std::memcpy(&bits, &p, sizeof(bits));
+    bits += static_cast<int32_t>(n) << 23;
+    std::memcpy(&p, &bits, sizeof(p));
+    return p;
+}
+
+struct Shape {
+    int num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks;
+};
+
+// 16 fp32 lanes: one AVX-512 register; GCC lowers the arithmetic to narrower registers on CPUs without it.
+typedef float Vec16 __attribute__((vector_size(64)));
+typedef float Vec8 __attribute__((vector_size(32)));
+typedef float Vec4 __attribute__((vector_size(16)));
+
+inline float horizontal_sum(Vec16 v) {
+    const Vec8 half = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                      __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const Vec4 quarter = __builtin_shufflevector(half, half, 0, 1, 2, 3) + __builtin_shufflevector(half, half, 4, 5, 6, 7);
+    return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
+}
+
+struct Scratch {
+    std::vector<float> scores;
+    std::vector<Vec16> vectors;
+};
+
+// Load 16 consecutive elements as fp32 with whole-vector conversions (no per-element inserts).
+typedef uint16_t Bits16x16 __attribute__((vector_size(32)));
+typedef uint32_t Bits32x16 __attribute__((vector_size(64)));
+typedef _Float16 Half16 __attribute__((vector_size(32)));
+
+inline Vec16 load16(const float* source) {
+    Vec16 v;
+    std::memcpy(&v, source, sizeof(v));
+    return v;
+}
+inline Vec16 load16(const _Float16* source) {
+    Half16 h;
+    std::memcpy(&h, source, sizeof(h));
+    return __builtin_convertvector(h, Vec16);
+}
+inline Vec16 load16(const BFloat16* source) {
+    Bits16x16 bits;
+    std::memcpy(&bits, source, sizeof(bits));
+    return reinterpret_cast<Vec16>(__builtin_convertvector(bits, Bits32x16) << 16);
+}
+
+// One work item: every query head of one sequence over context positions [begin, end). A token's K (or V) rows
+// for all KV heads are contiguous in the cache, so the item streams whole cache blocks front to back, which the
+// hardware prefetcher follows; splitting items by KV head instead was measured 1.5x slower (strided reads).
+// Writes per query head: its unnormalised output [head_dim], then the max and the sum of exp(score - max).
+// Lanes = head_dim / 16 is a template parameter so the row vectors live in registers.
+template <typename T, int Lanes>
+void attend_partition(const T* query, const T* key_cache, const T* value_cache, const int32_t* table, int begin,
+                      int end, const Shape& shape, float scale, float* partial, Scratch& scratch) {
+    constexpr int dim = Lanes * 16;
+    const int heads = shape.num_heads;
+    const int group = heads / shape.num_kv_heads;
+    const int length = end - begin;
+    const int64_t token_stride = static_cast<int64_t>(shape.num_kv_heads) * dim;
+    const int64_t block_stride = token_stride * shape.block_size;
+    scratch.scores.resize(static_cast<size_t>(heads) * length);
+    scratch.vectors.assign(static_cast<size_t>(heads) * Lanes * 2, Vec16{});
+    float* scores = scratch.scores.data();        // [heads, length]
+    Vec16* q = scratch.vectors.data();             // [heads, Lanes], pre-scaled
+    Vec16* acc = q + static_cast<size_t>(heads) * Lanes;  // [heads, Lanes]
+
+    // Visit the context token by token: `visit(t, row)` for t in [0, length), row = the token's rows for all heads.
+    // Blocks are scattered through the pool, so the hardware prefetcher stalls at every block boundary; while one
+    // block is read, the same row of the next block is prefetched (measured 1.4x on a 128-sequence batch).
+    const int row_bytes = static_cast<int>(token_stride * sizeof(T));
+    auto for_each_token = [&](const T* cache, auto&& visit) {
+        int position = begin;
+        while (position < end) {
+            const int block = position / shape.block_size;
+            const int offset = position % shape.block_size;
+            const int count = std::min(shape.block_size - offset, end - position);
+            const T* row = cache + table[block] * block_stride + offset * token_stride;
+            const bool has_next = (block + 1) * shape.block_size < end;
+            const char* next = reinterpret_cast<const char*>(cache + (has_next ? table[block + 1] : table[block]) *
+                                                                         block_stride + offset * token_stride);
+            for (int i = 0; i < count; ++i, row += token_stride, next += row_bytes) {
+                if (has_next)
+                    for (int byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(next + byte);
+                visit(position - begin + i, row);
+            }
+            position += count;
+        }
+    };
+
+    for (int h = 0; h < heads; ++h)
+        for (int l = 0; l < Lanes; ++l) q[h * Lanes + l] = load16(query + h * dim + 16 * l) * scale;
+    for_each_token(key_cache, [&](int t, const T* row) {
+        for (int kv_head = 0; kv_head < shape.num_kv_heads; ++kv_head) {
+            Vec16 k[Lanes];
+            for (int l = 0; l < Lanes; ++l) k[l] = load16(row + kv_head * dim + 16 * l);
+            for (int h = kv_head * group; h < (kv_head + 1) * group; ++h) {
+                const Vec16* qh = q + h * Lanes;
+                Vec16 sum = qh[0] * k[0];
+                for (int l = 1; l < Lanes; ++l) sum += qh[l] * k[l];
+                scores[static_cast<size_t>(h) * length + t] = horizontal_sum(sum);
+            }
+        }
+    });
+
+    for (int h = 0; h < heads; ++h) {
+        float* s = scores + static_cast<size_t>(h) * length;
+        float peak = -INFINITY;
+        for (int t = 0; t < length; ++t) peak = std::max(peak, s[t]);
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (int t = 0; t < length; ++t) {
+            s[t] = exp_nonpositive(s[t] - peak);
+            total += s[t];
+        }
+        partial[h * (dim + 2) + dim] = peak;
+        partial[h * (dim + 2) + dim + 1] = total;
+    }
+
+    for_each_token(value_cache, [&](int t, const T* row) {
+        for (int kv_head = 0; kv_head < shape.num_kv_heads; ++kv_head) {
+            Vec16 v[Lanes];
+            for (int l = 0; l < Lanes; ++l) v[l] = load16(row + kv_head * dim + 16 * l);
+            for (int h = kv_head * group; h < (kv_head + 1) * group; ++h) {
+                const float weight = scores[static_cast<size_t>(h) * length + t];
+                for (int l = 0; l < Lanes; ++l) acc[h * Lanes + l] += weight * v[l];
+            }
+        }
+    });
+    for (int h = 0; h < heads; ++h) std::memcpy(partial + h * (dim + 2), acc + h * Lanes, sizeof(Vec16) * Lanes);
+}
+
+template <typename T, int Lanes>
+void decode_attention(const T* query, const T* key_cache, const T* value_cache, const int32_t* block_tables,
+                      const int32_t* context_lens, T* output, const Shape& shape, float scale, int num_threads) {
+    constexpr int dim = Lanes * 16;
+    const int heads = shape.num_heads;
+    int max_len = 1;
+    for (int s = 0; s < shape.num_seqs; ++s) max_len = std::max(max_len, context_lens[s]);
+    // Enough items to balance the threads, none so short that merging partials dominates.
+    const int wanted_parts = (kItemsPerThread * num_threads + shape.num_seqs - 1) / shape.num_seqs;
+    const int partition = std::clamp((max_len + wanted_parts - 1) / wanted_parts, kMinPartition, kMaxPartition);
+    const int max_parts = (max_len + partition - 1) / partition;
+    const int64_t item_floats = static_cast<int64_t>(heads) * (dim + 2);
+    const int64_t num_items = static_cast<int64_t>(shape.num_seqs) * max_parts;
+    std::vector<float> partials(num_items * item_floats);
+
+#pragma omp parallel num_threads(num_threads)
+    {
+        Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < num_items; ++item) {
+            const int seq = static_cast<int>(item / max_parts);
+            const int begin = static_cast<int>(item % max_parts) * partition;
+            const int end = std::min(context_lens[seq], begin + partition);
+            if (begin >= end) continue;
+            attend_partition<T, Lanes>(query + static_cast<int64_t>(seq) * heads * dim, key_cache, value_cache,
+                                       block_tables + static_cast<int64_t>(seq) * shape.max_blocks, begin, end, shape,
+                                       scale, partials.data() + item * item_floats, scratch);
+        }
+
+#pragma omp for schedule(static)
+        for (int64_t pair = 0; pair < static_cast<int64_t>(shape.num_seqs) * heads; ++pair) {
+            const int seq = static_cast<int>(pair / heads);
+            const int head = static_cast<int>(pair % heads);
+            const int parts = (std::max(context_lens[seq], 1) + partition - 1) / partition;
+            const float* first = partials.data() + seq * max_parts * item_floats + head * (dim + 2);
+            float peak = -INFINITY;
+            for (int p = 0; p < parts; ++p) peak = std::max(peak, first[p * item_floats + dim]);
+            float total = 0.0f;
+            float merged[dim] = {};
+            for (int p = 0; p < parts; ++p) {
+                const float* part = first + p * item_floats;
+                const float weight = exp_nonpositive(part[dim] - peak);
+                total += weight * part[dim + 1];
+                for (int d = 0; d < dim; ++d) merged[d] += weight * part[d];
+            }
+            T* out = output + (static_cast<int64_t>(seq) * heads + head) * dim;
+            const float inverse = 1.0f / total;
+            for (int d = 0; d < dim; ++d) store(merged[d] * inverse, out + d);
+        }
+    }
+}
+
+// Returns false for a head_dim without an instantiation (the caller then uses another path).
+template <typename T>
+bool dispatch_head_dim(const T* query, const T* key_cache, const T* value_cache, const int32_t* block_tables,
+                       const int32_t* context_lens, T* output, const Shape& shape, float scale, int num_threads) {
+    switch (shape.head_dim) {
+#define SPINDLE_HEAD_DIM_CASE(lanes)                                                                              \
+    case lanes * 16:                                                                                              \
+        decode_attention<T, lanes>(query, key_cache, value_cache, block_tables, context_lens, output, shape, scale, \
+                                   num_threads);                                                                  \
+        return true;
+        SPINDLE_HEAD_DIM_CASE(4)
+        SPINDLE_HEAD_DIM_CASE(5)
+        SPINDLE_HEAD_DIM_CASE(6)
+        SPINDLE_HEAD_DIM_CASE(8)
+        SPINDLE_HEAD_DIM_CASE(16)
+#undef SPINDLE_HEAD_DIM_CASE
+        default:
+            return false;
+    }
+}
+
+}  // namespace
+
+#define SPINDLE_DECODE_ENTRY(name, type)                                                                            \
+    extern "C" bool name(const void* query, const void* key_cache, const void* value_cache,                        \
+                         const int32_t* block_tables, const int32_t* context_lens, void* output, int num_seqs,      \
+                         int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale, \
+                         int num_threads) {                                                                         \
+        const Shape shape{num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks};                     \
+        return dispatch_head_dim(static_cast<const type*>(query), static_cast<const type*>(key_cache),                      \
+                         static_cast<const type*>(value_cache), block_tables, context_lens,                         \
+                         static_cast<type*>(output), shape, scale, num_threads);                                    \
+    }
+
+SPINDLE_DECODE_ENTRY(spindle_decode_attention_f32, float)
+SPINDLE_DECODE_ENTRY(spindle_decode_attention_f16, _Float16)
+SPINDLE_DECODE_ENTRY(spindle_decode_attention_bf16, BFloat16)

@@ -1,0 +1,65 @@
+"""Choosing the attention backend, and the native kernel's build path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels.registry
+from kernels import native
+from kernels.native import NativeKernelsUnavailable
+from kernels.registry import get_attention_backend
+
+CPU = torch.device("cpu")
+
+
+def test_auto_uses_the_native_kernel_where_it_builds() -> None:
+    assert get_attention_backend("auto", CPU, 64).name == "cpu"
+    assert get_attention_backend("cpu", CPU, 128).name == "cpu"
+    assert get_attention_backend("torch", CPU, 64).name == "torch"
+
+
+def test_unsupported_head_dim_falls_back_or_fails_clearly() -> None:
+    assert get_attention_backend("auto", CPU, 40).name == "torch"
+    with pytest.raises(ValueError, match="head_dim 40"):
+        get_attention_backend("cpu", CPU, 40)
+
+
+def test_missing_compiler_falls_back_or_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unavailable() -> None:
+        raise NativeKernelsUnavailable("no C++ compiler found")
+
+    monkeypatch.setattr(kernels.registry, "load_native_kernels", unavailable)
+    assert get_attention_backend("auto", CPU, 64).name == "torch"
+    with pytest.raises(ValueError, match="'cpu' is unavailable: no C\\+\\+ compiler"):
+        get_attention_backend("cpu", CPU, 64)
+
+
+def test_unknown_backend_and_device() -> None:
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        get_attention_backend("flash", CPU, 64)
+    with pytest.raises(ValueError, match="no attention backend available for device 'meta'"):
+        get_attention_backend("auto", torch.device("meta"), 64)
+
+
+def test_compiler_lookup_honours_cxx(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(NativeKernelsUnavailable, match="no C\\+\\+ compiler"):
+        native._compiler()
+
+
+def test_build_failure_reports_the_compiler_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv("SPINDLE_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(NativeKernelsUnavailable, match="building broken.cpp failed"):
+        native._build(native._compiler())
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left for a later process to load
+
+
+def test_build_is_cached_per_source(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("SPINDLE_KERNEL_CACHE", str(tmp_path))
+    first = native._build(native._compiler())
+    built_at = first.stat().st_mtime_ns
+    assert native._build(native._compiler()) == first and first.stat().st_mtime_ns == built_at
