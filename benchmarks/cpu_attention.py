@@ -3,10 +3,11 @@
 .venv/bin/python benchmarks/cpu_attention.py [--threads 2] [--repeats 15] [--batches 1 8 32] [--contexts 256 1024 4096]
 
 One layer of the default model's shape (9 query heads, 3 KV heads, head_dim 64), every sequence decoding one token
-with ``context`` tokens in the paged cache (block size 16, blocks scattered). "backend" is
-``CpuAttentionBackend.forward`` (K/V write + batched decode attention; ``prepare`` runs once per step and is shown
-apart); "naive" gathers each sequence's blocks with ``torch.cat``, repeats K/V heads and runs softmax attention
-sequence by sequence. The two are called alternately and the median of the repetitions is reported.
+with ``context`` tokens in the paged cache (block size 16, blocks scattered). "native" and "torch" are
+``CpuAttentionBackend.forward`` (K/V write + batched decode attention) with the native decode kernel (the default)
+and with the vectorised PyTorch path; ``prepare`` runs once per step and is shown apart. "naive" gathers each
+sequence's blocks with ``torch.cat``, repeats K/V heads and runs softmax attention sequence by sequence. All are
+called in turn and the median of the repetitions is reported.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from kernels.backend import BatchLayout
 from kernels.cpu_attention import CpuAttentionBackend, write_kv
+from kernels.native import load_native_kernels
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 
@@ -73,38 +75,41 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
-    backend = CpuAttentionBackend()
+    backends = {"native": CpuAttentionBackend(load_native_kernels()), "torch": CpuAttentionBackend()}
     scale = HEAD_DIM**-0.5
 
     print(f"threads: {torch.get_num_threads()}  heads: {NUM_HEADS}/{NUM_KV_HEADS} kv  head_dim: {HEAD_DIM}")
     print(f"block size: {BLOCK_SIZE}  median of {args.repeats} interleaved repetitions, ms per call")
-    print("| dtype | batch | context | backend ms | naive ms | naive/backend | prepare ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| dtype | batch | context | native ms | torch ms | naive ms | torch/native | naive/native | prepare ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for batch in args.batches:
             for context in args.contexts:
                 layout, query, key, value, key_cache, value_cache = make_step(batch, context, dtype, generator)
-                metadata = backend.prepare(layout, dtype)
+                metadata = {name: backend.prepare(layout, dtype) for name, backend in backends.items()}
                 expected = naive_decode(query, key, value, key_cache, value_cache, layout, scale)
-                got = backend.forward(query, key, value, key_cache, value_cache, metadata, scale)
                 tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-                torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
+                for name, backend in backends.items():
+                    got = backend.forward(query, key, value, key_cache, value_cache, metadata[name], scale)
+                    torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
                 calls = min(50, max(1, int(200 * 256 / (batch * context))))  # about the same work per sample
                 candidates = {
-                    "backend": partial(backend.forward, query, key, value, key_cache, value_cache, metadata, scale),
-                    "naive": partial(naive_decode, query, key, value, key_cache, value_cache, layout, scale),
-                    "prepare": partial(backend.prepare, layout, dtype),
+                    name: partial(backend.forward, query, key, value, key_cache, value_cache, metadata[name], scale)
+                    for name, backend in backends.items()
                 }
+                candidates["naive"] = partial(naive_decode, query, key, value, key_cache, value_cache, layout, scale)
+                candidates["prepare"] = partial(backends["native"].prepare, layout, dtype)
                 runs: dict[str, list[float]] = {name: [] for name in candidates}
                 for _ in range(args.repeats):
                     for name, fn in candidates.items():
                         runs[name].append(seconds(fn, calls))
                 ms = {name: statistics.median(times) * 1000 for name, times in runs.items()}
                 print(
-                    f"| {dtype_name} | {batch} | {context} | {ms['backend']:.3f} | {ms['naive']:.3f} | "
-                    f"{ms['naive'] / ms['backend']:.2f}x | {ms['prepare']:.3f} |",
+                    f"| {dtype_name} | {batch} | {context} | {ms['native']:.3f} | {ms['torch']:.3f} | "
+                    f"{ms['naive']:.3f} | {ms['torch'] / ms['native']:.2f}x | {ms['naive'] / ms['native']:.2f}x | "
+                    f"{ms['prepare']:.3f} |",
                     flush=True,
                 )
 

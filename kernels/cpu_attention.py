@@ -105,11 +105,9 @@ def prefill_attention(
 
 
 def _padded_block_tables(tables: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
-    max_blocks = max(len(table) for table in tables)
-    padded = torch.zeros((len(tables), max_blocks), dtype=dtype)
-    for row, table in enumerate(tables):
-        padded[row, : len(table)] = torch.tensor(table, dtype=dtype)
-    return padded
+    """[sequences, longest table], padded with block 0 (never read: reads stop at each context length)."""
+    width = max(len(table) for table in tables)
+    return torch.tensor([table + [0] * (width - len(table)) for table in tables], dtype=dtype)
 
 
 def _decode_group(start: int, tables: list[list[int]], context_lens: list[int], block_size: int) -> DecodeGroup:

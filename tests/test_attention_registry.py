@@ -53,7 +53,7 @@ def test_build_failure_reports_the_compiler_error(monkeypatch: pytest.MonkeyPatc
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(native, "SOURCE", broken)
     monkeypatch.setenv("SPINDLE_KERNEL_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(NativeKernelsUnavailable, match="building broken.cpp failed"):
+    with pytest.raises(NativeKernelsUnavailable, match=r"building broken\.cpp failed"):
         native._build(native._compiler())
     assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left for a later process to load
 
