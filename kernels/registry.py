@@ -1,13 +1,19 @@
 """Choose an attention backend by name and device.
 
+- ``triton``: Spindle's Triton kernels; the default on CUDA. On a CPU only under ``TRITON_INTERPRET=1`` (Triton's
+  interpreter, for checking the kernels; far too slow to serve).
+- ``xformers``: on CUDA, prefill in xFormers' memory-efficient attention, the rest in Triton; needs the ``cuda``
+  extra.
 - ``cpu``: paged attention with the native decode kernel (built with the system C++ compiler at first use);
 - ``torch``: the same CPU paths in vectorised PyTorch only, for machines without a compiler;
-- ``auto``: ``cpu`` where the native kernel builds, else ``torch`` (with a warning saying why).
+- ``auto``: ``triton`` on CUDA; on a CPU ``cpu`` where the native kernel builds, else ``torch`` (with a warning).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 
 import torch
 
@@ -17,23 +23,47 @@ from kernels.native import SUPPORTED_HEAD_DIMS, NativeKernelsUnavailable, load_n
 
 logger = logging.getLogger("spindle.kernels")
 
-BACKENDS = ("auto", "cpu", "torch")
+BACKENDS = ("auto", "cpu", "torch", "triton", "xformers")
+CPU_BACKENDS = ("cpu", "torch")
 
 
 def get_attention_backend(name: str, device: torch.device, head_dim: int) -> AttentionBackend:
-    """Raises ValueError for an unknown name, a device without a backend, or an asked-for backend that can't load."""
+    """Raises ValueError for an unknown name, a backend that doesn't run on ``device``, or one that can't load."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r} (choose one of: {', '.join(BACKENDS)})")
-    if device.type != "cpu":
-        raise ValueError(f"no attention backend available for device {device.type!r} in this build")
-    if name == "torch":
-        return CpuAttentionBackend()
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"no attention backend available for device {device.type!r}")
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "cpu"
+        if name == "cpu":
+            return _cpu_backend(head_dim, required=False)
+    if name in CPU_BACKENDS:
+        if device.type != "cpu":
+            raise ValueError(f"attention backend {name!r} runs on the CPU only; use 'triton' or 'xformers' on CUDA")
+        return _cpu_backend(head_dim, required=True) if name == "cpu" else CpuAttentionBackend()
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"attention backend {name!r} needs a CUDA device (or TRITON_INTERPRET=1 to run Triton's interpreter on "
+            "the CPU, for testing only)"
+        )
+    if name == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise ValueError("attention backend 'xformers' needs xformers: pip install 'spindle[cuda]'")
+        from kernels.xformers_backend import XFormersAttentionBackend
+
+        return XFormersAttentionBackend(device)
+    from kernels.triton_backend import TritonAttentionBackend
+
+    return TritonAttentionBackend(device)
+
+
+def _cpu_backend(head_dim: int, required: bool) -> CpuAttentionBackend:
     try:
         if head_dim not in SUPPORTED_HEAD_DIMS:
             raise NativeKernelsUnavailable(f"head_dim {head_dim} is not one of {SUPPORTED_HEAD_DIMS}")
         return CpuAttentionBackend(load_native_kernels())
     except NativeKernelsUnavailable as exc:
-        if name == "cpu":
+        if required:
             raise ValueError(f"attention backend 'cpu' is unavailable: {exc}") from exc
         logger.warning("native CPU attention kernel unavailable, using the PyTorch path: %s", exc)
         return CpuAttentionBackend()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,11 @@ import torch
 from engine.loader.default_model import default_model_path
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
+
+# Without a GPU the Triton kernels are checked in Triton's interpreter; Triton reads this when a kernel is defined,
+# so it must be set before any test imports kernels.triton_ops.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

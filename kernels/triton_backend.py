@@ -1,0 +1,119 @@
+"""The attention backend for CUDA devices: every step's K/V write and attention run in Spindle's Triton kernels.
+
+On a machine without a GPU the same backend runs under Triton's interpreter (``TRITON_INTERPRET=1``), which is how
+its kernels are checked against PyTorch references on the CPU; see ``kernels/triton_ops``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.backend import BatchLayout
+
+
+@dataclass(frozen=True)
+class TritonDecodeBatch:
+    block_tables: torch.Tensor  # int32 [decodes, max blocks]
+    context_lens: torch.Tensor  # int32 [decodes]
+    max_context_len: int
+
+
+@dataclass(frozen=True)
+class TritonPrefillBatch:
+    block_tables: torch.Tensor  # int32 [prefills, max blocks]
+    query_starts: torch.Tensor  # int32 [prefills]: first row of each prefill in the flat batch
+    query_lens: torch.Tensor
+    context_lens: torch.Tensor
+    max_query_len: int
+
+
+@dataclass(frozen=True)
+class TritonAttentionMetadata:
+    slot_mapping: torch.Tensor
+    num_decodes: int
+    decode: TritonDecodeBatch | None
+    prefill: TritonPrefillBatch | None
+
+
+def _int32(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def _block_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(len(table) for table in tables)
+    return _int32([table + [0] * (width - len(table)) for table in tables], device)
+
+
+class TritonAttentionBackend:
+    name = "triton"
+
+    def __init__(self, device: torch.device) -> None:
+        # Imported here: Triton kernels are only defined once a backend that uses them is asked for.
+        from kernels.triton_ops import kv_write, paged_decode, paged_prefill
+
+        self.device = device
+        self._write_kv = kv_write.write_kv
+        self._decode = paged_decode.paged_decode_attention
+        self._prefill = paged_prefill.paged_prefill_attention
+
+    def prepare(self, layout: BatchLayout, dtype: torch.dtype) -> TritonAttentionMetadata:
+        num_decodes = layout.num_decodes
+        decode = prefill = None
+        if num_decodes:
+            lengths = layout.context_lens[:num_decodes]
+            tables = _block_tables(layout.block_tables[:num_decodes], self.device)
+            decode = TritonDecodeBatch(tables, _int32(lengths, self.device), max(lengths))
+        if num_decodes < len(layout.query_lens):
+            query_lens = layout.query_lens[num_decodes:]
+            starts = [num_decodes]
+            for length in query_lens[:-1]:
+                starts.append(starts[-1] + length)
+            prefill = TritonPrefillBatch(
+                _block_tables(layout.block_tables[num_decodes:], self.device),
+                _int32(starts, self.device),
+                _int32(query_lens, self.device),
+                _int32(layout.context_lens[num_decodes:], self.device),
+                max(query_lens),
+            )
+        return TritonAttentionMetadata(layout.slot_mapping.to(self.device), num_decodes, decode, prefill)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        metadata: TritonAttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        self._write_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
+        output = torch.empty_like(query)
+        if metadata.decode is not None:
+            batch = metadata.decode
+            output[: metadata.num_decodes] = self._decode(
+                query[: metadata.num_decodes],
+                key_cache,
+                value_cache,
+                batch.block_tables,
+                batch.context_lens,
+                batch.max_context_len,
+                scale,
+            )
+        if metadata.prefill is not None:
+            batch = metadata.prefill
+            self._prefill(
+                query,
+                key_cache,
+                value_cache,
+                output,
+                batch.block_tables,
+                batch.query_starts,
+                batch.query_lens,
+                batch.context_lens,
+                batch.max_query_len,
+                scale,
+            )
+        return output
