@@ -32,6 +32,12 @@ class BatchLayout:
         return count
 
 
+def pad_block_tables(tables: list[list[int]], dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """[sequences, longest table], padded with block 0 (never read: kernels stop at each context length)."""
+    width = max(len(table) for table in tables)
+    return torch.tensor([table + [0] * (width - len(table)) for table in tables], dtype=dtype, device=device)
+
+
 class AttentionBackend(Protocol):
     """Writes a step's new K/V into the paged cache and computes attention over it.
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import BatchLayout
+from kernels.backend import BatchLayout, pad_block_tables
 from kernels.native import NativeKernels
 
 
@@ -104,14 +104,8 @@ def prefill_attention(
     return out.squeeze(0).transpose(0, 1)
 
 
-def _padded_block_tables(tables: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
-    """[sequences, longest table], padded with block 0 (never read: reads stop at each context length)."""
-    width = max(len(table) for table in tables)
-    return torch.tensor([table + [0] * (width - len(table)) for table in tables], dtype=dtype)
-
-
 def _decode_group(start: int, tables: list[list[int]], context_lens: list[int], block_size: int) -> DecodeGroup:
-    padded = _padded_block_tables(tables, torch.long)
+    padded = pad_block_tables(tables, torch.long)
     max_blocks = padded.shape[1]
     positions = torch.arange(max_blocks * block_size)
     lengths = torch.tensor(context_lens, dtype=torch.long).unsqueeze(1)
@@ -132,7 +126,7 @@ class CpuAttentionBackend:
         decode: NativeDecodeBatch | list[DecodeGroup] = []
         if self.native is not None and num_decodes:
             decode = NativeDecodeBatch(
-                _padded_block_tables(layout.block_tables[:num_decodes], torch.int32),
+                pad_block_tables(layout.block_tables[:num_decodes], torch.int32),
                 torch.tensor(layout.context_lens[:num_decodes], dtype=torch.int32),
             )
         elif self.native is None:

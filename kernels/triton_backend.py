@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.backend import BatchLayout
+from kernels.backend import BatchLayout, pad_block_tables
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,6 @@ def _int32(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device=device)
 
 
-def _block_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
-    width = max(len(table) for table in tables)
-    return _int32([table + [0] * (width - len(table)) for table in tables], device)
-
-
 class TritonAttentionBackend:
     name = "triton"
 
@@ -63,7 +58,7 @@ class TritonAttentionBackend:
         decode = prefill = None
         if num_decodes:
             lengths = layout.context_lens[:num_decodes]
-            tables = _block_tables(layout.block_tables[:num_decodes], self.device)
+            tables = pad_block_tables(layout.block_tables[:num_decodes], torch.int32, self.device)
             decode = TritonDecodeBatch(tables, _int32(lengths, self.device), max(lengths))
         if num_decodes < len(layout.query_lens):
             query_lens = layout.query_lens[num_decodes:]
@@ -71,7 +66,7 @@ class TritonAttentionBackend:
             for length in query_lens[:-1]:
                 starts.append(starts[-1] + length)
             prefill = TritonPrefillBatch(
-                _block_tables(layout.block_tables[num_decodes:], self.device),
+                pad_block_tables(layout.block_tables[num_decodes:], torch.int32, self.device),
                 _int32(starts, self.device),
                 _int32(query_lens, self.device),
                 _int32(layout.context_lens[num_decodes:], self.device),

@@ -1,4 +1,4 @@
-"""What every Triton kernel shares about the paged cache: its arguments, and loading a tile of K/V rows from it.
+"""What the Triton kernels share: the paged cache's arguments, loading K/V rows from it, and one attention step.
 
 A cache is either a plain tensor [num_blocks, block_size, kv_heads, head_dim] in the model's dtype or a
 ``QuantizedCache`` (uint8 levels + per-(token, head) fp32 scale and zero point). Kernels take both through one
@@ -95,3 +95,52 @@ def exact_fp32_dot(dtype: torch.dtype) -> bool:
 def dot(a, b, EXACT_FP32: tl.constexpr):
     """a @ b with fp32 accumulation; see ``exact_fp32_dot`` for when the operands are taken as exact fp32."""
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee") if EXACT_FP32 else tl.dot(a, b)
+
+
+@triton.jit
+def attend_tile(
+    q,
+    running_max,
+    running_sum,
+    acc,
+    key_data,
+    key_scale,
+    key_zero,
+    value_data,
+    value_scale,
+    value_zero,
+    table,
+    positions,
+    valid,
+    visible,
+    kv_head,
+    sm_scale,
+    stride_block,
+    stride_token,
+    stride_head,
+    scale_stride_block,
+    scale_stride_token,
+    dims,
+    HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr,
+    QUANT_BITS: tl.constexpr,
+    EXACT_FP32: tl.constexpr,
+):
+    """One online-softmax step (FlashAttention-2) of query rows ``q`` [M, BLOCK_D] over the context tokens at
+    ``positions`` [N], gathered through the sequence's block ``table``; ``visible`` [M, N] masks scores (padding,
+    causality). Rows must have seen at least one visible key by their first step. Returns the updated running max,
+    running sum and unnormalised output accumulator."""
+    block = tl.load(table + positions // PAGE, mask=valid, other=0).to(tl.int64)
+    offset = positions % PAGE
+    rows = block * stride_block + offset * stride_token + kv_head * stride_head
+    scale_rows = block * scale_stride_block + offset * scale_stride_token + kv_head
+    keys = load_rows(key_data, key_scale, key_zero, rows, scale_rows, dims, valid, HEAD_DIM, QUANT_BITS)
+    scores = dot(q, tl.trans(keys.to(q.dtype)), EXACT_FP32) * sm_scale
+    scores = tl.where(visible, scores, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(scores, 1))
+    alpha = tl.exp(running_max - new_max)
+    probs = tl.exp(scores - new_max[:, None])
+    running_sum = running_sum * alpha + tl.sum(probs, 1)
+    values = load_rows(value_data, value_scale, value_zero, rows, scale_rows, dims, valid, HEAD_DIM, QUANT_BITS)
+    acc = acc * alpha[:, None] + dot(probs.to(q.dtype), values.to(q.dtype), EXACT_FP32)
+    return new_max, running_sum, acc

@@ -118,7 +118,16 @@ def _write_kv_kernel(
 
 
 def write_kv_launch(head_dim: int, page: int, bits: int) -> dict[str, Any]:
-    return {"PAGE": page, "HEAD_DIM": head_dim, "BLOCK_D": head_dim_block(head_dim), "QUANT_BITS": bits, "num_warps": 1}
+    # No fused multiply-adds: quantization levels then round exactly as ``floor((x - zero) * (1 / scale) + 0.5)``
+    # computed step by step, on every device and in every implementation of the format.
+    return {
+        "PAGE": page,
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": head_dim_block(head_dim),
+        "QUANT_BITS": bits,
+        "num_warps": 1,
+        "enable_fp_fusion": False,
+    }
 
 
 def write_kv(

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels.quantized_cache import QuantizedCache
-from kernels.triton_ops.cache_tiles import CacheArgs, dot, exact_fp32_dot, head_dim_block, load_rows
+from kernels.triton_ops.cache_tiles import CacheArgs, attend_tile, exact_fp32_dot, head_dim_block
 
 BLOCK_N = 64
 MIN_SPLIT_TOKENS = 256
@@ -90,20 +90,34 @@ def _decode_split_kernel(
     for start in range(begin, end, BLOCK_N):
         positions = start + tl.arange(0, BLOCK_N)
         valid = positions < end
-        block = tl.load(block_tables + seq * stride_table + positions // PAGE, mask=valid, other=0).to(tl.int64)
-        offset = positions % PAGE
-        rows = block * stride_block + offset * stride_token + kv_head * stride_head
-        scale_rows = block * scale_stride_block + offset * scale_stride_token + kv_head
-        keys = load_rows(key_data, key_scale, key_zero, rows, scale_rows, dims, valid, HEAD_DIM, QUANT_BITS)
-        scores = dot(q, tl.trans(keys.to(q.dtype)), EXACT_FP32) * sm_scale
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, 1))
-        alpha = tl.exp(running_max - new_max)
-        probs = tl.exp(scores - new_max[:, None])
-        running_sum = running_sum * alpha + tl.sum(probs, 1)
-        values = load_rows(value_data, value_scale, value_zero, rows, scale_rows, dims, valid, HEAD_DIM, QUANT_BITS)
-        acc = acc * alpha[:, None] + dot(probs.to(q.dtype), values.to(q.dtype), EXACT_FP32)
-        running_max = new_max
+        running_max, running_sum, acc = attend_tile(
+            q,
+            running_max,
+            running_sum,
+            acc,
+            key_data,
+            key_scale,
+            key_zero,
+            value_data,
+            value_scale,
+            value_zero,
+            block_tables + seq * stride_table,
+            positions,
+            valid,
+            valid[None, :],
+            kv_head,
+            sm_scale,
+            stride_block,
+            stride_token,
+            stride_head,
+            scale_stride_block,
+            scale_stride_token,
+            dims,
+            HEAD_DIM,
+            PAGE,
+            QUANT_BITS,
+            EXACT_FP32,
+        )
 
     # Partials are laid out [sequence, query head, split]; a split past the context leaves max -inf, sum 0.
     slots = (seq * num_kv_heads * GROUP + heads) * num_splits + split
@@ -160,6 +174,7 @@ def decode_launch(group: int, head_dim: int, page: int, bits: int, dtype: torch.
         "EXACT_FP32": exact_fp32_dot(dtype),
         "num_warps": 4,
         "num_stages": 2,
+        "enable_fp_fusion": True,
     }
 
 
@@ -169,6 +184,7 @@ def merge_launch(head_dim: int, num_splits: int) -> dict[str, Any]:
         "BLOCK_D": head_dim_block(head_dim),
         "BLOCK_S": max(triton.next_power_of_2(num_splits), 2),
         "num_warps": 4,
+        "enable_fp_fusion": True,
     }
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.quantized_cache import QuantizedCache
-from kernels.triton_ops.cache_tiles import CacheArgs, dot, exact_fp32_dot, head_dim_block, load_rows
+from kernels.triton_ops.cache_tiles import CacheArgs, attend_tile, exact_fp32_dot, head_dim_block
 
 BLOCK_M = 64
 
@@ -89,25 +89,37 @@ def _prefill_kernel(
     for start in range(0, visible_end, BLOCK_N):
         positions = start + tl.arange(0, BLOCK_N)
         valid = positions < visible_end
-        block = tl.load(block_tables + seq * stride_table + positions // PAGE, mask=valid, other=0).to(tl.int64)
-        offset = positions % PAGE
-        cache_rows = block * stride_block + offset * stride_token + kv_head * stride_head
-        scale_rows = block * scale_stride_block + offset * scale_stride_token + kv_head
-        keys = load_rows(key_data, key_scale, key_zero, cache_rows, scale_rows, dims, valid, HEAD_DIM, QUANT_BITS)
-        scores = dot(q, tl.trans(keys.to(q.dtype)), EXACT_FP32) * sm_scale
         # Every real row sees position 0 in the first tile, so its running max is finite from then on; padding
         # rows sit past the context and see every valid key.
         visible = valid[None, :] & (positions[None, :] <= query_positions[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, 1))
-        alpha = tl.exp(running_max - new_max)
-        probs = tl.exp(scores - new_max[:, None])
-        running_sum = running_sum * alpha + tl.sum(probs, 1)
-        values = load_rows(
-            value_data, value_scale, value_zero, cache_rows, scale_rows, dims, valid, HEAD_DIM, QUANT_BITS
+        running_max, running_sum, acc = attend_tile(
+            q,
+            running_max,
+            running_sum,
+            acc,
+            key_data,
+            key_scale,
+            key_zero,
+            value_data,
+            value_scale,
+            value_zero,
+            block_tables + seq * stride_table,
+            positions,
+            valid,
+            visible,
+            kv_head,
+            sm_scale,
+            stride_block,
+            stride_token,
+            stride_head,
+            scale_stride_block,
+            scale_stride_token,
+            dims,
+            HEAD_DIM,
+            PAGE,
+            QUANT_BITS,
+            EXACT_FP32,
         )
-        acc = acc * alpha[:, None] + dot(probs.to(q.dtype), values.to(q.dtype), EXACT_FP32)
-        running_max = new_max
 
     out = acc / tl.where(row_mask, running_sum, 1.0)[:, None]  # rows past the queries saw nothing
     tl.store(
@@ -130,6 +142,7 @@ def prefill_launch(group: int, head_dim: int, page: int, bits: int, dtype: torch
         "EXACT_FP32": exact_fp32_dot(dtype),
         "num_warps": 4,
         "num_stages": 2,
+        "enable_fp_fusion": True,
     }
 
 
