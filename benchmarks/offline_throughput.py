@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bench.offline import run_offline
 from engine.config import build_config
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -26,19 +27,6 @@ def make_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     ids = tokenizer.encode(TEXT.read_text())
     stride = max((len(ids) - length) // count, 1)
     return [ids[(i * stride) % (len(ids) - length) :][:length] for i in range(count)]
-
-
-def run_spindle(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> tuple[float, list[float]]:
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
-    step_times = []
-    started = time.perf_counter()
-    while engine.has_unfinished_requests():
-        t0 = time.perf_counter()
-        engine.step()
-        step_times.append(time.perf_counter() - t0)
-    return time.perf_counter() - started, step_times
 
 
 def run_hf(model_path: Path, prompts: list[list[int]], output_len: int, batch_size: int, dtype: torch.dtype) -> float:
@@ -102,13 +90,9 @@ def main() -> None:
     total_out = args.num_prompts * args.output_len
     if args.profile:
         profile_decode_step(engine, prompts[: engine.scheduler_config.max_num_seqs])
-    spindle_s, steps = run_spindle(engine, prompts, args.output_len)
-    steps.sort()
-    print(
-        f"spindle: {spindle_s:.1f} s, {total_out / spindle_s:.1f} output tok/s "
-        f"(max_num_seqs {engine.scheduler_config.max_num_seqs}, {len(steps)} steps, "
-        f"median step {steps[len(steps) // 2] * 1000:.1f} ms)"
-    )
+    run = run_offline(engine, prompts, [args.output_len] * len(prompts))
+    spindle_s = run.duration
+    print(f"spindle (max_num_seqs {engine.scheduler_config.max_num_seqs}): {run.report()}")
     if not args.skip_hf:
         hf_s = run_hf(engine.source.path, prompts, args.output_len, args.hf_batch_size, engine.config.model.torch_dtype)
         print(

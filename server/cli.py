@@ -1,4 +1,5 @@
-"""The ``spindle`` command: ``serve`` (the OpenAI-compatible server) and ``generate`` (offline, one prompt)."""
+"""The ``spindle`` command: ``serve`` (the OpenAI-compatible server), ``generate`` (offline, one prompt) and
+``bench`` (load tests and throughput benchmarks)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from bench.cli import add_bench_commands
 from engine.config import add_config_arguments, config_from_args
 from engine.errors import SpindleError
 
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampler for this prompt")
     add_config_arguments(generate)
     generate.set_defaults(handler=_generate)
+    add_bench_commands(commands)
     return parser
 
 
