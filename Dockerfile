@@ -5,10 +5,11 @@
 #   docker build -t spindle:cpu .                                   # CPU (default)
 #   docker build --build-arg VARIANT=cuda -t spindle:cuda .         # CUDA torch build + xformers
 #   docker run --rm -p 8000:8000 spindle:cpu
-#   docker run --rm -p 8000:8000 spindle:cpu --host 0.0.0.0 --port 8000 --max-num-seqs 64 --kv-cache-memory 2GiB
+#   docker run --rm -p 8000:8000 spindle:cpu --max-num-seqs 64 --kv-cache-memory 2GiB
+#   docker run --rm -p 8000:8000 -e SPINDLE_MAX_NUM_SEQS=64 spindle:cpu
 #
-# Arguments after the image name are `spindle serve` flags and replace CMD below, so repeat `--host 0.0.0.0`
-# (the server's own default is 127.0.0.1, unreachable from outside the container). See docker/README.md.
+# Arguments after the image name are `spindle serve` flags; every flag also has a SPINDLE_<FIELD> environment
+# variable (flags win). See docker/README.md.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -85,13 +86,17 @@ RUN useradd -l --system --uid 10001 --user-group --create-home --home-dir /home/
 
 COPY --from=builder /opt/venv /opt/venv
 
+# SPINDLE_HOST/SPINDLE_PORT: listen on every interface (the server's own default, 127.0.0.1, is unreachable from
+# outside the container); as environment rather than CMD so that `docker run IMAGE --flag` need not repeat them.
 # SPINDLE_KERNEL_CACHE: the compiled kernel is keyed by CPU and compiler; mount a named volume there to keep it
 # across containers (a new volume takes the directory's ownership from the image, so the spindle user can write).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/spindle \
-    SPINDLE_KERNEL_CACHE=/var/cache/spindle/kernels
+    SPINDLE_KERNEL_CACHE=/var/cache/spindle/kernels \
+    SPINDLE_HOST=0.0.0.0 \
+    SPINDLE_PORT=8000
 
 # Numeric, so that runtimes enforcing runAsNonRoot can check it (uid 10001 is the spindle user above).
 USER 10001:10001
@@ -100,9 +105,8 @@ EXPOSE 8000
 
 # slim has no curl. /health is 200 while the engine serves and 503 otherwise; urlopen raises on both a 503 and a
 # refused connection, so the exit status is 1 then. The key is sent when set (for --auth-health-and-metrics true);
-# set SPINDLE_HEALTHCHECK_URL when serving on another port.
+# it follows SPINDLE_PORT; SPINDLE_HEALTHCHECK_URL replaces the URL altogether.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as r; key = os.environ.get('SPINDLE_API_KEY'); url = os.environ.get('SPINDLE_HEALTHCHECK_URL', 'http://127.0.0.1:8000/health'); r.urlopen(r.Request(url, headers={'Authorization': 'Bearer ' + key} if key else {}), timeout=8)"]
+    CMD ["python", "-c", "import os, urllib.request as r; key = os.environ.get('SPINDLE_API_KEY'); url = os.environ.get('SPINDLE_HEALTHCHECK_URL') or 'http://127.0.0.1:%s/health' % os.environ.get('SPINDLE_PORT', '8000'); r.urlopen(r.Request(url, headers={'Authorization': 'Bearer ' + key} if key else {}), timeout=8)"]
 
 ENTRYPOINT ["spindle", "serve"]
-CMD ["--host", "0.0.0.0", "--port", "8000"]

@@ -1,7 +1,8 @@
-"""Engine configuration: dataclass sections, YAML presets in ``configs/``, and command-line overrides.
+"""Engine configuration: dataclass sections, YAML presets in ``configs/``, environment and command-line overrides.
 
-Every field of every section is settable from a preset file and from a ``--flag`` of the same name (underscores
-become dashes), so the dataclass defaults below are the single source of truth for defaults.
+Every field of every section is settable from a preset file, from a ``SPINDLE_<FIELD>`` environment variable and
+from a ``--flag`` of the same name (underscores become dashes), so the dataclass defaults below are the single
+source of truth for defaults.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import yaml
 from engine.errors import ConfigError
 from scheduler.config import SchedulerConfig
 
+ENV_PREFIX = "SPINDLE_"
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
@@ -142,8 +145,14 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     raise ConfigError(f"{name}: cannot use {value!r} (expected {annotation})")
 
 
-def build_config(preset: str | Path | None = None, overrides: dict[str, Any] | None = None) -> EngineConfig:
-    """Defaults, then a preset file (a name in configs/ or a path), then flat ``field=value`` overrides."""
+def build_config(
+    preset: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> EngineConfig:
+    """Defaults, then a preset file (a name in configs/ or a path), then ``SPINDLE_<FIELD>`` environment variables,
+    then flat ``field=value`` overrides (the command line). ``environ`` defaults to the process environment."""
+    environ = os.environ if environ is None else environ
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if preset is not None:
         for section, values in _read_preset(preset).items():
@@ -155,12 +164,14 @@ def build_config(preset: str | Path | None = None, overrides: dict[str, Any] | N
                 raise ConfigError(f"config section {section!r} must be a mapping of field: value, got {values!r}")
             sections[section].update(values)
     owners = {f: s for s, cls in _section_classes().items() for f in _field_types(cls)}
+    for name, section in owners.items():
+        value = environ.get(env_var(name))
+        if value:  # set and not empty: compose files pass empty strings for unset variables
+            sections[section][name] = value
     for name, value in (overrides or {}).items():
         if name not in owners:
             raise ConfigError(f"unknown config field {name!r}")
         sections[owners[name]][name] = value
-    if os.environ.get("SPINDLE_API_KEY") and not sections["server"].get("api_key"):
-        sections["server"]["api_key"] = os.environ["SPINDLE_API_KEY"]
     built = {}
     for section, cls in _section_classes().items():
         types_ = _field_types(cls)
@@ -173,6 +184,11 @@ def build_config(preset: str | Path | None = None, overrides: dict[str, Any] | N
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
     return EngineConfig(**built)
+
+
+def env_var(field_name: str) -> str:
+    """The environment variable that sets a config field: ``max_num_seqs`` -> ``SPINDLE_MAX_NUM_SEQS``."""
+    return ENV_PREFIX + field_name.upper()
 
 
 def _read_preset(preset: str | Path) -> dict[str, Any]:
@@ -197,7 +213,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         for name, annotation in _field_types(cls).items():
             flag = "--" + name.replace("_", "-")
             group.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=_metavar(annotation))
-    parser.add_argument("--config", default=None, help="a preset name in configs/ or a YAML file")
+    parser.add_argument("--config", default=None, help="a preset name in configs/ or a YAML file ($SPINDLE_CONFIG)")
 
 
 def _metavar(annotation: Any) -> str:
@@ -209,4 +225,4 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     values = vars(args)
     fields_ = {f for cls in _section_classes().values() for f in _field_types(cls)}
     overrides = {k: v for k, v in values.items() if k in fields_}
-    return build_config(values.get("config"), overrides)
+    return build_config(values.get("config") or os.environ.get(env_var("config")) or None, overrides)

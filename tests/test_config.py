@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 from pathlib import Path
 
@@ -38,8 +39,10 @@ GIB = 1024**3
 
 
 @pytest.fixture(autouse=True)
-def _no_api_key_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SPINDLE_API_KEY", raising=False)
+def _no_spindle_variables_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("SPINDLE_"):
+            monkeypatch.delenv(name)
 
 
 def field_defaults(cls: type) -> dict[str, typing.Any]:
@@ -278,3 +281,52 @@ def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert build_config(None, {"api_key": "sk-flag"}).server.api_key == "sk-flag"  # an explicit key wins
     monkeypatch.setenv("SPINDLE_API_KEY", "")
     assert build_config().server.api_key is None
+
+
+def test_every_field_has_an_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPINDLE_<FIELD> set to a value other than the default changes exactly that field."""
+    for section, cls in SECTION_CLASSES.items():
+        for name in field_defaults(cls):
+            monkeypatch.setenv("SPINDLE_" + name.upper(), "7" if name != "dtype" else "float16")
+            try:
+                config = build_config()
+            except ConfigError as exc:  # "7" is not a valid value for this field: the error names it
+                assert name in str(exc)
+                continue
+            finally:
+                monkeypatch.delenv("SPINDLE_" + name.upper())
+            assert getattr(getattr(config, section), name) != field_defaults(cls)[name], name
+
+
+def test_environment_sits_between_the_preset_and_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPINDLE_DTYPE", "float16")
+    monkeypatch.setenv("SPINDLE_MAX_NUM_SEQS", "12")
+    monkeypatch.setenv("SPINDLE_ENABLE_PREFIX_CACHING", "off")
+    monkeypatch.setenv("SPINDLE_PORT", "")  # empty means unset
+    monkeypatch.setenv("SPINDLE_KERNEL_CACHE", "/tmp/k")  # not a config field: ignored
+    config = build_config("fp32")
+    assert (config.model.dtype, config.scheduler.max_num_seqs) == ("float16", 12)
+    assert config.cache.enable_prefix_caching is False
+    assert config.server.port == ServerConfig().port
+    parser = parser_with_config_flags()
+    assert config_from_args(parser.parse_args(["--dtype", "bfloat16"])).model.dtype == "bfloat16"
+    assert build_config(environ={}).model.dtype == ModelConfig().dtype  # an explicit environment replaces os.environ
+
+
+def test_preset_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    parser = parser_with_config_flags()
+    monkeypatch.setenv("SPINDLE_CONFIG", "fp32")
+    assert config_from_args(parser.parse_args([])).model.dtype == "float32"
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("scheduler:\n  max_num_seqs: 5\n")
+    config = config_from_args(parser.parse_args(["--config", str(preset)]))
+    assert (config.model.dtype, config.scheduler.max_num_seqs) == (ModelConfig().dtype, 5)  # the flag wins
+    monkeypatch.setenv("SPINDLE_CONFIG", "no-such-preset")
+    with pytest.raises(ConfigError, match="no-such-preset"):
+        config_from_args(parser.parse_args([]))
+
+
+def test_bad_environment_value_names_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPINDLE_MAX_NUM_SEQS", "many")
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        build_config()

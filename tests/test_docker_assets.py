@@ -203,6 +203,34 @@ def interpolate_defaults(value: Any) -> Any:
     return value
 
 
+def container_config(environment: dict[str, str], argv: list[str]) -> Any:
+    """The settings `spindle serve ARGV` resolves to in a container with this environment (and nothing else)."""
+    from engine.config import config_from_args
+    from server.cli import build_parser
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("SPINDLE_")]:
+            patch.delenv(name)
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        return config_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def image_environment(dockerfile: list[tuple[str, str]]) -> dict[str, str]:
+    return env_values(stages(dockerfile)[1][-1])
+
+
+def compose_service(*paths: Path) -> tuple[dict[str, str], list[str]]:
+    """The spindle service's environment and command with these compose files merged (no variables set)."""
+    environment: dict[str, str] = {}
+    command: list[str] = []
+    for path in paths:
+        service = interpolate_defaults(yaml.safe_load(path.read_text())["services"]["spindle"])
+        environment |= {name: str(value) for name, value in (service.get("environment") or {}).items()}
+        command = service.get("command", command)
+    return environment, command
+
+
 _PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless"}
 _PROMQL_WORDS |= {"offset", "atan2", "inf", "nan"}
 
@@ -471,14 +499,16 @@ def test_dockerfile_runtime_stage(dockerfile: list[tuple[str, str]]) -> None:
     assert ("EXPOSE", str(SERVER_PORT)) in runtime
 
 
-def test_dockerfile_entrypoint_cmd_and_healthcheck(dockerfile: list[tuple[str, str]]) -> None:
+def test_dockerfile_entrypoint_and_healthcheck(dockerfile: list[tuple[str, str]]) -> None:
     runtime = stages(dockerfile)[1][-1]
     last = dict(runtime)
     assert exec_form(last["ENTRYPOINT"]) == ["spindle", "serve"]
-    assert exec_form(last["CMD"]) == ["--host", "0.0.0.0", "--port", str(SERVER_PORT)]
+    assert "CMD" not in last, "settings come from the environment, so that arguments need not repeat them"
+    server = container_config(image_environment(dockerfile), []).server
+    assert (server.host, server.port) == ("0.0.0.0", SERVER_PORT), "unreachable from outside the container"
     command = healthcheck_command(last["HEALTHCHECK"])
     assert command[:2] == ["python", "-c"] and len(command) == 3
-    assert f"http://127.0.0.1:{SERVER_PORT}/health" in command[2]
+    assert "127.0.0.1:%s/health" in command[2] and "'SPINDLE_PORT', '8000'" in command[2]  # run live below
     assert "--start-period=" in last["HEALTHCHECK"]
 
 
@@ -517,12 +547,10 @@ def _serve_flags() -> set[str]:
 
 
 def test_flags_in_the_assets_are_real_serve_flags(dockerfile: list[tuple[str, str]]) -> None:
-    """The flags passed by CMD, compose and the docs' `docker run` examples exist, and they keep the server
-    reachable from outside the container (--host 0.0.0.0) whenever they replace CMD."""
+    """The flags passed by compose and the docs' `docker run` examples exist, and with the image's environment
+    they keep the server reachable from outside the container."""
     flags = _serve_flags()
-    commands: list[list[str]] = [exec_form(dict(dockerfile)["CMD"])]
-    for path in (COMPOSE, COMPOSE_CUDA):
-        commands.append(interpolate_defaults(yaml.safe_load(path.read_text())["services"]["spindle"]["command"]))
+    commands: list[list[str]] = [compose_service(COMPOSE)[1], compose_service(COMPOSE, COMPOSE_CUDA)[1]]
     readme = re.sub(r"\\\n\s*", " ", DOCKER_README.read_text())  # continuation lines joined
     examples = readme.splitlines() + [raw.lstrip("# ") for raw in DOCKERFILE.read_text().splitlines()]
     for example in examples:
@@ -534,7 +562,22 @@ def test_flags_in_the_assets_are_real_serve_flags(dockerfile: list[tuple[str, st
         used = [token for token in command if token.startswith("--")]
         assert set(used) <= flags, f"not `spindle serve` flags: {set(used) - flags} in {command}"
         if used != ["--help"]:
-            assert command[command.index("--host") + 1] == "0.0.0.0", command
+            assert container_config(image_environment(dockerfile), command).server.host == "0.0.0.0", command
+
+
+def test_compose_settings(dockerfile: list[tuple[str, str]]) -> None:
+    """What the server in each compose setup resolves its settings to, through the real config code."""
+    image = image_environment(dockerfile)
+    environment, command = compose_service(COMPOSE)
+    config = container_config(image | environment, command)
+    assert (config.server.host, config.server.port) == ("0.0.0.0", SERVER_PORT)
+    assert (config.runtime.device, config.cache.kv_cache_memory, config.server.api_key) == ("cpu", "1GiB", None)
+    environment, command = compose_service(COMPOSE, COMPOSE_CUDA)
+    config = container_config(image | environment, command)
+    assert (config.server.host, config.server.port) == ("0.0.0.0", SERVER_PORT)
+    assert (config.runtime.device, config.cache.kv_cache_memory) == ("cuda", "4GiB")
+    environment, command = compose_service(COMPOSE)
+    assert container_config(image | environment | {"SPINDLE_API_KEY": "sk-x"}, command).server.api_key == "sk-x"
 
 
 def test_healthcheck_commands_against_the_live_server(
@@ -545,9 +588,10 @@ def test_healthcheck_commands_against_the_live_server(
     test = compose["services"]["spindle"]["healthcheck"]["test"]
     assert test[0] == "CMD" and test[1:] == command, "compose's health check differs from the image's"
 
-    def check(url: str, **env: str) -> int:
-        environment = {k: v for k, v in os.environ.items() if k != "SPINDLE_API_KEY"} | env
-        environment["SPINDLE_HEALTHCHECK_URL"] = url
+    def check(url: str | None, **env: str) -> int:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("SPINDLE_")} | env
+        if url is not None:
+            environment["SPINDLE_HEALTHCHECK_URL"] = url
         script = command[2]
         return subprocess.run(
             [sys.executable, "-c", script], env=environment, capture_output=True, check=False
@@ -557,6 +601,8 @@ def test_healthcheck_commands_against_the_live_server(
     assert check(f"{live_server}/health", SPINDLE_API_KEY="sk-test") == 0  # the key is sent and ignored here
     assert check(f"{live_server}/no-such-route") != 0
     assert check(f"http://127.0.0.1:{_free_port()}/health") != 0
+    assert check(None, SPINDLE_PORT=live_server.rpartition(":")[2]) == 0  # the port the server was given
+    assert check(None, SPINDLE_PORT=str(_free_port())) != 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -649,7 +695,7 @@ def test_docker_compose_config_accepts_the_files() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_prometheus_scrapes_the_compose_service(compose: dict[str, Any]) -> None:
+def test_prometheus_scrapes_the_compose_service(compose: dict[str, Any], dockerfile: list[tuple[str, str]]) -> None:
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     spindle = jobs["spindle"]
@@ -659,8 +705,8 @@ def test_prometheus_scrapes_the_compose_service(compose: dict[str, Any]) -> None
     assert targets == [f"spindle:{SERVER_PORT}"]
     host, _, port = targets[0].partition(":")
     assert host in compose["services"]
-    command = interpolate_defaults(compose["services"]["spindle"]["command"])
-    assert command[command.index("--port") + 1] == port
+    environment, command = compose_service(COMPOSE)
+    assert str(container_config(image_environment(dockerfile) | environment, command).server.port) == port
     assert _mount_target(compose, "prometheus", PROMETHEUS_CONFIG) == "/etc/prometheus/prometheus.yml"
     assert "--config.file=/etc/prometheus/prometheus.yml" in compose["services"]["prometheus"]["command"]
 
