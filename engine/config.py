@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from engine.errors import ConfigError
+from engine.kv_policy import EvictionPolicy, build_eviction_policy
 from scheduler.config import SchedulerConfig
 
 ENV_PREFIX = "SPINDLE_"
@@ -53,9 +54,22 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_memory: str = "1GiB"  # bytes ("2GiB", "500MB", "1073741824") or a fraction of total RAM ("0.1")
     enable_prefix_caching: bool = True
+    kv_policy: str = "none"  # none | sink_window | key_norm | snapkv | evict_merge (engine/kv_policy)
+    kv_budget: int = 512  # KV rows each request keeps per layer and KV head under an eviction policy
+    kv_sink_tokens: int = 4  # first rows always kept
+    kv_window_tokens: int = 32  # most recent rows always kept
+    kv_observation_window: int = 32  # recent queries whose attention scores rows (snapkv, evict_merge)
 
     def __post_init__(self) -> None:
         parse_memory(self.kv_cache_memory, 1)  # validates the syntax now; a fraction is resolved when used
+        if self.kv_observation_window < 1:
+            raise ValueError(f"kv_observation_window must be >= 1, got {self.kv_observation_window}")
+        self.eviction_policy()  # validates the name and the budget now
+
+    def eviction_policy(self) -> EvictionPolicy | None:
+        return build_eviction_policy(
+            self.kv_policy, self.kv_budget, self.kv_sink_tokens, self.kv_window_tokens, self.block_size
+        )
 
     def kv_cache_bytes(self) -> int:
         return parse_memory(self.kv_cache_memory, psutil.virtual_memory().total)

@@ -14,6 +14,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError
 from engine.kv_cache import KVCacheLayout, allocate_kv_cache
+from engine.kv_policy import KVCompactor, QueryRecorder
 from engine.loader import ModelSource, open_model
 from engine.model_runner import ModelRunner
 from engine.models import build_model
@@ -49,6 +50,8 @@ class EngineCounters:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)
+    kv_compactions: int = 0  # times a KV policy compacted a request's cache
+    kv_evicted_tokens: int = 0  # KV rows those compactions dropped or merged away
 
 
 class LLMEngine:
@@ -65,7 +68,10 @@ class LLMEngine:
 
         layout = KVCacheLayout.for_model(spec, config.cache.block_size, dtype)
         num_blocks = layout.num_blocks_for(config.cache.kv_cache_bytes())
-        max_model_len = self._resolve_max_model_len(config.scheduler.max_model_len, num_blocks * layout.block_size)
+        policy = config.cache.eviction_policy()
+        max_model_len = self._resolve_max_model_len(
+            config.scheduler.max_model_len, num_blocks * layout.block_size if policy is None else None
+        )
         self.scheduler_config = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
         self.max_model_len = max_model_len
         self.kv_layout = layout
@@ -78,14 +84,30 @@ class LLMEngine:
         model = build_model(self.source, dtype, self.device, progress)
         self.load_seconds = time.monotonic() - started
         kv_caches = allocate_kv_cache(layout, num_blocks, self.device)
-        self.runner = ModelRunner(model, backend, kv_caches, layout.block_size, self.device)
-        self.kv_manager = KVCacheManager(num_blocks, layout.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
+        recorder = None
+        if policy is not None and policy.uses_queries:
+            recorder = QueryRecorder(config.cache.kv_observation_window)
+        self.runner = ModelRunner(model, backend, kv_caches, layout.block_size, self.device, recorder)
+        prefix_caching = config.cache.enable_prefix_caching
+        self.compactor: KVCompactor | None = None
+        if policy is not None:
+            self.compactor = KVCompactor(policy, kv_caches, layout.block_size, spec.head_dim**-0.5, recorder)
+            if prefix_caching:
+                logger.info("prefix caching off: kv_policy %s rewrites each request's blocks in place", policy.name)
+                prefix_caching = False
+        self.kv_manager = KVCacheManager(num_blocks, layout.block_size, prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, None if policy is None else policy.budget)
+        if self.scheduler.max_kv_tokens(max_model_len) > num_blocks * layout.block_size:  # only under a policy
+            raise ConfigError(
+                f"kv_budget {config.cache.kv_budget} plus one step's tokens does not fit the KV cache "
+                f"({num_blocks * layout.block_size} tokens): raise kv_cache_memory, or lower kv_budget or "
+                "max_num_batched_tokens"
+            )
         self.counters = EngineCounters()
         self._states: dict[str, _RequestState] = {}
         logger.info(
             "model %s loaded in %.1fs (%s, %s); KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB; "
-            "attention backend: %s",
+            "attention backend: %s; kv policy: %s",
             self.model_name,
             self.load_seconds,
             config.model.dtype,
@@ -95,11 +117,15 @@ class LLMEngine:
             num_blocks * layout.block_size,
             num_blocks * layout.bytes_per_block / 2**20,
             backend.name,
+            "none" if policy is None else f"{policy.name} (budget {policy.budget} rows per sequence)",
         )
 
-    def _resolve_max_model_len(self, asked: int | None, kv_tokens: int) -> int:
-        """The context window: as asked, else the model's own, capped so that one sequence fits the KV cache."""
+    def _resolve_max_model_len(self, asked: int | None, kv_tokens: int | None) -> int:
+        """The context window: as asked, else the model's own, capped so that one sequence fits the KV cache
+        (``kv_tokens``; None when an eviction policy bounds each sequence's KV instead)."""
         model_len = self.source.spec.max_position_embeddings
+        if kv_tokens is None:
+            kv_tokens = model_len
         if asked is not None:
             if asked > model_len:
                 raise ConfigError(f"max_model_len {asked} exceeds the model's context length {model_len}")
@@ -198,6 +224,10 @@ class LLMEngine:
         for rid, entries in prompt_logprobs.items():
             self._states[rid].prompt_logprobs.extend(entries)
         updates = self.scheduler.update(scheduled, {rid: [tok.token_id] for rid, tok in sampled.items()})
+        if self.compactor is not None:
+            self.compactor.run(self.scheduler, scheduled)
+            self.counters.kv_compactions = self.compactor.num_compactions
+            self.counters.kv_evicted_tokens = self.compactor.num_evicted_tokens
         finished_at = time.monotonic()
         return [self._make_output(update, sampled.get(update.request_id), finished_at) for update in updates]
 

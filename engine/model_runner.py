@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 
 import torch
 
+from engine.kv_policy import QueryRecorder
 from engine.models import AttentionContext, LlamaForCausalLM
 from engine.sampler import SampledToken, Sampler, SamplingRow, logprob_tokens
 from kernels.backend import AttentionBackend, BatchLayout
@@ -20,6 +22,7 @@ class ModelRunner:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         block_size: int,
         device: torch.device,
+        query_recorder: QueryRecorder | None = None,
     ) -> None:
         self.model = model
         self.backend = backend
@@ -28,6 +31,7 @@ class ModelRunner:
         self.device = device
         self.dtype = next(model.parameters()).dtype
         self.sampler = Sampler()
+        self.query_recorder = query_recorder
 
     @torch.inference_mode()
     def execute(
@@ -42,7 +46,14 @@ class ModelRunner:
         batch = sorted(output.scheduled, key=lambda s: len(s.token_ids) != 1)
         layout, input_ids, positions = self._flatten(batch)
         ctx = AttentionContext(self.backend, self.backend.prepare(layout, self.dtype), self.kv_caches)
+        if self.query_recorder is not None:
+            ends = list(itertools.accumulate(layout.query_lens))
+            spans = [(s.request_id, end - len(s.token_ids), end) for s, end in zip(batch, ends)]
+            self.query_recorder.begin_step(spans, self.device)
+            ctx.query_observer = self.query_recorder
         hidden = self.model(input_ids, positions, ctx)
+        if self.query_recorder is not None:
+            self.query_recorder.end_step()
         last_rows, sampled = [], []
         prompt_logprobs: dict[str, list[SampledToken]] = {}
         end = 0
@@ -82,14 +93,14 @@ class ModelRunner:
         slots: list[int] = []
         for scheduled in batch:
             table = scheduled.block_table
-            start = scheduled.start_position
+            start, row = scheduled.start_position, scheduled.cache_position
+            count = len(scheduled.token_ids)
             input_ids.extend(scheduled.token_ids)
-            span = range(start, start + len(scheduled.token_ids))
-            positions.extend(span)
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
+            positions.extend(range(start, start + count))
+            slots.extend(table[r // block_size] * block_size + r % block_size for r in range(row, row + count))
         layout = BatchLayout(
             query_lens=[len(s.token_ids) for s in batch],
-            context_lens=[s.start_position + len(s.token_ids) for s in batch],
+            context_lens=[s.cache_position + len(s.token_ids) for s in batch],
             block_tables=[s.block_table for s in batch],
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_size=block_size,

@@ -76,7 +76,7 @@ class KVCacheManager:
         hits = computed_blocks or []
         table = self._tables.get(request.request_id, [])
         assert computed_blocks is None or not table, "prefix-cache hits only apply to a request without blocks"
-        num_tokens = request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
+        num_tokens = request.num_kv_tokens + len(hits) * self.block_size + num_new_tokens
         num_required = max(0, self.num_blocks_needed(num_tokens) - len(table) - len(hits))
         # Cached hits sitting in the free queue stop being allocatable once touched.
         num_revived = sum(1 for block_id in hits if self.pool.ref_count(block_id) == 0)
@@ -107,6 +107,18 @@ class KVCacheManager:
         for i in range(num_cached, num_full):
             self.pool.cache_full_block(table[i], request.block_hashes[i])
         self._num_cached_blocks[request.request_id] = num_full
+
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Free the blocks past the first ``num_tokens`` rows of the request's table (after a KV policy compacted it).
+
+        The kept blocks were rewritten in place, so the request must not share them: policies that compact run with
+        prefix caching off.
+        """
+        assert not self.pool.enable_prefix_caching, "compacted blocks must not be shared"
+        table = self._tables[request.request_id]
+        keep = self.num_blocks_needed(num_tokens)
+        self.pool.free(reversed(table[keep:]))
+        del table[keep:]
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, last block first so the tail of its prefix is evicted before the head."""

@@ -40,6 +40,9 @@ class Request:
     skip_prefix_cache: bool = False
     output_token_ids: list[int] = field(default_factory=list, init=False)
     num_computed_tokens: int = field(default=0, init=False)
+    # Computed tokens whose KV a KV policy dropped or merged away: the cache holds num_kv_tokens rows, and positions
+    # still count every token.
+    num_evicted_tokens: int = field(default=0, init=False)
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
     finish_reason: FinishReason | None = field(default=None, init=False)
     num_cached_prompt_tokens: int = field(default=0, init=False)
@@ -59,6 +62,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self._all_token_ids)
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Rows the request's KV cache holds."""
+        return self.num_computed_tokens - self.num_evicted_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

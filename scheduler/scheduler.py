@@ -16,12 +16,16 @@ class Scheduler:
     Each ``schedule()`` must be followed by ``update()`` with its output before the next one.
     """
 
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, kv_token_budget: int | None = None
+    ) -> None:
+        """``kv_token_budget``: with a KV policy that evicts, the rows it keeps per request after each compaction."""
         if config.max_model_len is None:
             raise ValueError("SchedulerConfig.max_model_len must be resolved (to the model's context) before use")
         self.config = config
         self.max_model_len: int = config.max_model_len
         self.kv_cache_manager = kv_cache_manager
+        self.kv_token_budget = kv_token_budget
         self.waiting = WaitingQueue()
         self.running: list[Request] = []  # admission order; the last one is preempted first
         self._requests: dict[str, Request] = {}  # waiting and running
@@ -110,6 +114,22 @@ class Scheduler:
         if request is not None:
             self._finish(request, reason)
 
+    def evict_kv(self, request_id: str, num_kv_tokens: int) -> None:
+        """Record that a KV policy compacted the running request's cache to its first ``num_kv_tokens`` rows, and
+        free the blocks past them. Call between ``update()`` and the next ``schedule()``."""
+        request = self._requests[request_id]
+        assert request.status is RequestStatus.RUNNING and 0 < num_kv_tokens <= request.num_kv_tokens
+        request.num_evicted_tokens += request.num_kv_tokens - num_kv_tokens
+        self.kv_cache_manager.trim(request, num_kv_tokens)
+
+    def max_kv_tokens(self, num_tokens: int) -> int:
+        """The most cache rows a request of ``num_tokens`` tokens (prompt plus output) ever holds at once."""
+        if self.kv_token_budget is None:
+            return num_tokens
+        # Compaction runs after a step: the budget, plus one step's prefill chunk or up to a block of decodes.
+        step = max(self.config.max_num_batched_tokens, self.kv_cache_manager.block_size)
+        return min(num_tokens, self.kv_token_budget + step)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
@@ -163,7 +183,7 @@ class Scheduler:
                 f"{prompt_len + max_tokens} exceeds max_model_len ({max_model_len})"
             )
         kv = self.kv_cache_manager
-        num_blocks = kv.num_blocks_needed(prompt_len + max_tokens)
+        num_blocks = kv.num_blocks_needed(self.max_kv_tokens(prompt_len + max_tokens))
         if num_blocks > kv.num_blocks:
             raise RequestRejected(
                 f"request {rid!r}: prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) needs {num_blocks} "
@@ -182,6 +202,7 @@ class Scheduler:
             request_id=request.request_id,
             token_ids=list(request.all_token_ids[start : start + num_new]),
             start_position=start,
+            cache_position=start - request.num_evicted_tokens,
             block_table=self.kv_cache_manager.block_table(request.request_id),
             sample=request.num_computed_tokens == request.num_tokens,
         )
@@ -189,7 +210,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Drop the request's KV and requeue it; on readmission it recomputes all its tokens, minus prefix hits."""
         self.kv_cache_manager.free(request)
-        request.num_computed_tokens = 0
+        request.num_computed_tokens = request.num_evicted_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self._num_preemptions += 1

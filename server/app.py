@@ -204,7 +204,8 @@ def _respond(result: BaseModel | Response) -> Response:
 
 def build_server(config: EngineConfig) -> tuple[FastAPI, AsyncEngine]:
     llm_engine = LLMEngine(config)
-    metrics = EngineMetrics(llm_engine.model_name)
+    cache = config.cache
+    metrics = EngineMetrics(llm_engine.model_name, kv_policy=cache.kv_policy, kv_budget=cache.kv_budget)
     engine = AsyncEngine(llm_engine, observer=metrics.observe)
     return create_app(engine, config, metrics), engine
 

@@ -19,7 +19,10 @@ class EngineMetrics:
     them before the first request.
     """
 
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, model_name: str, registry: CollectorRegistry | None = None, kv_policy: str = "none", kv_budget: int = 0
+    ) -> None:
+        """``kv_policy`` / ``kv_budget``: the configured KV-cache policy, reported by ``spindle:kv_policy_info``."""
         self.registry = registry or CollectorRegistry()
         r = self.registry
 
@@ -41,6 +44,14 @@ class EngineMetrics:
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.preemptions = counter("num_preemptions", "Requests preempted for lack of KV blocks.")
+        Gauge(
+            "spindle:kv_policy_info",
+            "The KV-cache policy (engine/kv_policy) and its per-sequence budget in KV rows (0: unbounded).",
+            ["model_name", "policy", "budget"],
+            registry=r,
+        ).labels(model_name, kv_policy, str(kv_budget if kv_policy != "none" else 0)).set(1)
+        self.kv_compactions = counter("kv_policy_compactions", "Times the KV policy compacted a sequence's cache.")
+        self.kv_evicted = counter("kv_policy_evicted_tokens", "KV rows the KV policy dropped or merged away.")
         self.success = Counter(
             "spindle:request_success",
             "Finished requests by finish reason.",
@@ -64,6 +75,8 @@ class EngineMetrics:
         self._advance(self.prefix_queries, stats.prefix_cache_queries)
         self._advance(self.prefix_hits, stats.prefix_cache_hits)
         self._advance(self.preemptions, stats.num_preemptions)
+        self._advance(self.kv_compactions, counters.kv_compactions)
+        self._advance(self.kv_evicted, counters.kv_evicted_tokens)
         for reason, count in counters.finished.items():
             self._advance(self.success.labels(self.model_name, reason), count)
         for output in outputs:

@@ -8,7 +8,7 @@ into single matmuls, which matters on the CPU where each matmul call has a fixed
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,8 @@ class AttentionContext:
     backend: AttentionBackend
     metadata: Any
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    # Called with (layer index, rotated queries [T, heads, head_dim]) by every layer, for KV policies that need them.
+    query_observer: Callable[[int, torch.Tensor], None] | None = None
 
 
 class RMSNorm(nn.Module):
@@ -89,6 +91,8 @@ class Attention(nn.Module):
         q = self.rope(positions, q.view(-1, spec.num_heads, spec.head_dim))
         k = self.rope(positions, k.view(-1, spec.num_kv_heads, spec.head_dim))
         v = v.view(-1, spec.num_kv_heads, spec.head_dim)
+        if ctx.query_observer is not None:
+            ctx.query_observer(self.layer_index, q)
         key_cache, value_cache = ctx.kv_caches[self.layer_index]
         out = ctx.backend.forward(q, k, v, key_cache, value_cache, ctx.metadata, self.scale)
         return self.o_proj(out.reshape(-1, spec.q_size))
