@@ -54,6 +54,7 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_memory: str = "1GiB"  # bytes ("2GiB", "500MB", "1073741824") or a fraction of total RAM ("0.1")
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 | int4: per-token quantized K/V
     kv_policy: str = "none"  # none | sink_window | key_norm | snapkv | evict_merge (engine/kv_policy)
     kv_budget: int = 512  # KV rows each request keeps per layer and KV head under an eviction policy
     kv_sink_tokens: int = 4  # first rows always kept
@@ -62,6 +63,8 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         parse_memory(self.kv_cache_memory, 1)  # validates the syntax now; a fraction is resolved when used
+        if self.kv_cache_dtype not in ("auto", "int8", "int4"):
+            raise ValueError(f"kv_cache_dtype must be auto, int8 or int4, got {self.kv_cache_dtype!r}")
         if self.kv_observation_window < 1:
             raise ValueError(f"kv_observation_window must be >= 1, got {self.kv_observation_window}")
         self.eviction_policy()  # validates the name and the budget now

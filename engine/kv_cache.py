@@ -1,4 +1,5 @@
-"""The physical paged KV store: per layer, K and V tensors of [num_blocks, block_size, kv_heads, head_dim]."""
+"""The physical paged KV store: per layer, K and V of [num_blocks, block_size, kv_heads, head_dim], stored in the
+model's dtype or quantized to 8 or 4 bits (``kv_cache_dtype``, kernels/quantized_cache.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import torch
 
 from engine.errors import ConfigError
 from engine.model_spec import ModelSpec
+from kernels.quantized_cache import PagedCache, QuantizedCache
+
+KV_CACHE_BITS = {"int8": 8, "int4": 4}  # kv_cache_dtype names beside "auto" (the model's dtype)
 
 
 @dataclass(frozen=True)
@@ -17,15 +21,26 @@ class KVCacheLayout:
     head_dim: int
     block_size: int
     dtype: torch.dtype
+    kv_cache_dtype: str = "auto"
 
     @classmethod
-    def for_model(cls, spec: ModelSpec, block_size: int, dtype: torch.dtype) -> KVCacheLayout:
-        return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, block_size, dtype)
+    def for_model(
+        cls, spec: ModelSpec, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto"
+    ) -> KVCacheLayout:
+        return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, block_size, dtype, kv_cache_dtype)
+
+    @property
+    def bits(self) -> int | None:
+        """Quantization bits, or None for the model's dtype."""
+        return KV_CACHE_BITS.get(self.kv_cache_dtype)
 
     @property
     def bytes_per_token(self) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+        if self.bits is None:
+            per_head = self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        else:
+            per_head = self.head_dim * self.bits // 8 + 8  # levels, then an fp32 scale and zero point
+        return 2 * self.num_layers * self.num_kv_heads * per_head
 
     @property
     def bytes_per_block(self) -> int:
@@ -42,9 +57,13 @@ class KVCacheLayout:
 
 def allocate_kv_cache(
     layout: KVCacheLayout, num_blocks: int, device: torch.device
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> list[tuple[PagedCache, PagedCache]]:
     shape = (num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
-    return [
-        (torch.zeros(shape, dtype=layout.dtype, device=device), torch.zeros(shape, dtype=layout.dtype, device=device))
-        for _ in range(layout.num_layers)
-    ]
+    bits = layout.bits
+
+    def one() -> PagedCache:
+        if bits is None:
+            return torch.zeros(shape, dtype=layout.dtype, device=device)
+        return QuantizedCache.allocate(*shape, bits, device)
+
+    return [(one(), one()) for _ in range(layout.num_layers)]

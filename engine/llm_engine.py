@@ -66,7 +66,7 @@ class LLMEngine:
         spec = self.source.spec
         dtype = config.model.torch_dtype
 
-        layout = KVCacheLayout.for_model(spec, config.cache.block_size, dtype)
+        layout = KVCacheLayout.for_model(spec, config.cache.block_size, dtype, config.cache.kv_cache_dtype)
         num_blocks = layout.num_blocks_for(config.cache.kv_cache_bytes())
         policy = config.cache.eviction_policy()
         max_model_len = self._resolve_max_model_len(
@@ -77,7 +77,9 @@ class LLMEngine:
         self.kv_layout = layout
         self.num_kv_blocks = num_blocks
         try:
-            backend = get_attention_backend(runtime.attention_backend, self.device, spec.head_dim)
+            backend = get_attention_backend(
+                runtime.attention_backend, self.device, spec.head_dim, quantized_cache=layout.bits is not None
+            )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         started = time.monotonic()
@@ -91,7 +93,7 @@ class LLMEngine:
         prefix_caching = config.cache.enable_prefix_caching
         self.compactor: KVCompactor | None = None
         if policy is not None:
-            self.compactor = KVCompactor(policy, kv_caches, layout.block_size, spec.head_dim**-0.5, recorder)
+            self.compactor = KVCompactor(policy, kv_caches, layout.block_size, dtype, spec.head_dim**-0.5, recorder)
             if prefix_caching:
                 logger.info("prefix caching off: kv_policy %s rewrites each request's blocks in place", policy.name)
                 prefix_caching = False
@@ -106,7 +108,7 @@ class LLMEngine:
         self.counters = EngineCounters()
         self._states: dict[str, _RequestState] = {}
         logger.info(
-            "model %s loaded in %.1fs (%s, %s); KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB; "
+            "model %s loaded in %.1fs (%s, %s); KV cache (%s): %d blocks of %d tokens = %d tokens, %.1f MiB; "
             "attention backend: %s; kv policy: %s",
             self.model_name,
             self.load_seconds,
@@ -114,6 +116,7 @@ class LLMEngine:
             self.device,
             num_blocks,
             layout.block_size,
+            layout.kv_cache_dtype,
             num_blocks * layout.block_size,
             num_blocks * layout.bytes_per_block / 2**20,
             backend.name,

@@ -11,6 +11,7 @@ from engine.kv_policy import QueryRecorder
 from engine.models import AttentionContext, LlamaForCausalLM
 from engine.sampler import SampledToken, Sampler, SamplingRow, logprob_tokens
 from kernels.backend import AttentionBackend, BatchLayout
+from kernels.quantized_cache import PagedCache
 from scheduler.output import ScheduledRequest, SchedulerOutput
 
 
@@ -19,7 +20,7 @@ class ModelRunner:
         self,
         model: LlamaForCausalLM,
         backend: AttentionBackend,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[tuple[PagedCache, PagedCache]],
         block_size: int,
         device: torch.device,
         query_recorder: QueryRecorder | None = None,

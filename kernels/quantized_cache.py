@@ -54,3 +54,61 @@ class QuantizedCache:
     @property
     def max_level(self) -> int:
         return (1 << self.bits) - 1
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes in this cache (all KV heads): packed levels plus an fp32 scale and zero per head."""
+        return self.num_kv_heads * (self.data.shape[-1] + 8)
+
+    def write_rows(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Quantize rows [T, KVH, D] into flat slots [T] (block * block_size + offset), exactly as the Triton write
+        kernel does: ``level = floor((x - zero) / scale + 0.5)`` clamped to the level range."""
+        x = rows.float()
+        low, high = x.amin(-1), x.amax(-1)
+        step = (high - low) / self.max_level
+        # A constant row has step 0: every level is 0 and its value is the zero point.
+        inverse = torch.where(step > 0, 1 / torch.where(step > 0, step, 1), 0)
+        levels = ((x - low[..., None]) * inverse[..., None] + 0.5).floor_().clamp_(0, self.max_level).to(torch.uint8)
+        if self.bits == 4:
+            levels = levels[..., 0::2] | (levels[..., 1::2] << 4)
+        self.data.view(-1, *self.data.shape[2:]).index_copy_(0, slots, levels)
+        self.scale.view(-1, self.num_kv_heads).index_copy_(0, slots, step)
+        self.zero.view(-1, self.num_kv_heads).index_copy_(0, slots, low)
+
+    def read_rows(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized rows [len(slots), KVH, D] at flat slots."""
+        data = self.data.view(-1, *self.data.shape[2:]).index_select(0, slots)
+        scale = self.scale.view(-1, self.num_kv_heads).index_select(0, slots)
+        zero = self.zero.view(-1, self.num_kv_heads).index_select(0, slots)
+        return self._dequantize(data, scale, zero, dtype)
+
+    def read_blocks(self, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized blocks [len(block_ids), block_size, KVH, D]."""
+        return self._dequantize(
+            self.data.index_select(0, block_ids),
+            self.scale.index_select(0, block_ids),
+            self.zero.index_select(0, block_ids),
+            dtype,
+        )
+
+    def _dequantize(self, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype):
+        levels = data if self.bits == 8 else torch.stack((data & 0xF, data >> 4), dim=-1).flatten(-2)
+        return (levels.float() * scale[..., None] + zero[..., None]).to(dtype)
+
+
+PagedCache = torch.Tensor | QuantizedCache  # [num_blocks, block_size, kv_heads, head_dim] dense, or quantized
+
+
+def read_rows(cache: PagedCache, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [len(slots), KVH, D] of a dense or quantized paged cache at flat slots, as ``dtype``."""
+    if isinstance(cache, QuantizedCache):
+        return cache.read_rows(slots, dtype)
+    return cache.view(-1, *cache.shape[2:]).index_select(0, slots).to(dtype)
+
+
+def write_rows(cache: PagedCache, rows: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store rows [T, KVH, D] at flat slots of a dense or quantized paged cache."""
+    if isinstance(cache, QuantizedCache):
+        cache.write_rows(rows, slots)
+    else:
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, rows.to(cache.dtype))

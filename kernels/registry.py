@@ -19,6 +19,7 @@ import torch
 
 from kernels.backend import AttentionBackend
 from kernels.cpu_attention import CpuAttentionBackend
+from kernels.dequantizing_backend import DequantizingBackend
 from kernels.native import SUPPORTED_HEAD_DIMS, NativeKernelsUnavailable, load_native_kernels
 
 logger = logging.getLogger("spindle.kernels")
@@ -27,8 +28,23 @@ BACKENDS = ("auto", "cpu", "torch", "triton", "xformers")
 CPU_BACKENDS = ("cpu", "torch")
 
 
-def get_attention_backend(name: str, device: torch.device, head_dim: int) -> AttentionBackend:
-    """Raises ValueError for an unknown name, a backend that doesn't run on ``device``, or one that can't load."""
+def get_attention_backend(
+    name: str, device: torch.device, head_dim: int, quantized_cache: bool = False
+) -> AttentionBackend:
+    """Raises ValueError for an unknown name, a backend that doesn't run on ``device``, or one that can't load.
+
+    ``quantized_cache``: the KV cache is a QuantizedCache. Triton reads it in its kernels; the CPU backends through
+    a dequantized working set (kernels/dequantizing_backend.py); xFormers cannot.
+    """
+    backend = _backend(name, device, head_dim)
+    if not quantized_cache or backend.name == "triton":
+        return backend
+    if backend.name == "xformers":
+        raise ValueError("attention backend 'xformers' cannot read a quantized KV cache; use 'triton'")
+    return DequantizingBackend(backend)
+
+
+def _backend(name: str, device: torch.device, head_dim: int) -> AttentionBackend:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r} (choose one of: {', '.join(BACKENDS)})")
     if device.type not in ("cpu", "cuda"):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.backend import BatchLayout
+from kernels.quantized_cache import QuantizedCache
 
 # --- the reference ---------------------------------------------------------------------------------------------------
 
@@ -46,6 +47,42 @@ def reference_attention(query, key_cache, value_cache, layout: BatchLayout, scal
         start += query_len
     assert start == query.shape[0]
     return out
+
+
+# --- the quantized-cache format (kernels/quantized_cache.py), by its definition ------------------------------------
+
+
+def reference_quantize(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rows [..., D] -> integer levels [..., D], scale [...], zero [...] (the format of kernels.quantized_cache)."""
+    x = rows.float()
+    low, high = x.amin(-1), x.amax(-1)
+    step = (high - low) / (2**bits - 1)
+    inverse = torch.where(step > 0, 1 / torch.where(step > 0, step, 1), 0)
+    levels = torch.clamp(torch.floor((x - low[..., None]) * inverse[..., None] + 0.5), 0, 2**bits - 1)
+    return levels.to(torch.uint8), step, low
+
+
+def unpack_levels(cache: QuantizedCache) -> torch.Tensor:
+    if cache.bits == 8:
+        return cache.data
+    return torch.stack([cache.data & 0xF, cache.data >> 4], dim=-1).flatten(-2)
+
+
+def dequantize(cache: QuantizedCache) -> torch.Tensor:
+    return unpack_levels(cache).float() * cache.scale[..., None] + cache.zero[..., None]
+
+
+def quantized_copy(cache: torch.Tensor, bits: int) -> QuantizedCache:
+    """A quantized cache holding ``cache``'s content, built with the reference quantizer."""
+    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
+    quantized = QuantizedCache.allocate(num_blocks, block_size, num_kv_heads, head_dim, bits, torch.device("cpu"))
+    levels, scale, zero = reference_quantize(cache, bits)
+    if bits == 4:
+        levels = levels[..., 0::2] | (levels[..., 1::2] << 4)
+    quantized.data.copy_(levels)
+    quantized.scale.copy_(scale)
+    quantized.zero.copy_(zero)
+    return quantized
 
 
 # --- building a batch ------------------------------------------------------------------------------------------------

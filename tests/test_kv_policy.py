@@ -132,7 +132,7 @@ def test_compaction_rewrites_only_the_requests_blocks(name: str) -> None:
     for layer, queries in enumerate(layer_queries):
         recorder(layer, queries)
     recorder.end_step()
-    KVCompactor(policy, caches, BLOCK, 0.25, recorder).compact("r", table, num_rows)
+    KVCompactor(policy, caches, BLOCK, torch.float32, 0.25, recorder).compact("r", table, num_rows)
     rows = torch.arange(num_rows)
     slots = torch.tensor(table)[rows // BLOCK] * BLOCK + rows % BLOCK
     for layer, ((key_cache, value_cache), (old_k, old_v)) in enumerate(zip(caches, before)):
@@ -260,6 +260,17 @@ def test_policies_under_pressure_keep_accounting_exact(source, name: str) -> Non
     assert all(len(t) == 24 for t in tokens)
     assert engine.counters.kv_compactions > 0
     assert engine.kv_manager.pool.enable_prefix_caching is False
+
+
+def test_policies_compose_with_a_quantized_cache(source) -> None:
+    """Compaction reads and rewrites int8 rows: a budget above the sequence changes nothing against int8 alone,
+    and a small one compacts with exact accounting."""
+    prompt = source.tokenizer.encode(long_text(300))
+    plain = generate(make_engine(source, kv_cache_dtype="int8"), [prompt], 12)
+    roomy = make_engine(source, kv_cache_dtype="int8", kv_policy="evict_merge", kv_budget=len(prompt) + 16)
+    assert generate(roomy, [prompt], 12) == plain
+    tight = make_engine(source, kv_cache_dtype="int8", kv_policy="evict_merge", kv_budget=BUDGET)
+    assert len(generate(tight, [prompt], 12)[0]) == 12 and tight.counters.kv_compactions > 0
 
 
 def test_generation_continues_past_the_kv_capacity(source) -> None:

@@ -16,7 +16,17 @@ from kernels.quantized_cache import QuantizedCache
 from kernels.triton_ops.kv_write import write_kv
 from kernels.triton_ops.paged_decode import paged_decode_attention
 from kernels.triton_ops.paged_prefill import paged_prefill_attention
-from tests.attention_reference import TOLERANCE, Case, make_case, reference_attention, reference_write
+from tests.attention_reference import (
+    TOLERANCE,
+    Case,
+    dequantize,
+    make_case,
+    quantized_copy,
+    reference_attention,
+    reference_quantize,
+    reference_write,
+    unpack_levels,
+)
 
 HEAD_DIMS, BLOCK_SIZES, GQA_RATIOS = (64, 96, 128), (16, 32), (1, 3, 4, 8)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -106,39 +116,6 @@ def test_write_kv_skips_padding_slots() -> None:
     before = case.key_cache.clone()
     write_kv(case.key, case.value, case.key_cache, case.value_cache, torch.tensor([-1, -1]))
     assert torch.equal(case.key_cache, before)
-
-
-def reference_quantize(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """rows [..., D] -> integer levels [..., D], scale [...], zero [...] (the format of kernels.quantized_cache)."""
-    x = rows.float()
-    low, high = x.amin(-1), x.amax(-1)
-    step = (high - low) / (2**bits - 1)
-    inverse = torch.where(step > 0, 1 / torch.where(step > 0, step, 1), 0)
-    levels = torch.clamp(torch.floor((x - low[..., None]) * inverse[..., None] + 0.5), 0, 2**bits - 1)
-    return levels.to(torch.uint8), step, low
-
-
-def unpack_levels(cache: QuantizedCache) -> torch.Tensor:
-    if cache.bits == 8:
-        return cache.data
-    return torch.stack([cache.data & 0xF, cache.data >> 4], dim=-1).flatten(-2)
-
-
-def dequantize(cache: QuantizedCache) -> torch.Tensor:
-    return unpack_levels(cache).float() * cache.scale[..., None] + cache.zero[..., None]
-
-
-def quantized_copy(cache: torch.Tensor, bits: int) -> QuantizedCache:
-    """A quantized cache holding ``cache``'s content, built with the reference quantizer."""
-    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
-    quantized = QuantizedCache.allocate(num_blocks, block_size, num_kv_heads, head_dim, bits, CPU)
-    levels, scale, zero = reference_quantize(cache, bits)
-    if bits == 4:
-        levels = levels[..., 0::2] | (levels[..., 1::2] << 4)
-    quantized.data.copy_(levels)
-    quantized.scale.copy_(scale)
-    quantized.zero.copy_(zero)
-    return quantized
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -6,6 +6,7 @@ import torch
 
 from engine.kv_policy.eviction import EvictionPolicy
 from engine.kv_policy.query_recorder import QueryRecorder
+from kernels.quantized_cache import PagedCache, QuantizedCache, read_rows, write_rows
 from scheduler.output import SchedulerOutput
 from scheduler.request import RequestStatus
 from scheduler.scheduler import Scheduler
@@ -19,16 +20,20 @@ class KVCompactor:
     def __init__(
         self,
         policy: EvictionPolicy,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[tuple[PagedCache, PagedCache]],
         block_size: int,
+        dtype: torch.dtype,
         scale: float,
         recorder: QueryRecorder | None,
     ) -> None:
         self.policy = policy
         self.kv_caches = kv_caches
         self.block_size = block_size
+        self.dtype = dtype  # rows of a quantized cache are scored in the model's dtype
         self.scale = scale
         self.recorder = recorder
+        key_cache = kv_caches[0][0]
+        self.device = key_cache.data.device if isinstance(key_cache, QuantizedCache) else key_cache.device
         self.num_compactions = 0
         self.num_evicted_tokens = 0
 
@@ -54,15 +59,13 @@ class KVCompactor:
         slots = self.slots(block_table, num_rows)
         kept_slots = slots[: self.policy.budget]
         for layer, (key_cache, value_cache) in enumerate(self.kv_caches):
-            keys = key_cache.view(-1, *key_cache.shape[2:])
-            values = value_cache.view(-1, *value_cache.shape[2:])
+            keys, values = read_rows(key_cache, slots, self.dtype), read_rows(value_cache, slots, self.dtype)
             queries = self.recorder.queries(request_id, layer) if self.recorder is not None else None
-            new_keys, new_values = self.policy.compact(keys[slots], values[slots], queries, self.scale)
-            keys[kept_slots] = new_keys
-            values[kept_slots] = new_values
+            new_keys, new_values = self.policy.compact(keys, values, queries, self.scale)
+            write_rows(key_cache, new_keys, kept_slots)
+            write_rows(value_cache, new_values, kept_slots)
 
     def slots(self, block_table: list[int], num_rows: int) -> torch.Tensor:
-        device = self.kv_caches[0][0].device
-        rows = torch.arange(num_rows, device=device)
-        table = torch.tensor(block_table, dtype=torch.long, device=device)
+        rows = torch.arange(num_rows, device=self.device)
+        table = torch.tensor(block_table, dtype=torch.long, device=self.device)
         return table[rows // self.block_size] * self.block_size + rows % self.block_size

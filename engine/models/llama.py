@@ -18,6 +18,7 @@ from torch import nn
 from engine.errors import ModelLoadError
 from engine.model_spec import ModelSpec
 from kernels.backend import AttentionBackend
+from kernels.quantized_cache import PagedCache
 
 
 @dataclass
@@ -26,7 +27,7 @@ class AttentionContext:
 
     backend: AttentionBackend
     metadata: Any
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    kv_caches: list[tuple[PagedCache, PagedCache]]
     # Called with (layer index, rotated queries [T, heads, head_dim]) by every layer, for KV policies that need them.
     query_observer: Callable[[int, torch.Tensor], None] | None = None
 
