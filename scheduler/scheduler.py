@@ -126,9 +126,10 @@ class Scheduler:
         """The most cache rows a request of ``num_tokens`` tokens (prompt plus output) ever holds at once."""
         if self.kv_token_budget is None:
             return num_tokens
-        # Compaction runs after a step: the budget, plus one step's prefill chunk or up to a block of decodes.
-        step = max(self.config.max_num_batched_tokens, self.kv_cache_manager.block_size)
-        return min(num_tokens, self.kv_token_budget + step)
+        # Compaction runs after a step, once a block's worth of rows is over the budget: up to a block less one row
+        # can wait over it, and the next step adds at most a full token budget (a prefill chunk) on top.
+        slack = self.kv_cache_manager.block_size - 1
+        return min(num_tokens, self.kv_token_budget + slack + self.config.max_num_batched_tokens)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
