@@ -17,6 +17,7 @@ from torch import nn
 
 from engine.errors import ModelLoadError
 from engine.model_spec import ModelSpec
+from engine.models.bucketed_linear import BucketedLinear
 from kernels.backend import AttentionBackend
 from kernels.quantized_cache import PagedCache
 
@@ -82,8 +83,8 @@ class Attention(nn.Module):
         self.spec = spec
         self.layer_index = layer_index
         self.rope = rope
-        self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=False)
-        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=False)
+        self.qkv_proj = BucketedLinear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=False)
+        self.o_proj = BucketedLinear(spec.q_size, spec.hidden_size, bias=False)
         self.scale = spec.head_dim**-0.5
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -102,8 +103,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.gate_up_proj = BucketedLinear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = BucketedLinear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -131,7 +132,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i, rope) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = BucketedLinear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

@@ -1,0 +1,37 @@
+"""A linear layer that rounds its row count up to one of a few sizes on the CPU in reduced precision.
+
+PyTorch runs bf16/fp16 matmuls on the CPU through oneDNN, which compiles one kernel ("primitive") per input shape and
+keeps up to 1024 of them, each taking about a megabyte. A serving engine's steps have every row count from 1 to
+``max_num_batched_tokens``, so resident memory grew by more than a gigabyte over a long run until the cache filled.
+Padding the rows to a bucket bounds the shapes to about fifty per weight (a few hundred kernels, within the cache's
+capacity, so none is compiled twice). Steps of up to 64 rows (decodes) are bound by reading the weights more than by
+their rows, so they pad to a multiple of 8; longer ones pad by at most an eighth, and a step that fills a power-of-two
+token budget exactly not at all. fp32 goes through MKL, which compiles nothing per shape, so it is left alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_BUCKETED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def bucket_rows(rows: int) -> int:
+    """The padded row count: powers of two up to 8, multiples of 8 up to 64, then eight sizes per power of two."""
+    if rows <= 8:
+        return 1 << max(rows - 1, 0).bit_length()
+    step = 8 if rows <= 64 else 1 << ((rows - 1).bit_length() - 4)
+    return -(-rows // step) * step
+
+
+class BucketedLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if x.device.type != "cpu" or x.dtype not in _BUCKETED_DTYPES or x.dim() != 2:
+            return F.linear(x, self.weight, self.bias)
+        padded = bucket_rows(rows)
+        if padded == rows:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(F.pad(x, (0, 0, 0, padded - rows)), self.weight, self.bias)[:rows]
