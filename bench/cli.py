@@ -117,6 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise BenchError(str(exc)) from exc
     requests = build_requests(args, _load_tokenizer(args.tokenizer))
+    response_format = parse_response_format(args.response_format)
     api_key = args.api_key or os.environ.get("SPINDLE_API_KEY") or os.environ.get("OPENAI_API_KEY")
     model = args.model or asyncio.run(discover_model(args.base_url, api_key))
     settings = LoadSettings(
@@ -128,6 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency,
         seed=args.seed,
         ignore_eos=args.ignore_eos,
+        response_format=response_format,
         api_key=api_key,
         progress=not args.disable_tqdm,
     )
@@ -152,6 +154,20 @@ def _serve(args: argparse.Namespace) -> int:
         plot_timeline(record, args.plot / "throughput.png")
         print(f"charts written to {args.plot}/latency.png and throughput.png")
     return 0 if not errors else 1
+
+
+def parse_response_format(value: str | None) -> dict[str, Any] | None:
+    """--response-format: JSON text, or @PATH of a file holding it."""
+    if value is None:
+        return None
+    try:
+        text = Path(value[1:]).read_text() if value.startswith("@") else value
+        response_format = json.loads(text)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BenchError(f"--response-format is neither JSON nor @FILE of JSON: {exc}") from exc
+    if not isinstance(response_format, dict):
+        raise BenchError("--response-format must be a JSON object")
+    return response_format
 
 
 def _offline(args: argparse.Namespace) -> int:
@@ -197,6 +213,12 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--result-file", default=None, help="where to write the result JSON (implies --save-result)")
     serve.add_argument("--plot", type=Path, default=None, metavar="DIR", help="write PNG charts into DIR")
     serve.add_argument("--disable-tqdm", action="store_true")
+    serve.add_argument(
+        "--response-format",
+        default=None,
+        metavar="JSON|@FILE",
+        help='sent with every request, e.g. \'{"type": "json_object"}\' (structured output)',
+    )
     _add_dataset_arguments(serve, over_http=True)
     serve.set_defaults(handler=_serve)
 

@@ -42,7 +42,9 @@ class RequestResult:
         return times
 
 
-def request_body(request: BenchRequest, endpoint: str, model: str, ignore_eos: bool) -> dict[str, Any]:
+def request_body(
+    request: BenchRequest, endpoint: str, model: str, ignore_eos: bool, response_format: dict[str, Any] | None = None
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": request.output_len,
@@ -52,6 +54,8 @@ def request_body(request: BenchRequest, endpoint: str, model: str, ignore_eos: b
     }
     if ignore_eos:
         body["ignore_eos"] = True
+    if response_format is not None:
+        body["response_format"] = response_format
     if endpoint == CHAT_ENDPOINT:
         body["messages"] = request.messages
     else:

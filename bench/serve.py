@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from tqdm import tqdm
@@ -25,6 +26,7 @@ class LoadSettings:
     max_concurrency: int | None = None
     seed: int = 0
     ignore_eos: bool = False
+    response_format: dict[str, Any] | None = None  # e.g. {"type": "json_schema", "json_schema": {...}}
     api_key: str | None = None
     timeout: float = 6 * 3600.0
     progress: bool = True
@@ -66,7 +68,9 @@ async def run_load(requests: Sequence[BenchRequest], settings: LoadSettings) -> 
     async with httpx.AsyncClient(timeout=settings.timeout, limits=limits) as client:
 
         async def one(request: BenchRequest) -> RequestResult:
-            body = request_body(request, settings.endpoint, settings.model, settings.ignore_eos)
+            body = request_body(
+                request, settings.endpoint, settings.model, settings.ignore_eos, settings.response_format
+            )
             if limit is None:
                 result = await send_request(client, url, body, request.prompt_len, settings.headers)
             else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -57,10 +58,25 @@ class _Abort:
     request_id: str
 
 
+def aged_priority(priority: int, arrival: float, aging_seconds: float) -> int:
+    """The priority to queue a request with so that the scheduler's strict (priority, arrival) order never starves.
+
+    Every ``aging_seconds`` of earlier ``arrival`` (on a clock all requests share) counts as one step of priority:
+    a more urgent request overtakes only those that arrived at most about that long before it per step of
+    difference, so a long enough wait puts any request ahead of every newcomer. 0 keeps the strict order.
+    """
+    if aging_seconds <= 0:
+        return priority
+    return priority + math.floor(arrival / aging_seconds)
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, observer: StepObserver | None = None) -> None:
+    def __init__(
+        self, engine: LLMEngine, observer: StepObserver | None = None, priority_aging_seconds: float = 0.0
+    ) -> None:
         self.engine = engine
         self.observer = observer
+        self.priority_aging_seconds = priority_aging_seconds
         self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
@@ -109,6 +125,7 @@ class AsyncEngine:
         Raises the engine's validation errors (ValueError subclasses), QueueFullError when the waiting queue is at
         its bound, and EngineDeadError when the engine is not serving.
         """
+        priority = aged_priority(priority, time.monotonic(), self.priority_aging_seconds)
         loop = asyncio.get_running_loop()
         stream = RequestStream(self, request_id, asyncio.Queue())
         accepted: asyncio.Future[None] = loop.create_future()
@@ -162,13 +179,30 @@ class AsyncEngine:
         except BaseException as exc:  # the loop itself failed: report it, fail everyone, never hang
             logger.exception("engine loop died")
             self.error = exc
+            with contextlib.suppress(Exception):  # free what the engine still holds, if it still can
+                self._abort_unfinished()
         finally:
             with self._lock:
                 self._closed = True
             self._fail_all(EngineDeadError(self.unavailable_reason))
 
     def _abort_unfinished(self) -> None:
-        """Free what is still running when the loop is stopped or its drain expires, leaving the engine clean."""
+        """Free what is still running when the loop is stopped or its drain expires, leaving the engine clean.
+
+        Queued aborts (of streams already released) are applied; queued additions are left for _fail_all to refuse.
+        """
+        additions: list[_Add] = []
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(command, _Abort):
+                self.engine.abort_request(command.request_id)
+            else:
+                additions.append(command)
+        for command in additions:
+            self._commands.put(command)
         for request_id in list(self._streams):
             self.engine.abort_request(request_id)
         self._publish([])

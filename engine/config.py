@@ -89,11 +89,37 @@ class RuntimeConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None  # also read from SPINDLE_API_KEY
+    api_key: str | None = None  # one key, or several separated by commas; also read from SPINDLE_API_KEY
     auth_health_and_metrics: bool = False  # require the key on /health and /metrics too
     max_request_body_bytes: int = 4 * 1024 * 1024
+    max_prompt_tokens: int | None = None  # None: the context window less one (the completion needs a token)
+    max_n: int = 128  # choices per request: n, times the prompts of a batched completion
+    max_stop_strings: int = 16
+    max_concurrent_requests_per_key: int | None = None  # API requests in flight per key (429 past it); None: no cap
+    priority_aging_seconds: float = 10.0  # waiting this long counts as one step of priority; 0: strict priority
+    log_prompts: bool = False  # log each request's prompt text (at INFO)
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        minimums = {
+            "max_request_body_bytes": (self.max_request_body_bytes, 1),
+            "max_prompt_tokens": (self.max_prompt_tokens, 1),
+            "max_n": (self.max_n, 1),
+            "max_stop_strings": (self.max_stop_strings, 0),
+            "max_concurrent_requests_per_key": (self.max_concurrent_requests_per_key, 1),
+            "priority_aging_seconds": (self.priority_aging_seconds, 0),
+            "shutdown_timeout": (self.shutdown_timeout, 0),
+        }
+        for name, (value, least) in minimums.items():
+            if value is not None and not value >= least:  # "not >=" also refuses NaN
+                raise ValueError(f"{name} must be at least {least}, got {value}")
+        if self.api_key is not None and not self.api_keys:
+            raise ValueError("api_key must name at least one key")
+
+    @property
+    def api_keys(self) -> list[str]:
+        return [key.strip() for key in (self.api_key or "").split(",") if key.strip()]
 
 
 @dataclass

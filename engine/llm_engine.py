@@ -21,9 +21,10 @@ from engine.models import build_model
 from engine.outputs import RequestOutput, RequestTimes
 from engine.sampler import SampledToken, SamplingRow
 from engine.sampling_params import InvalidParameter, SamplingParams
+from engine.structured.compiler import GrammarCompiler
 from kernels.registry import get_attention_backend
 from scheduler.kv_cache_manager import KVCacheManager
-from scheduler.output import RequestUpdate, SchedulerOutput, SchedulerStats
+from scheduler.output import RequestUpdate, ScheduledRequest, SchedulerOutput, SchedulerStats
 from scheduler.request import FinishReason, Request
 from scheduler.scheduler import Scheduler
 
@@ -64,6 +65,7 @@ class LLMEngine:
         self.tokenizer = self.source.tokenizer
         self.model_name = config.model.served_model_name or self.source.name
         spec = self.source.spec
+        self.grammars = GrammarCompiler(self.tokenizer, spec.vocab_size)
         dtype = config.model.torch_dtype
 
         layout = KVCacheLayout.for_model(spec, config.cache.block_size, dtype, config.cache.kv_cache_dtype)
@@ -114,9 +116,9 @@ class LLMEngine:
             self.load_seconds,
             config.model.dtype,
             self.device,
+            layout.kv_cache_dtype,
             num_blocks,
             layout.block_size,
-            layout.kv_cache_dtype,
             num_blocks * layout.block_size,
             num_blocks * layout.bytes_per_block / 2**20,
             backend.name,
@@ -174,8 +176,14 @@ class LLMEngine:
         generator = None
         if params.seed is not None and not params.greedy:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        constraint = params.structured_outputs
         row = SamplingRow(
-            params, generator, request.prompt_token_ids, request.output_token_ids, self.tokenizer.eos_token_ids
+            params,
+            generator,
+            request.prompt_token_ids,
+            request.output_token_ids,
+            self.tokenizer.eos_token_ids,
+            None if constraint is None else self.grammars.matcher(constraint),
         )
         detokenizer = IncrementalDetokenizer(
             self.tokenizer,
@@ -214,16 +222,14 @@ class LLMEngine:
             num_prompt = self._states[item.request_id].request.num_prompt_tokens
             end = item.start_position + len(item.token_ids)
             self.counters.prompt_tokens += max(0, min(end, num_prompt) - item.start_position)
-        try:
-            prompt_logprobs_from = {
-                rid: len(s.prompt_logprobs) for rid, s in self._states.items() if s.params.prompt_logprobs is not None
-            }
-            sampled, prompt_logprobs = self.runner.execute(
-                scheduled, {rid: s.row for rid, s in self._states.items()}, prompt_logprobs_from
-            )
-        except Exception as exc:  # a failed step fails its requests, never the engine
-            logger.exception("model step failed")
-            return self._fail_step(scheduled, f"model step failed: {exc}")
+        prompt_logprobs_from = {
+            rid: len(s.prompt_logprobs) for rid, s in self._states.items() if s.params.prompt_logprobs is not None
+        }
+        sampled, prompt_logprobs, failures = self._execute_isolating(
+            scheduled, scheduled.scheduled, prompt_logprobs_from
+        )
+        for rid in failures:
+            self.scheduler.finish_request(rid, FinishReason.ERROR)
         for rid, entries in prompt_logprobs.items():
             self._states[rid].prompt_logprobs.extend(entries)
         updates = self.scheduler.update(scheduled, {rid: [tok.token_id] for rid, tok in sampled.items()})
@@ -232,7 +238,44 @@ class LLMEngine:
             self.counters.kv_compactions = self.compactor.num_compactions
             self.counters.kv_evicted_tokens = self.compactor.num_evicted_tokens
         finished_at = time.monotonic()
-        return [self._make_output(update, sampled.get(update.request_id), finished_at) for update in updates]
+        outputs = [self._error_output(rid, message) for rid, message in failures.items()]
+        for update in updates:
+            try:
+                outputs.append(self._make_output(update, sampled.get(update.request_id), finished_at))
+            except Exception as exc:  # e.g. detokenising: this request fails, the others keep their tokens
+                logger.exception("building the output of request %s failed", update.request_id)
+                self.scheduler.finish_request(update.request_id, FinishReason.ERROR)
+                outputs.append(self._error_output(update.request_id, f"output processing failed: {exc}"))
+        return outputs
+
+    def _execute_isolating(
+        self,
+        scheduled: SchedulerOutput,
+        items: list[ScheduledRequest],
+        prompt_logprobs_from: dict[str, int],
+    ) -> tuple[dict[str, SampledToken], dict[str, list[SampledToken]], dict[str, str]]:
+        """Run ``items`` as one batch; if that raises, bisect the batch so only the requests that fail on their own
+        are failed (third result: request id -> error message) and the others get their tokens.
+
+        Re-running is safe: K/V rows are rewritten with the same values at the same slots, and sampling (which
+        advances seeded generators and grammar matchers) comes last, so a raising run has not consumed them. (An
+        attention-scored KV policy may record a retried chunk's queries twice: its scores then weigh them double.)
+        """
+        rows = {rid: s.row for rid, s in self._states.items()}
+        try:
+            sampled, prompt_logprobs = self.runner.execute(
+                dataclasses.replace(scheduled, scheduled=items), rows, prompt_logprobs_from
+            )
+            return sampled, prompt_logprobs, {}
+        except Exception as exc:
+            if len(items) == 1:
+                logger.exception("model step failed for request %s", items[0].request_id)
+                return {}, {}, {items[0].request_id: f"model step failed: {exc}"}
+            logger.warning("a model step of %d requests failed (%s); isolating the failing requests", len(items), exc)
+        half = len(items) // 2
+        first = self._execute_isolating(scheduled, items[:half], prompt_logprobs_from)
+        second = self._execute_isolating(scheduled, items[half:], prompt_logprobs_from)
+        return first[0] | second[0], first[1] | second[1], first[2] | second[2]
 
     def _make_output(self, update: RequestUpdate, token: SampledToken | None, now: float) -> RequestOutput:
         state = self._states[update.request_id]
@@ -280,29 +323,22 @@ class LLMEngine:
             del self._states[update.request_id]
         return output
 
-    def _fail_step(self, scheduled: SchedulerOutput, message: str) -> list[RequestOutput]:
-        outputs = []
-        for item in scheduled.scheduled:
-            self.scheduler.finish_request(item.request_id, FinishReason.ERROR)
-        self.scheduler.update(scheduled, {})  # every schedule() is closed by its update()
-        for item in scheduled.scheduled:
-            state = self._states.pop(item.request_id)
-            self._count_finished(FinishReason.ERROR.value)
-            outputs.append(
-                RequestOutput(
-                    request_id=item.request_id,
-                    prompt_token_ids=state.request.prompt_token_ids,
-                    new_token_ids=[],
-                    new_text="",
-                    new_logprobs=[],
-                    num_output_tokens=state.request.num_output_tokens,
-                    finished=True,
-                    finish_reason=FinishReason.ERROR.value,
-                    error=message,
-                    times=state.times,
-                )
-            )
-        return outputs
+    def _error_output(self, request_id: str, message: str) -> RequestOutput:
+        """The last output of a request that failed; the scheduler has already finished it with ERROR."""
+        state = self._states.pop(request_id)
+        self._count_finished(FinishReason.ERROR.value)
+        return RequestOutput(
+            request_id=request_id,
+            prompt_token_ids=state.request.prompt_token_ids,
+            new_token_ids=[],
+            new_text="",
+            new_logprobs=[],
+            num_output_tokens=state.request.num_output_tokens,
+            finished=True,
+            finish_reason=FinishReason.ERROR.value,
+            error=message,
+            times=state.times,
+        )
 
     def _count_finished(self, reason: str) -> None:
         self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1

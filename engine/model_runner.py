@@ -10,6 +10,7 @@ import torch
 from engine.kv_policy import QueryRecorder
 from engine.models import AttentionContext, LlamaForCausalLM
 from engine.sampler import SampledToken, Sampler, SamplingRow, logprob_tokens
+from engine.structured.masks import GrammarMasks
 from kernels.backend import AttentionBackend, BatchLayout
 from kernels.quantized_cache import PagedCache
 from scheduler.output import ScheduledRequest, SchedulerOutput
@@ -32,6 +33,7 @@ class ModelRunner:
         self.device = device
         self.dtype = next(model.parameters()).dtype
         self.sampler = Sampler()
+        self.grammar_masks = GrammarMasks()
         self.query_recorder = query_recorder
 
     @torch.inference_mode()
@@ -46,6 +48,7 @@ class ModelRunner:
         # Decodes (one token) first: the attention backend handles them as one batched computation.
         batch = sorted(output.scheduled, key=lambda s: len(s.token_ids) != 1)
         layout, input_ids, positions = self._flatten(batch)
+        masks = self.grammar_masks.start([rows[s.request_id].matcher for s in batch if s.sample])  # beside the forward
         ctx = AttentionContext(self.backend, self.backend.prepare(layout, self.dtype), self.kv_caches)
         if self.query_recorder is not None:
             ends = list(itertools.accumulate(layout.query_lens))
@@ -72,7 +75,7 @@ class ModelRunner:
         if not sampled:
             return {}, prompt_logprobs
         logits = self.model.compute_logits(hidden[last_rows])
-        tokens = self.sampler(logits, [rows[request_id] for request_id in sampled])
+        tokens = self.sampler(logits, [rows[request_id] for request_id in sampled], masks)
         return dict(zip(sampled, tokens)), prompt_logprobs
 
     def _prompt_logprobs(

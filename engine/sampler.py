@@ -1,4 +1,5 @@
-"""Turn a step's logits into tokens: logit bias, min-tokens, penalties, temperature, top-k/top-p/min-p, seeds.
+"""Turn a step's logits into tokens: grammar masks, logit bias, min-tokens, penalties, temperature,
+top-k/top-p/min-p, seeds.
 
 Everything is vectorised over the rows of the batch; a Python loop runs only over rows that carry their own
 random generator (a seed), so that a seeded request draws the same numbers whatever batch it shares.
@@ -8,10 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.structured.spec import GrammarError
+
+if TYPE_CHECKING:
+    from engine.structured import GrammarMatcher, PendingMasks
 
 
 @dataclass
@@ -21,6 +27,7 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     eos_token_ids: frozenset[int]
+    matcher: GrammarMatcher | None = None  # with structured output: where the output stands in its grammar
 
 
 @dataclass(frozen=True)
@@ -91,19 +98,39 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
-        """logits [N, V] in fp32 (modified in place) -> one token per row."""
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow], masks: PendingMasks | None = None
+    ) -> list[SampledToken]:
+        """logits [N, V] in fp32 (modified in place) -> one token per row.
+
+        ``masks`` holds the grammar masks of the rows with a matcher; each sampled token advances its row's matcher.
+        """
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
+        if masks is not None:
+            masks.apply(logits)  # first: penalties, temperature and the cuts only ever see allowed tokens
         self._apply_biases(logits, rows)
         penalised_rows = [i for i, r in enumerate(rows) if r.params.uses_penalties]
         if penalised_rows:
             subset = logits[penalised_rows]
             apply_penalties(subset, [rows[i] for i in penalised_rows])
             logits[penalised_rows] = subset
-        token_ids = self._choose(logits, rows)
-        return [self._result(int(token_ids[i]), i, rows[i], raw_logprobs) for i in range(len(rows))]
+        token_ids = self._choose(logits, rows).tolist()
+        results = [self._result(token_ids[i], i, rows[i], raw_logprobs) for i in range(len(rows))]
+        # Matchers move last and only once every row is known to be fine, so a failed call changes no state and
+        # can be re-run (the engine does, to isolate the request that fails).
+        constrained = [
+            (row.matcher, token_id, token_id in row.eos_token_ids)
+            for row, token_id in zip(rows, token_ids)
+            if row.matcher is not None
+        ]
+        for matcher, token_id, is_eos in constrained:
+            if not (matcher.finished if is_eos else matcher.accepts([token_id]) == 1):
+                raise GrammarError(f"the grammar refused token {token_id} its own mask allowed: {matcher.error}")
+        for matcher, token_id, _ in constrained:
+            matcher.advance(token_id)
+        return results
 
     @staticmethod
     def _apply_biases(logits: torch.Tensor, rows: list[SamplingRow]) -> None:

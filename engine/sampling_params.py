@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from engine.errors import SpindleError
+from engine.structured.spec import StructuredOutputs
 
 MAX_LOGPROBS = 20
 
@@ -38,6 +40,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's plus the k most likely
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's (but the first) plus the k most likely
     logit_bias: dict[int, float] = field(default_factory=dict)
+    structured_outputs: StructuredOutputs | None = None  # a grammar the output must match (vLLM's name)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -55,7 +58,11 @@ class SamplingParams:
     def validate(self, vocab_size: int | None = None) -> None:
         checks: list[tuple[bool, str, str]] = [
             (self.n >= 1, "n", f"n must be at least 1, got {self.n}"),
-            (self.temperature >= 0.0, "temperature", f"temperature must be non-negative, got {self.temperature}"),
+            (
+                0.0 <= self.temperature < math.inf,
+                "temperature",
+                f"temperature must be non-negative and finite, got {self.temperature}",
+            ),
             (0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= -1, "top_k", f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}"),
             (0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {self.min_p}"),
@@ -70,9 +77,9 @@ class SamplingParams:
                 f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
             ),
             (
-                self.repetition_penalty > 0.0,
+                0.0 < self.repetition_penalty < math.inf,
                 "repetition_penalty",
-                f"repetition_penalty must be positive, got {self.repetition_penalty}",
+                f"repetition_penalty must be positive and finite, got {self.repetition_penalty}",
             ),
             (
                 self.max_tokens is None or self.max_tokens >= 1,
@@ -96,6 +103,21 @@ class SamplingParams:
                 f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.prompt_logprobs}",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings"),
+            # The grammar decides where a constrained output ends: banning the end of sequence could leave no token
+            # a finished grammar allows, and a stop could cut the output short of it and still claim "stop".
+            *(
+                (
+                    self.structured_outputs is None or not active,
+                    param,
+                    f"{param} cannot be combined with structured output: the grammar decides where the output ends",
+                )
+                for param, active in (
+                    ("min_tokens", self.min_tokens > 0),
+                    ("ignore_eos", self.ignore_eos),
+                    ("stop", bool(self.stop)),
+                    ("stop_token_ids", bool(self.stop_token_ids)),
+                )
+            ),
         ]
         for ok, param, message in checks:
             if not ok:

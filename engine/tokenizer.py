@@ -372,6 +372,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def backend_json(self) -> str:
+        """The `tokenizers` pipeline as `tokenizer.json` text, for libraries that rebuild the tokenizer from it."""
+        return self._backend.to_str()
+
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],

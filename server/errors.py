@@ -14,6 +14,8 @@ from server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("spindle.server")
 
+RETRY_AFTER_SECONDS = "1"
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

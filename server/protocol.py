@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine.structured.spec import StructuredOutputs
 
-MAX_N = 128  # OpenAI's own bound on choices per request
 # Seeds and top_k become int64 tensors and torch generator seeds; a seed leaves room for the n - 1 added by fan-out.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# A token id as a logit_bias key: ASCII digits only (int() also reads "²" and "٣"), short enough to convert cheaply.
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,12}")
 
 
 def random_id(prefix: str) -> str:
@@ -20,7 +23,9 @@ def random_id(prefix: str) -> str:
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as OpenAI clients send extras freely
+    # Unknown fields are ignored, as OpenAI clients send extras freely. Values must have the type the schema gives
+    # (no true for 1, no "0.5" for 0.5), and be finite: Python's JSON reader accepts NaN and Infinity.
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- errors
@@ -40,11 +45,35 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(OpenAIModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(OpenAIModel):
+    """vLLM's ``structured_outputs``: exactly one of these constrains the output."""
+
+    json_schema: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(OpenAIModel):
     """Fields both endpoints share; ``to_sampling_params`` maps them onto the engine's SamplingParams."""
 
     model: str | None = None
-    n: int = Field(default=1, le=MAX_N)
+    n: int = 1  # bounded by the server's max_n
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = Field(default=None, le=INT64_MAX)
@@ -63,11 +92,22 @@ class SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    priority: int = 0
+    priority: int = Field(default=0, ge=INT64_MIN, le=INT64_MAX)
     return_token_ids: bool = False  # vLLM's extension: token ids in each choice
+    # Structured output (server/structured.py): OpenAI's response_format, vLLM's structured_outputs and guided_*.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def to_sampling_params(
-        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        structured_outputs: StructuredOutputs | None = None,
     ) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
@@ -90,14 +130,15 @@ class SamplingFields(OpenAIModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
+            structured_outputs=structured_outputs,
         )
 
     @field_validator("logit_bias")
     @classmethod
     def _token_ids_as_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not _TOKEN_ID_KEY.fullmatch(key):
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:32]!r}")
         return value
 
 
@@ -151,6 +192,13 @@ class ChatMessage(OpenAIModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        # As in OpenAI's API: only an assistant message that calls tools may leave its content out.
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"{self.role} messages need content")
+        return self
+
     def text(self) -> str:
         """The message's text; content parts other than text are refused (this engine serves text models)."""
         if self.content is None or isinstance(self.content, str):
@@ -163,8 +211,25 @@ class ChatMessage(OpenAIModel):
         return "".join(pieces)
 
 
-class ResponseFormat(OpenAIModel):
-    type: Literal["text", "json_object", "json_schema"] = "text"
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -175,9 +240,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class TopLogprob(BaseModel):
@@ -194,9 +259,25 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # a JSON object as text
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("call"))
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class DeltaToolCall(ToolCall):
+    index: int  # which call of the message this is; a call arrives whole, in one chunk
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -221,6 +302,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -18,9 +19,12 @@ from engine.llm import CompletionOutput, fan_out
 from engine.outputs import RequestOutput
 from engine.sampler import SampledToken
 from engine.sampling_params import InvalidParameter, SamplingParams
+from engine.structured.spec import StructuredOutputs
 from engine.tokenizer import Tokenizer
+from engine.tools.prompt import conversation_with_tools, template_renders_tools
 from scheduler.errors import RequestRejected
-from server.errors import APIError, error_body
+from server.errors import RETRY_AFTER_SECONDS, APIError, error_body
+from server.limits import RequestLimits
 from server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -40,9 +44,12 @@ from server.protocol import (
     UsageInfo,
     random_id,
 )
+from server.structured import compiled, structured_outputs
+from server.tool_calls import ToolCallDeltas, ToolUse, chat_message, tool_use
 
-RETRY_AFTER_SECONDS = "1"
 DISCONNECT_POLL_SECONDS = 0.5
+
+logger = logging.getLogger("spindle.server")
 
 Disconnected = Callable[[], Awaitable[bool]]
 
@@ -76,11 +83,14 @@ class EventStream(StreamingResponse):
 
 
 class Serving:
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str, limits: RequestLimits, log_prompts: bool = False) -> None:
         self.engine = engine
         self.tokenizer: Tokenizer = engine.engine.tokenizer
         self.model_name = model_name
         self.max_model_len = engine.engine.max_model_len
+        self.grammars = engine.engine.grammars
+        self.limits = limits
+        self.log_prompts = log_prompts
 
     # ------------------------------------------------------------------ shared steps
     def check_model(self, model: str | None) -> None:
@@ -103,6 +113,7 @@ class Serving:
                 param="prompt",
                 code="context_length_exceeded",
             )
+        self.limits.check_prompt_tokens(prompt_len)
         if max_tokens is not None and prompt_len + max_tokens > self.max_model_len:
             raise APIError(
                 400,
@@ -209,31 +220,48 @@ class Serving:
             yield _sse(error_body(exc.status, exc.message, exc.param, exc.code))
         yield "data: [DONE]\n\n"
 
+    def check_request(
+        self, request: CompletionRequest | ChatCompletionRequest, request_id: str, num_prompts: int
+    ) -> None:
+        """The checks every generation request passes before its prompt is tokenized."""
+        if self.log_prompts:
+            prompt = (
+                request.prompt if isinstance(request, CompletionRequest) else [m.model_dump() for m in request.messages]
+            )
+            logger.info("%s: prompt %r", request_id, prompt)
+        self.check_model(request.model)
+        self.limits.check_choices(num_prompts, request.n)
+        self.limits.check_stop(request.stop)
+
     # ------------------------------------------------------------------ completions
-    def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
-        prompt = request.prompt
-        if isinstance(prompt, str):
-            return [self.tokenizer.encode(prompt)]
-        if not prompt:
+    async def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
+        if not request.prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
-        if all(isinstance(p, int) for p in prompt):
-            return [list(prompt)]  # type: ignore[arg-type]
-        return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[union-attr]
+        prompts = []
+        for item in _prompt_items(request):
+            if isinstance(item, str):
+                self.limits.check_text(len(item.encode()), "prompt")
+                prompts.append(self.tokenizer.encode(item))
+                await asyncio.sleep(0)  # tokenizing holds the GIL: let streams move between long prompts
+            else:
+                prompts.append(list(item))  # type: ignore[arg-type]
+        return prompts
 
     async def create_completion(
         self, request: CompletionRequest, disconnected: Disconnected
     ) -> CompletionResponse | EventStream:
-        self.check_model(request.model)
+        request_id = random_id("cmpl")
+        self.check_request(request, request_id, len(_prompt_items(request)))
         if request.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if request.best_of is not None and request.best_of != request.n:
             raise APIError(400, "best_of must equal n (or be omitted)", param="best_of")
-        prompts = self.completion_prompts(request)
+        constraint = await structured_outputs(request, self.grammars)
+        prompts = await self.completion_prompts(request)
         prompt_logprobs = request.logprobs if request.echo else None
-        params = _sampling_params(request, request.max_tokens, request.logprobs, prompt_logprobs)
+        params = _sampling_params(request, request.max_tokens, request.logprobs, prompt_logprobs, constraint)
         for prompt in prompts:
             self.check_length(len(prompt), params.max_tokens)
-        request_id = random_id("cmpl")
         started = await self.start(request_id, prompts, params, request.priority)
         if request.stream:
             return self.stream_completion(request, request_id, started, prompts)
@@ -326,12 +354,25 @@ class Serving:
 
     # ------------------------------------------------------------------ chat
     def chat_prompt(
-        self, messages: list[ChatMessage], add_generation_prompt: bool, template_kwargs: dict[str, Any] | None = None
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool,
+        template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         try:
-            conversation = [{"role": m.role, "content": m.text()} for m in messages]
+            conversation = [
+                {"role": m.role, "content": m.text()}
+                | m.model_dump(include={"tool_calls", "tool_call_id"}, exclude_none=True)
+                for m in messages
+            ]
+            self.limits.check_text(sum(len(m["content"].encode()) for m in conversation), "messages")
+            native = template_renders_tools(self.tokenizer.chat_template)
             return self.tokenizer.encode_chat(
-                conversation, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
+                conversation_with_tools(conversation, tools, native),
+                add_generation_prompt=add_generation_prompt,
+                tools=tools if native else None,
+                **(template_kwargs or {}),
             )
         except (ChatTemplateError, ValueError, TypeError) as exc:
             # TypeError: chat_template_kwargs naming one of the template's own arguments.
@@ -340,39 +381,56 @@ class Serving:
     async def create_chat_completion(
         self, request: ChatCompletionRequest, disconnected: Disconnected
     ) -> ChatCompletionResponse | EventStream:
-        self.check_model(request.model)
-        if request.tools or request.tool_choice not in (None, "none"):
-            raise APIError(400, "tool calling is not supported by this server yet", param="tools")
-        if request.response_format is not None and request.response_format.type != "text":
-            raise APIError(400, "only response_format type 'text' is supported", param="response_format")
+        request_id = random_id("chatcmpl")
+        self.check_request(request, request_id, 1)
         if request.top_logprobs and not request.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        prompt = self.chat_prompt(request.messages, request.add_generation_prompt, request.chat_template_kwargs)
+        tools = tool_use(request)
+        constraint = await self.chat_constraint(request, tools)
+        prompt = self.chat_prompt(
+            request.messages,
+            request.add_generation_prompt,
+            request.chat_template_kwargs,
+            None if tools is None else tools.tools,
+        )
         max_tokens = request.max_completion_tokens or request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = _sampling_params(request, max_tokens, logprobs)
+        params = _sampling_params(request, max_tokens, logprobs, None, constraint)
         self.check_length(len(prompt), params.max_tokens)
-        request_id = random_id("chatcmpl")
         started = await self.start(request_id, [prompt], params, request.priority)
         if request.stream:
-            return self.stream_chat(request, request_id, started, [prompt])
+            return self.stream_chat(request, request_id, started, [prompt], tools is not None)
         choices = await self.collect(started, disconnected)
         return ChatCompletionResponse(
             id=request_id,
             model=self.model_name,
-            choices=[
-                ChatChoice(
-                    index=c.index,
-                    message=ChatResponseMessage(content=c.text),
-                    logprobs=self._chat_logprobs(c.logprobs) if request.logprobs else None,
-                    finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason,
-                    token_ids=c.token_ids if request.return_token_ids else None,
-                    prompt_token_ids=c.prompt_token_ids if request.return_token_ids else None,
-                )
-                for c in choices
-            ],
+            choices=[self._chat_choice(request, c, tools is not None) for c in choices],
             usage=_usage([prompt], choices),
+        )
+
+    async def chat_constraint(self, request: ChatCompletionRequest, tools: ToolUse | None) -> StructuredOutputs | None:
+        """The grammar of a chat's output: the forced calls of its tool_choice, or its structured-output fields."""
+        constraint = await structured_outputs(request, self.grammars)
+        if tools is not None and constraint is not None:
+            raise APIError(
+                400, "structured output cannot be combined with tools (unless tool_choice is 'none')", param="tools"
+            )
+        if tools is not None and tools.forced is not None:
+            return await compiled(tools.forced, "tools", self.grammars)
+        return constraint
+
+    def _chat_choice(self, request: ChatCompletionRequest, choice: Choice, with_tools: bool) -> ChatChoice:
+        message, finish_reason = ChatResponseMessage(content=choice.text), choice.finish_reason
+        if with_tools:
+            message, finish_reason = chat_message(choice.text, finish_reason)
+        return ChatChoice(
+            index=choice.index,
+            message=message,
+            logprobs=self._chat_logprobs(choice.logprobs) if request.logprobs else None,
+            finish_reason=finish_reason,
+            stop_reason=choice.stop_reason,
+            token_ids=choice.token_ids if request.return_token_ids else None,
+            prompt_token_ids=choice.prompt_token_ids if request.return_token_ids else None,
         )
 
     def _chat_logprobs(self, tokens: list[SampledToken]) -> ChoiceLogprobs:
@@ -388,19 +446,29 @@ class Serving:
         return ChoiceLogprobs(content=content)
 
     def stream_chat(
-        self, request: ChatCompletionRequest, request_id: str, started: Started, prompts: list[list[int]]
+        self,
+        request: ChatCompletionRequest,
+        request_id: str,
+        started: Started,
+        prompts: list[list[int]],
+        with_tools: bool,
     ) -> EventStream:
+        tool_deltas = {choice.index: ToolCallDeltas() for choice, _ in started} if with_tools else {}
+
         def chunk(choice: ChatStreamChoice) -> dict[str, Any]:
             body = ChatCompletionChunk(id=request_id, model=self.model_name, choices=[choice])
             return body.model_dump(exclude={"usage"})
 
         def event(choice: Choice, output: RequestOutput) -> dict[str, Any]:
+            delta, finish_reason = DeltaMessage(content=output.new_text), output.finish_reason
+            if with_tools:
+                delta, finish_reason = tool_deltas[choice.index].delta(output.new_text, finish_reason)
             return chunk(
                 ChatStreamChoice(
                     index=choice.index,
-                    delta=DeltaMessage(content=output.new_text),
+                    delta=delta,
                     logprobs=self._chat_logprobs(output.new_logprobs) if request.logprobs else None,
-                    finish_reason=output.finish_reason,
+                    finish_reason=finish_reason,
                     stop_reason=output.stop_reason,
                     token_ids=output.new_token_ids if request.return_token_ids else None,
                 )
@@ -423,6 +491,14 @@ class Serving:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
+def _prompt_items(request: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completion request: one string or token-id list each."""
+    prompt = request.prompt
+    if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
 def _include_usage(request: CompletionRequest | ChatCompletionRequest) -> bool:
     return request.stream_options is not None and request.stream_options.include_usage
 
@@ -432,9 +508,10 @@ def _sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    structured: StructuredOutputs | None = None,
 ) -> SamplingParams:
     try:
-        return request.to_sampling_params(max_tokens, logprobs, prompt_logprobs)
+        return request.to_sampling_params(max_tokens, logprobs, prompt_logprobs, structured)
     except InvalidParameter as exc:
         raise APIError(400, str(exc), param=exc.param) from exc
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
+from bench.cli import BenchError, parse_response_format
 from bench.client import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, RequestResult
 from bench.datasets import BenchRequest, DatasetError, file_dataset, prefix_dataset, random_dataset
 from bench.metrics import Goodput, format_report, summarize
@@ -195,3 +196,16 @@ def test_offline_run_counts_tokens(offline_llm: LLM) -> None:
     assert run.num_requests == 2 and run.output_tokens == 8
     assert run.prompt_tokens == sum(len(p) for p in prompts) and run.duration > 0
     assert "output tokens/s" in run.report()
+
+
+def test_load_client_sends_response_format(server: ServerProcess, model: str, tmp_path: Path) -> None:
+    answer = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"enum": ["yes", "no"]}}}
+    (tmp_path / "format.json").write_text(json.dumps(answer))
+    assert parse_response_format(f"@{tmp_path / 'format.json'}") == parse_response_format(json.dumps(answer)) == answer
+    for bad in ("{not json", "[1]", "@/no/such/file"):
+        with pytest.raises(BenchError):
+            parse_response_format(bad)
+    requests = [BenchRequest([{"role": "user", "content": "Is it raining?"}], prompt_len=5, output_len=8)] * 2
+    settings = LoadSettings(server.url, CHAT_ENDPOINT, model, response_format=answer, progress=False)
+    results, _ = asyncio.run(run_load(requests, settings))
+    assert all(r.success and r.generated_text in ('"yes"', '"no"') for r in results), results

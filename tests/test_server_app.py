@@ -35,6 +35,7 @@ class BrokenEngine:
         self.tokenizer = real.tokenizer
         self.model_name = real.model_name
         self.max_model_len = real.max_model_len
+        self.grammars = real.grammars
 
     def has_unfinished_requests(self) -> bool:
         raise RuntimeError("simulated engine failure")

@@ -69,8 +69,8 @@ INVALID_PARAMETERS = [
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
     (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     (CHAT, {"chat_template_kwargs": {"add_generation_prompt": False}}, "messages"),
-    (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"tool_choice": "required"}, "tool_choice"),
+    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"schema": {"not": {}}}}}, "response_format"),
 ]
 
 

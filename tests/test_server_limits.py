@@ -70,14 +70,36 @@ def test_full_queue_is_503_with_retry_after(limited: ServerProcess, authed: http
     assert authed.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
-def test_sigterm_ends_streams_and_exits_zero(limited: ServerProcess, authed: httpx.Client) -> None:
-    with authed.stream("POST", "/v1/completions", json=LONG_STREAM) as response:
-        stream = events(response)
-        next(stream)
+def draining(server: ServerProcess, within: float = 2.0) -> bool:
+    """Whether /health turns 503, or the server stops listening, within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1).status_code == 503:
+                return True
+        except httpx.TransportError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_zero(limited: ServerProcess, authed: httpx.Client) -> None:
+    short = LONG_STREAM | {"max_tokens": 20}  # finishes well within the shutdown timeout
+    with (
+        authed.stream("POST", "/v1/completions", json=short) as finishing,
+        authed.stream("POST", "/v1/completions", json=LONG_STREAM) as cut,
+    ):
+        finishing_events, cut_events = events(finishing), events(cut)
+        next(finishing_events)  # running; the long one waits for the only running slot
         os.kill(limited.process.pid, signal.SIGTERM)
         started = time.monotonic()
-        rest = list(stream)
+        assert draining(limited)
+        finished = list(finishing_events)
+        rest = list(cut_events)
         ended = time.monotonic() - started
+    assert finished[-1] == "data: [DONE]"
+    assert '"finish_reason":"length"' in finished[-2]  # drained, not cut
+    assert not any(event.startswith('data: {"error"') for event in finished)
     assert ended < SHUTDOWN_TIMEOUT + 3
     assert rest[-1] == "data: [DONE]"
     assert "shutting down" in rest[-2]  # aborted in-band after the shutdown timeout, in OpenAI's error shape
