@@ -86,6 +86,7 @@ class LLMEngine:
             raise ConfigError(str(exc)) from exc
         started = time.monotonic()
         model = build_model(self.source, dtype, self.device, progress)
+        model.warm_up(self.scheduler_config.max_num_batched_tokens, self.scheduler_config.max_num_seqs)
         self.load_seconds = time.monotonic() - started
         kv_caches = allocate_kv_cache(layout, num_blocks, self.device)
         recorder = None

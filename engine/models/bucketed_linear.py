@@ -27,11 +27,23 @@ def bucket_rows(rows: int) -> int:
 
 
 class BucketedLinear(nn.Linear):
+    @property
+    def bucketed(self) -> bool:
+        return self.weight.device.type == "cpu" and self.weight.dtype in _BUCKETED_DTYPES
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if x.device.type != "cpu" or x.dtype not in _BUCKETED_DTYPES or x.dim() != 2:
+        if not self.bucketed or x.dim() != 2:
             return F.linear(x, self.weight, self.bias)
         padded = bucket_rows(rows)
         if padded == rows:
             return F.linear(x, self.weight, self.bias)
         return F.linear(F.pad(x, (0, 0, 0, padded - rows)), self.weight, self.bias)[:rows]
+
+    @torch.inference_mode()
+    def warm_up(self, max_rows: int) -> None:
+        """Run every bucket up to ``max_rows`` rows once, so its kernel is compiled now rather than during serving."""
+        if not self.bucketed:
+            return
+        for rows in sorted({bucket_rows(r) for r in range(1, max_rows + 1)}):
+            self(torch.zeros(rows, self.in_features, dtype=self.weight.dtype))

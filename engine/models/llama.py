@@ -143,6 +143,14 @@ class LlamaForCausalLM(nn.Module):
             x = layer(positions, x, ctx)
         return self.norm(x)
 
+    def warm_up(self, max_tokens: int, max_sequences: int) -> None:
+        """Compile now the matmul kernels of every row bucket a step can use (see BucketedLinear): the kernel cache
+        then stops growing after start-up, and no request waits for a compilation. Every layer shares the shapes."""
+        attention, mlp = self.layers[0].self_attn, self.layers[0].mlp
+        for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            linear.warm_up(max_tokens)
+        self.lm_head.warm_up(max_sequences)  # logits are computed for the sampled rows only
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
