@@ -85,6 +85,27 @@ class RuntimeConfig:
     num_threads: int | None = None  # None: all cores this process may use
 
 
+SPECULATIVE_METHODS = ("none", "ngram")
+
+
+@dataclass
+class SpeculativeConfig:
+    speculative_method: str = "none"  # none | ngram (engine/spec): propose tokens, verify them in one target step
+    num_speculative_tokens: int = 4  # the most draft tokens proposed per request and step (k)
+    ngram_min: int = 2  # the shortest suffix n-gram the n-gram drafter looks up
+    ngram_max: int = 4  # the longest; longer matches are tried first
+
+    def __post_init__(self) -> None:
+        if self.speculative_method not in SPECULATIVE_METHODS:
+            raise ValueError(
+                f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative_method!r}"
+            )
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+
+
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -128,6 +149,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
 

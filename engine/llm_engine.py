@@ -21,11 +21,13 @@ from engine.models import build_model
 from engine.outputs import RequestOutput, RequestTimes
 from engine.sampler import SampledToken, SamplingRow
 from engine.sampling_params import InvalidParameter, SamplingParams
+from engine.spec import DraftRequest
+from engine.spec.registry import build_drafter
 from engine.structured.compiler import GrammarCompiler
 from kernels.registry import get_attention_backend
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.output import RequestUpdate, ScheduledRequest, SchedulerOutput, SchedulerStats
-from scheduler.request import FinishReason, Request
+from scheduler.request import FinishReason, Request, RequestStatus
 from scheduler.scheduler import Scheduler
 
 logger = logging.getLogger("spindle.engine")
@@ -40,6 +42,7 @@ class _RequestState:
     row: SamplingRow
     detokenizer: IncrementalDetokenizer
     times: RequestTimes
+    speculate: bool  # a drafter proposes tokens for it
     # Prompt logprobs recorded so far (when asked for); their count is where recording resumes after a preemption.
     prompt_logprobs: list[SampledToken] = field(default_factory=list)
 
@@ -53,6 +56,9 @@ class EngineCounters:
     finished: dict[str, int] = field(default_factory=dict)
     kv_compactions: int = 0  # times a KV policy compacted a request's cache
     kv_evicted_tokens: int = 0  # KV rows those compactions dropped or merged away
+    spec_drafts: int = 0  # request steps that verified drafts
+    spec_draft_tokens: int = 0  # draft tokens verified
+    spec_accepted_tokens: int = 0  # of those, accepted
 
 
 class LLMEngine:
@@ -100,6 +106,10 @@ class LLMEngine:
             if prefix_caching:
                 logger.info("prefix caching off: kv_policy %s rewrites each request's blocks in place", policy.name)
                 prefix_caching = False
+        self.drafter = build_drafter(config.speculative)
+        if self.drafter is not None and policy is not None:
+            # A compaction moves KV rows that rejected drafts would then have to give back.
+            raise ConfigError("speculative decoding cannot be combined with a kv_policy")
         self.kv_manager = KVCacheManager(num_blocks, layout.block_size, prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, None if policy is None else policy.budget)
         if self.scheduler.max_kv_tokens(max_model_len) > num_blocks * layout.block_size:  # only under a policy
@@ -112,7 +122,7 @@ class LLMEngine:
         self._states: dict[str, _RequestState] = {}
         logger.info(
             "model %s loaded in %.1fs (%s, %s); KV cache (%s): %d blocks of %d tokens = %d tokens, %.1f MiB; "
-            "attention backend: %s; kv policy: %s",
+            "attention backend: %s; kv policy: %s; speculative decoding: %s",
             self.model_name,
             self.load_seconds,
             config.model.dtype,
@@ -124,6 +134,7 @@ class LLMEngine:
             num_blocks * layout.bytes_per_block / 2**20,
             backend.name,
             "none" if policy is None else f"{policy.name} (budget {policy.budget} rows per sequence)",
+            "off" if self.drafter is None else f"{self.drafter.name}, k={config.speculative.num_speculative_tokens}",
         )
 
     def _resolve_max_model_len(self, asked: int | None, kv_tokens: int | None) -> int:
@@ -194,7 +205,8 @@ class LLMEngine:
             include_stop_str_in_output=params.include_stop_str_in_output,
         )
         self.scheduler.add_request(request)
-        self._states[request_id] = _RequestState(request, params, row, detokenizer, RequestTimes(arrival))
+        speculate = self.drafter is not None and params.can_speculate
+        self._states[request_id] = _RequestState(request, params, row, detokenizer, RequestTimes(arrival), speculate)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request at once and free its KV blocks; unknown or finished ids are ignored."""
@@ -211,6 +223,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
         """Run one model step over the scheduled batch; report every request that got tokens or finished."""
+        self._propose_drafts()
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             self.scheduler.update(scheduled, {})
@@ -233,7 +246,8 @@ class LLMEngine:
             self.scheduler.finish_request(rid, FinishReason.ERROR)
         for rid, entries in prompt_logprobs.items():
             self._states[rid].prompt_logprobs.extend(entries)
-        updates = self.scheduler.update(scheduled, {rid: [tok.token_id] for rid, tok in sampled.items()})
+        self._count_drafts(scheduled, sampled)
+        updates = self.scheduler.update(scheduled, {rid: [t.token_id for t in toks] for rid, toks in sampled.items()})
         if self.compactor is not None:
             self.compactor.run(self.scheduler, scheduled)
             self.counters.kv_compactions = self.compactor.num_compactions
@@ -242,7 +256,7 @@ class LLMEngine:
         outputs = [self._error_output(rid, message) for rid, message in failures.items()]
         for update in updates:
             try:
-                outputs.append(self._make_output(update, sampled.get(update.request_id), finished_at))
+                outputs.append(self._make_output(update, sampled.get(update.request_id, []), finished_at))
             except Exception as exc:  # e.g. detokenising: this request fails, the others keep their tokens
                 logger.exception("building the output of request %s failed", update.request_id)
                 self.scheduler.finish_request(update.request_id, FinishReason.ERROR)
@@ -254,7 +268,7 @@ class LLMEngine:
         scheduled: SchedulerOutput,
         items: list[ScheduledRequest],
         prompt_logprobs_from: dict[str, int],
-    ) -> tuple[dict[str, SampledToken], dict[str, list[SampledToken]], dict[str, str]]:
+    ) -> tuple[dict[str, list[SampledToken]], dict[str, list[SampledToken]], dict[str, str]]:
         """Run ``items`` as one batch; if that raises, bisect the batch so only the requests that fail on their own
         are failed (third result: request id -> error message) and the others get their tokens.
 
@@ -278,7 +292,33 @@ class LLMEngine:
         second = self._execute_isolating(scheduled, items[half:], prompt_logprobs_from)
         return first[0] | second[0], first[1] | second[1], first[2] | second[2]
 
-    def _make_output(self, update: RequestUpdate, token: SampledToken | None, now: float) -> RequestOutput:
+    def _propose_drafts(self) -> None:
+        """Ask the drafter for the next tokens of every speculating request that is decoding."""
+        if self.drafter is None:
+            return
+        k = self.config.speculative.num_speculative_tokens
+        wanted = [
+            DraftRequest(rid, state.request.all_token_ids, k)
+            for rid, state in self._states.items()
+            if state.speculate
+            and state.request.status is RequestStatus.RUNNING
+            and state.request.num_computed_tokens == state.request.num_tokens - 1
+        ]
+        if wanted:
+            proposed = self.drafter.propose(wanted)
+            for draft_request in wanted:
+                self._states[draft_request.request_id].request.draft_token_ids = proposed.get(
+                    draft_request.request_id, []
+                )
+
+    def _count_drafts(self, scheduled: SchedulerOutput, sampled: dict[str, list[SampledToken]]) -> None:
+        for item in scheduled.scheduled:
+            if item.num_draft_tokens and item.request_id in sampled:
+                self.counters.spec_drafts += 1
+                self.counters.spec_draft_tokens += item.num_draft_tokens
+                self.counters.spec_accepted_tokens += len(sampled[item.request_id]) - 1
+
+    def _make_output(self, update: RequestUpdate, tokens: list[SampledToken], now: float) -> RequestOutput:
         state = self._states[update.request_id]
         request, times = state.request, state.times
         new_ids = update.new_token_ids
@@ -309,7 +349,7 @@ class LLMEngine:
             prompt_token_ids=request.prompt_token_ids,
             new_token_ids=list(new_ids),
             new_text=new_text,
-            new_logprobs=[token] if token is not None and state.params.logprobs is not None else [],
+            new_logprobs=tokens[: len(new_ids)] if state.params.logprobs is not None else [],
             prompt_logprobs=state.prompt_logprobs if with_prompt_logprobs else None,
             num_output_tokens=request.num_output_tokens,
             finished=finish_reason is not None,

@@ -10,6 +10,7 @@ import torch
 from engine.kv_policy import QueryRecorder
 from engine.models import AttentionContext, LlamaForCausalLM
 from engine.sampler import SampledToken, Sampler, SamplingRow, logprob_tokens
+from engine.spec.verifier import verify
 from engine.structured.masks import GrammarMasks
 from kernels.backend import AttentionBackend, BatchLayout
 from kernels.quantized_cache import PagedCache
@@ -39,8 +40,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(
         self, output: SchedulerOutput, rows: Mapping[str, SamplingRow], prompt_logprobs_from: Mapping[str, int]
-    ) -> tuple[dict[str, SampledToken], dict[str, list[SampledToken]]]:
-        """Compute the scheduled tokens; return one sampled token for each request whose chunk reached its end.
+    ) -> tuple[dict[str, list[SampledToken]], dict[str, list[SampledToken]]]:
+        """Compute the scheduled tokens; return the new tokens of each request whose chunk reached its end: one
+        sampled token, or for a request with drafts the accepted ones and the target's own (engine/spec/verifier.py).
 
         ``prompt_logprobs_from`` maps requests that want prompt logprobs to the first prompt position not yet recorded;
         the second result holds, per such request, the entries of the chunk's positions from there on (in order).
@@ -48,7 +50,8 @@ class ModelRunner:
         # Decodes (one token) first: the attention backend handles them as one batched computation.
         batch = sorted(output.scheduled, key=lambda s: len(s.token_ids) != 1)
         layout, input_ids, positions = self._flatten(batch)
-        masks = self.grammar_masks.start([rows[s.request_id].matcher for s in batch if s.sample])  # beside the forward
+        plain = [s for s in batch if s.sample and not s.num_draft_tokens]
+        masks = self.grammar_masks.start([rows[s.request_id].matcher for s in plain])  # beside the forward
         ctx = AttentionContext(self.backend, self.backend.prepare(layout, self.dtype), self.kv_caches)
         if self.query_recorder is not None:
             ends = list(itertools.accumulate(layout.query_lens))
@@ -58,7 +61,7 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, ctx)
         if self.query_recorder is not None:
             self.query_recorder.end_step()
-        last_rows, sampled = [], []
+        last_rows, draft_rows = [], []
         prompt_logprobs: dict[str, list[SampledToken]] = {}
         end = 0
         for scheduled in batch:
@@ -69,14 +72,22 @@ class ModelRunner:
                 )
                 if entries:
                     prompt_logprobs[scheduled.request_id] = entries
-            if scheduled.sample:
+            if scheduled.num_draft_tokens:
+                draft_rows.extend(range(begin, end))
+            elif scheduled.sample:
                 last_rows.append(end - 1)
-                sampled.append(scheduled.request_id)
-        if not sampled:
-            return {}, prompt_logprobs
-        logits = self.model.compute_logits(hidden[last_rows])
-        tokens = self.sampler(logits, [rows[request_id] for request_id in sampled], masks)
-        return dict(zip(sampled, tokens)), prompt_logprobs
+        new_tokens: dict[str, list[SampledToken]] = {}
+        if plain:
+            logits = self.model.compute_logits(hidden[last_rows])
+            tokens = self.sampler(logits, [rows[s.request_id] for s in plain], masks)
+            new_tokens = {s.request_id: [token] for s, token in zip(plain, tokens)}
+        speculating = [s for s in batch if s.num_draft_tokens]
+        if speculating:
+            drafts = [s.token_ids[len(s.token_ids) - s.num_draft_tokens :] for s in speculating]
+            logits = self.model.compute_logits(hidden[draft_rows])
+            verified = verify(logits, [rows[s.request_id] for s in speculating], drafts)
+            new_tokens |= {s.request_id: [SampledToken(t) for t in ids] for s, ids in zip(speculating, verified)}
+        return new_tokens, prompt_logprobs
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, scheduled: ScheduledRequest, row: SamplingRow, first: int

@@ -97,6 +97,37 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
         logits.scatter_(1, order, sorted_logits.masked_fill(cut, float("-inf")))
 
 
+def adjust_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Logit bias, the min-tokens ban on stops, then penalties, in place: the logits greedy decoding maximises."""
+    for i, row in enumerate(rows):
+        params = row.params
+        if params.logit_bias:
+            ids = torch.tensor([int(t) for t in params.logit_bias], dtype=torch.long)
+            logits[i].index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype))
+        if len(row.output_token_ids) < params.min_tokens:
+            banned = row.eos_token_ids | frozenset(params.stop_token_ids)
+            if banned:
+                logits[i, list(banned)] = float("-inf")
+    penalised_rows = [i for i, r in enumerate(rows) if r.params.uses_penalties]
+    if penalised_rows:
+        subset = logits[penalised_rows]
+        apply_penalties(subset, [rows[i] for i in penalised_rows])
+        logits[penalised_rows] = subset
+
+
+def sampling_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The distribution non-greedy ``rows`` sample from: adjusted ``logits`` (modified in place) over the temperature,
+    cut by top-k/top-p/min-p."""
+    logits /= torch.tensor([r.params.temperature for r in rows]).unsqueeze(1)
+    apply_top_k_top_p_min_p(
+        logits,
+        torch.tensor([max(r.params.top_k, 0) for r in rows]),
+        torch.tensor([r.params.top_p for r in rows]),
+        torch.tensor([r.params.min_p for r in rows]),
+    )
+    return torch.softmax(logits, dim=-1)
+
+
 class Sampler:
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow], masks: PendingMasks | None = None
@@ -110,12 +141,7 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         if masks is not None:
             masks.apply(logits)  # first: penalties, temperature and the cuts only ever see allowed tokens
-        self._apply_biases(logits, rows)
-        penalised_rows = [i for i, r in enumerate(rows) if r.params.uses_penalties]
-        if penalised_rows:
-            subset = logits[penalised_rows]
-            apply_penalties(subset, [rows[i] for i in penalised_rows])
-            logits[penalised_rows] = subset
+        adjust_logits(logits, rows)
         token_ids = self._choose(logits, rows).tolist()
         results = [self._result(token_ids[i], i, rows[i], raw_logprobs) for i in range(len(rows))]
         # Matchers move last and only once every row is known to be fine, so a failed call changes no state and
@@ -133,33 +159,12 @@ class Sampler:
         return results
 
     @staticmethod
-    def _apply_biases(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
-        for i, row in enumerate(rows):
-            params = row.params
-            if params.logit_bias:
-                ids = torch.tensor([int(t) for t in params.logit_bias], dtype=torch.long)
-                logits[i].index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype))
-            if len(row.output_token_ids) < params.min_tokens:
-                banned = row.eos_token_ids | frozenset(params.stop_token_ids)
-                if banned:
-                    logits[i, list(banned)] = float("-inf")
-
-    @staticmethod
     def _choose(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         chosen = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not random_rows:
             return chosen
-        subset = logits[random_rows]
-        temperature = torch.tensor([rows[i].params.temperature for i in random_rows]).unsqueeze(1)
-        subset /= temperature
-        apply_top_k_top_p_min_p(
-            subset,
-            torch.tensor([max(rows[i].params.top_k, 0) for i in random_rows]),
-            torch.tensor([rows[i].params.top_p for i in random_rows]),
-            torch.tensor([rows[i].params.min_p for i in random_rows]),
-        )
-        probs = torch.softmax(subset, dim=-1)
+        probs = sampling_probs(logits[random_rows], [rows[i] for i in random_rows])
         # Gumbel-max in its exponential form: argmax(p / E) with E ~ Exp(1) samples from p.
         noise = torch.empty_like(probs)
         for j, i in enumerate(random_rows):

@@ -41,6 +41,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's (but the first) plus the k most likely
     logit_bias: dict[int, float] = field(default_factory=dict)
     structured_outputs: StructuredOutputs | None = None  # a grammar the output must match (vLLM's name)
+    speculative_decoding: bool = True  # False: never draft tokens for this request, even with a drafter configured
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,6 +51,20 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def can_speculate(self) -> bool:
+        """Whether verified drafts give this request what sampling alone would. Logprobs and grammars are not
+        computed for draft positions, a stop string is found only after a step's tokens are all appended, and a
+        seed promises the same draws as a run without drafts."""
+        return (
+            self.speculative_decoding
+            and not self.stop
+            and self.logprobs is None
+            and self.prompt_logprobs is None
+            and self.structured_outputs is None
+            and (self.seed is None or self.greedy)
+        )
 
     @property
     def uses_penalties(self) -> bool:

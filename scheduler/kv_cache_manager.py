@@ -115,6 +115,14 @@ class KVCacheManager:
         prefix caching off.
         """
         assert not self.pool.enable_prefix_caching, "compacted blocks must not be shared"
+        self._free_past(request, num_tokens)
+
+    def free_unused(self, request: Request) -> None:
+        """Free the blocks past the request's KV rows (those allocated for draft tokens that were rejected)."""
+        assert self.num_blocks_needed(request.num_kv_tokens) >= self._num_cached_blocks[request.request_id]
+        self._free_past(request, request.num_kv_tokens)
+
+    def _free_past(self, request: Request, num_tokens: int) -> None:
         table = self._tables[request.request_id]
         keep = self.num_blocks_needed(num_tokens)
         self.pool.free(reversed(table[keep:]))

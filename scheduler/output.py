@@ -8,11 +8,13 @@ from scheduler.request import FinishReason
 @dataclass(frozen=True)
 class ScheduledRequest:
     request_id: str
-    token_ids: list[int]  # tokens whose KV is computed this step: a prefill chunk or the one decode token
+    # Tokens whose KV is computed this step: a prefill chunk, or the one decode token followed by draft tokens.
+    token_ids: list[int]
     start_position: int  # position of token_ids[0] (the request's num_computed_tokens before this step)
     cache_position: int  # the KV-cache row token_ids[0] is written to (start_position less evicted tokens)
     block_table: list[int]  # the request's whole block table after allocation (a copy)
     sample: bool  # the chunk reaches the end of the known tokens, so the runner samples the next token
+    num_draft_tokens: int = 0  # the last ones of token_ids are drafts: the runner verifies them
 
 
 @dataclass(frozen=True)

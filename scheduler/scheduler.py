@@ -1,5 +1,7 @@
 """Continuous batching: decides each step which tokens of which requests the model computes."""
 
+import dataclasses
+
 from scheduler.config import SchedulerConfig
 from scheduler.errors import RequestRejected
 from scheduler.kv_cache_manager import KVCacheManager
@@ -59,6 +61,9 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
+        # Blocks are short after a preemption: then the drafts are dropped.
+        budget -= self._attach_drafts(scheduled, 0 if preempted else budget)
+
         # Admit waiting requests in queue order; never preempt for them, and skip admission after a preemption.
         while not preempted and self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             request = self.waiting.peek()
@@ -85,14 +90,16 @@ class Scheduler:
         """Apply a computed step: sampled tokens for requests with ``sample``, stop checks, prefix-cache registration.
 
         ``sampled_token_ids`` maps every scheduled request with ``sample`` to its new tokens (several under speculative
-        decoding). Requests finished since ``schedule()`` are skipped, so a runner failing one request reports it with
-        ``finish_request(..., FinishReason.ERROR)`` first.
+        decoding: the accepted drafts, then the target's own token). Requests finished since ``schedule()`` are
+        skipped, so a runner failing one request reports it with ``finish_request(..., FinishReason.ERROR)`` first.
         """
         updates = []
         for item in output.scheduled:
             request = self._requests.get(item.request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # finished from outside after schedule()
+            # Drafts' KV rows count only once accepted: drop them all here, and keep the accepted ones below.
+            request.num_computed_tokens -= item.num_draft_tokens
             self.kv_cache_manager.cache_full_blocks(request)
             if not item.sample:
                 continue
@@ -105,6 +112,8 @@ class Scheduler:
                 if reason is not None:
                     self._finish(request, reason)
                     break
+            if item.num_draft_tokens and reason is None:
+                self._keep_accepted_drafts(request, item, new_token_ids)
             updates.append(RequestUpdate(request.request_id, new_token_ids, reason))
         return updates
 
@@ -208,10 +217,45 @@ class Scheduler:
             sample=request.num_computed_tokens == request.num_tokens,
         )
 
+    def _attach_drafts(self, scheduled: list[ScheduledRequest], budget: int) -> int:
+        """Add their draft tokens to the scheduled decodes, within ``budget`` tokens and only into free blocks (so
+        speculation never preempts a request); every scheduled request's drafts are consumed. Returns tokens added."""
+        added = 0
+        for index, item in enumerate(scheduled):
+            request = self._requests[item.request_id]
+            drafts, request.draft_token_ids = request.draft_token_ids, []
+            if not (drafts and item.sample and len(item.token_ids) == 1 and added < budget):
+                continue
+            # Drafts past max_tokens less one could never be kept (the target adds a token after the accepted
+            # ones); the cut also keeps every position inside the context and the blocks _validate accounted for.
+            room = min(self._cap(budget - added + 1), request.max_tokens - request.num_output_tokens) - 1
+            drafts = drafts[:room]
+            if not drafts or self.kv_cache_manager.allocate_slots(request, len(drafts)) is None:
+                continue
+            request.num_computed_tokens += len(drafts)
+            added += len(drafts)
+            scheduled[index] = dataclasses.replace(
+                item,
+                token_ids=item.token_ids + drafts,
+                block_table=self.kv_cache_manager.block_table(request.request_id),
+                num_draft_tokens=len(drafts),
+            )
+        return added
+
+    def _keep_accepted_drafts(self, request: Request, item: ScheduledRequest, new_token_ids: list[int]) -> None:
+        """Count the accepted drafts' KV rows as computed again and free the blocks only rejected ones used."""
+        accepted = len(new_token_ids) - 1
+        drafts = item.token_ids[len(item.token_ids) - item.num_draft_tokens :]
+        assert new_token_ids[:accepted] == drafts[:accepted], "only a prefix of the drafts can be accepted"
+        request.num_computed_tokens += accepted
+        self.kv_cache_manager.free_unused(request)
+        self.kv_cache_manager.cache_full_blocks(request)
+
     def _preempt(self, request: Request) -> None:
         """Drop the request's KV and requeue it; on readmission it recomputes all its tokens, minus prefix hits."""
         self.kv_cache_manager.free(request)
         request.num_computed_tokens = request.num_evicted_tokens = 0
+        request.draft_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self._num_preemptions += 1

@@ -53,6 +53,9 @@ class EngineMetrics:
         ).labels(model_name, kv_policy, str(kv_budget if kv_policy != "none" else 0)).set(1)
         self.kv_compactions = counter("kv_policy_compactions", "Times the KV policy compacted a sequence's cache.")
         self.kv_evicted = counter("kv_policy_evicted_tokens", "KV rows the KV policy dropped or merged away.")
+        self.spec_drafts = counter("spec_decode_num_drafts", "Request steps that verified draft tokens.")
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens verified.")
+        self.spec_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
         self.success = Counter(
             "spindle:request_success",
             "Finished requests by finish reason.",
@@ -79,6 +82,9 @@ class EngineMetrics:
         self._advance(self.preemptions, stats.num_preemptions)
         self._advance(self.kv_compactions, counters.kv_compactions)
         self._advance(self.kv_evicted, counters.kv_evicted_tokens)
+        self._advance(self.spec_drafts, counters.spec_drafts)
+        self._advance(self.spec_draft_tokens, counters.spec_draft_tokens)
+        self._advance(self.spec_accepted_tokens, counters.spec_accepted_tokens)
         for reason, count in counters.finished.items():
             self._advance(self.success.labels(self.model_name, reason), count)
         for output in outputs:

@@ -94,6 +94,7 @@ class SamplingFields(OpenAIModel):
     user: str | None = None
     priority: int = Field(default=0, ge=INT64_MIN, le=INT64_MAX)
     return_token_ids: bool = False  # vLLM's extension: token ids in each choice
+    speculative_decoding: bool = True  # False: no draft tokens for this request when the server speculates
     # Structured output (server/structured.py): OpenAI's response_format, vLLM's structured_outputs and guided_*.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None
@@ -131,6 +132,7 @@ class SamplingFields(OpenAIModel):
             prompt_logprobs=prompt_logprobs,
             logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
             structured_outputs=structured_outputs,
+            speculative_decoding=self.speculative_decoding,
         )
 
     @field_validator("logit_bias")

@@ -20,6 +20,7 @@ from engine.config import (
     ModelConfig,
     RuntimeConfig,
     ServerConfig,
+    SpeculativeConfig,
     add_config_arguments,
     build_config,
     config_from_args,
@@ -33,6 +34,7 @@ SECTION_CLASSES = {
     "cache": CacheConfig,
     "scheduler": SchedulerConfig,
     "runtime": RuntimeConfig,
+    "speculative": SpeculativeConfig,
     "server": ServerConfig,
 }
 GIB = 1024**3

@@ -48,7 +48,7 @@ TORCH_VERSION = "2.13.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 SMOLLM2_VERSION = "0.1.2"
 SERVER_PORT = 8000
-# Documented in docker/README.md: no data until speculative decoding exists and exports them.
+# Documented in docker/README.md: no data unless the server speculates.
 SPEC_DECODE_METRICS = {
     "spindle:spec_decode_num_accepted_tokens_total",
     "spindle:spec_decode_num_draft_tokens_total",

@@ -85,7 +85,7 @@ def check_step(scheduler: Scheduler, output: SchedulerOutput) -> None:
         if config.long_prefill_token_threshold:
             assert len(item.token_ids) <= config.long_prefill_token_threshold
         assert len(item.block_table) * kv.block_size >= item.start_position + len(item.token_ids)
-        assert item.sample == (item.start_position + len(item.token_ids) == request.num_tokens)
+        assert item.sample == (item.start_position + len(item.token_ids) - item.num_draft_tokens == request.num_tokens)
         assert item.sample or config.enable_chunked_prefill, "a prefill was split with chunking disabled"
     check_blocks(scheduler)
 

@@ -1,0 +1,148 @@
+"""Random programs with speculative decoding on: drafts of random quality are scheduled, verified and rolled back,
+and the KV accounting stays exact (no leak, no double ownership, each table exactly as long as its computed rows)."""
+
+import random
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scheduler import FinishReason, KVCacheManager, Request, RequestRejected, RequestStatus, Scheduler, SchedulerOutput
+from tests.test_scheduler import (
+    VOCAB,
+    FakeRunner,
+    check_blocks,
+    check_step,
+    make_scheduler,
+    next_token,
+    reference_output,
+)
+from tests.test_scheduler_properties import Abort, Add, Step, make_request, programs
+
+
+class VerifyingRunner(FakeRunner):
+    """The fake model, verifying drafts like a greedy target: it accepts the drafts equal to ``next_token`` of the
+    context read back from the KV cache (draft rows included), then adds its own token."""
+
+    def __init__(self, manager: KVCacheManager) -> None:
+        super().__init__(manager)
+        self.draft_tokens = self.accepted_tokens = 0
+
+    def execute(self, output: SchedulerOutput) -> dict[str, list[int]]:
+        sampled = super().execute(output)  # writes every row; samples after the last one, which is wrong for drafts
+        for item in output.scheduled:
+            if not item.num_draft_tokens:
+                continue
+            end = item.start_position + len(item.token_ids)
+            context = [self.kv[item.block_table[p // self.block_size]][p % self.block_size] for p in range(end)]
+            tokens = [slot[1] for slot in context if slot is not None]
+            assert len(tokens) == end
+            first_draft = end - item.num_draft_tokens
+            new = []
+            for position in range(first_draft, end + 1):
+                expected = next_token(tokens[:position])
+                new.append(expected)
+                if position == end or tokens[position] != expected:
+                    break
+            self.draft_tokens += item.num_draft_tokens
+            self.accepted_tokens += len(new) - 1
+            sampled[item.request_id] = new
+        return sampled
+
+
+def propose(scheduler: Scheduler, rng: random.Random) -> None:
+    """Give each decoding request up to 5 drafts: its true continuation for a random length, then a wrong token."""
+    for request in scheduler.running:
+        if request.num_computed_tokens != request.num_tokens - 1:
+            continue
+        tokens, drafts = list(request.all_token_ids), []
+        num_right, num_drafts = rng.randint(0, 5), rng.randint(0, 5)
+        for i in range(num_drafts):
+            token = next_token(tokens)
+            if i >= num_right:
+                token = (token + rng.randint(1, VOCAB - 1)) % VOCAB
+            tokens.append(token)
+            drafts.append(token)
+        request.draft_token_ids = drafts
+
+
+def check_exact_tables(scheduler: Scheduler) -> None:
+    kv = scheduler.kv_cache_manager
+    for request in scheduler.running:
+        table = kv.block_table(request.request_id)
+        assert len(table) == kv.num_blocks_needed(request.num_computed_tokens), request.request_id
+        assert request.num_computed_tokens < request.num_tokens, "rejected draft rows still counted"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(setup=programs(), seed=st.integers(0, 2**32 - 1))
+def test_speculative_programs_keep_exact_kv_accounting(
+    setup: tuple[dict[str, Any], list[Add | Step | Abort]], seed: int
+) -> None:
+    limits, program = setup
+    rng = random.Random(seed)
+    scheduler = make_scheduler(**limits)
+    runner = VerifyingRunner(scheduler.kv_cache_manager)
+    added: list[Request] = []
+
+    def run_step() -> None:
+        propose(scheduler, rng)
+        output = scheduler.schedule()
+        check_step(scheduler, output)
+        for item in output.scheduled:
+            assert not scheduler.get_request(item.request_id).draft_token_ids  # consumed
+        scheduler.update(output, runner.execute(output))
+        check_blocks(scheduler)
+        check_exact_tables(scheduler)
+
+    for op in program:
+        if isinstance(op, Add):
+            request = make_request(op, f"r{len(added)}")
+            try:
+                scheduler.add_request(request)
+            except RequestRejected:
+                continue
+            added.append(request)
+        elif isinstance(op, Step):
+            for _ in range(op.count):
+                run_step()
+        elif added:
+            scheduler.finish_request(added[op.index % len(added)].request_id, FinishReason.ABORT)
+
+    budget = (len(added) + 1) * scheduler.config.max_model_len
+    while scheduler.has_unfinished_requests():
+        run_step()
+        budget -= 1
+        assert budget > 0, "scheduler stopped making progress"
+
+    kv = scheduler.kv_cache_manager
+    assert kv.num_free_blocks == kv.num_blocks, "blocks leaked"
+    for request in added:
+        assert request.status is RequestStatus.FINISHED
+        expected, reason = reference_output(request)
+        if request.finish_reason is FinishReason.ABORT:
+            assert request.output_token_ids == expected[: request.num_output_tokens]
+        else:
+            assert (request.output_token_ids, request.finish_reason) == (expected, reason)
+
+
+def test_drafts_are_verified_and_rejected_rows_rolled_back() -> None:
+    """A hand-checked case: 4 drafts, 2 right; 3 tokens kept and the block the rejected rows took is freed."""
+    scheduler = make_scheduler(num_blocks=16, block_size=4, prefix_caching=True)
+    runner = VerifyingRunner(scheduler.kv_cache_manager)
+    request = Request("a", list(range(5)), max_tokens=20)
+    scheduler.add_request(request)
+    scheduler.update(output := scheduler.schedule(), runner.execute(output))  # prefill: 5 rows, 2 blocks
+    tokens = list(request.all_token_ids)
+    right = [next_token(tokens), next_token([*tokens, next_token(tokens)])]
+    request.draft_token_ids = [*right, (right[1] + 1) % VOCAB, 5]
+    output = scheduler.schedule()
+    (item,) = output.scheduled
+    assert item.num_draft_tokens == 4 and len(item.token_ids) == 5
+    assert len(item.block_table) == 3  # rows 0..9
+    scheduler.update(output, runner.execute(output))
+    assert request.output_token_ids[1:3] == right and request.num_output_tokens == 4
+    assert request.num_computed_tokens == request.num_tokens - 1 == 8
+    assert len(scheduler.kv_cache_manager.block_table("a")) == 2  # rows 0..7
+    assert scheduler.kv_cache_manager.num_free_blocks == 14
+    assert runner.accepted_tokens == 2 and runner.draft_tokens == 4
