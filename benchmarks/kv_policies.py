@@ -57,6 +57,8 @@ class Row:
 def parse_setting(setting: str) -> dict[str, str | int]:
     """``int8+snapkv:256`` -> the config fields it sets."""
     dtype, _, rest = setting.rpartition("+")
+    if not dtype and rest in ("int8", "int4"):  # a KV-cache dtype alone
+        dtype, rest = rest, "none"
     policy, _, budget = rest.partition(":")
     fields: dict[str, str | int] = {"kv_cache_dtype": dtype or "auto", "kv_policy": policy}
     if budget:
