@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler import FinishReason, KVCacheManager, Request, RequestRejected, RequestStatus, Scheduler, SchedulerOutput
+from scheduler import KVCacheManager, Request, Scheduler, SchedulerOutput
 from tests.test_scheduler import (
     VOCAB,
     FakeRunner,
@@ -15,9 +15,8 @@ from tests.test_scheduler import (
     check_step,
     make_scheduler,
     next_token,
-    reference_output,
 )
-from tests.test_scheduler_properties import Abort, Add, Step, make_request, programs
+from tests.test_scheduler_properties import Abort, Add, Step, check_against_reference, programs, run_program
 
 
 class VerifyingRunner(FakeRunner):
@@ -83,7 +82,6 @@ def test_speculative_programs_keep_exact_kv_accounting(
     rng = random.Random(seed)
     scheduler = make_scheduler(**limits)
     runner = VerifyingRunner(scheduler.kv_cache_manager)
-    added: list[Request] = []
 
     def run_step() -> None:
         propose(scheduler, rng)
@@ -95,35 +93,7 @@ def test_speculative_programs_keep_exact_kv_accounting(
         check_blocks(scheduler)
         check_exact_tables(scheduler)
 
-    for op in program:
-        if isinstance(op, Add):
-            request = make_request(op, f"r{len(added)}")
-            try:
-                scheduler.add_request(request)
-            except RequestRejected:
-                continue
-            added.append(request)
-        elif isinstance(op, Step):
-            for _ in range(op.count):
-                run_step()
-        elif added:
-            scheduler.finish_request(added[op.index % len(added)].request_id, FinishReason.ABORT)
-
-    budget = (len(added) + 1) * scheduler.config.max_model_len
-    while scheduler.has_unfinished_requests():
-        run_step()
-        budget -= 1
-        assert budget > 0, "scheduler stopped making progress"
-
-    kv = scheduler.kv_cache_manager
-    assert kv.num_free_blocks == kv.num_blocks, "blocks leaked"
-    for request in added:
-        assert request.status is RequestStatus.FINISHED
-        expected, reason = reference_output(request)
-        if request.finish_reason is FinishReason.ABORT:
-            assert request.output_token_ids == expected[: request.num_output_tokens]
-        else:
-            assert (request.output_token_ids, request.finish_reason) == (expected, reason)
+    check_against_reference(run_program(scheduler, program, run_step))
 
 
 def test_drafts_are_verified_and_rejected_rows_rolled_back() -> None:
