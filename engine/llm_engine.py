@@ -239,8 +239,9 @@ class LLMEngine:
         prompt_logprobs_from = {
             rid: len(s.prompt_logprobs) for rid, s in self._states.items() if s.params.prompt_logprobs is not None
         }
+        rows = {rid: s.row for rid, s in self._states.items()}
         sampled, prompt_logprobs, failures = self._execute_isolating(
-            scheduled, scheduled.scheduled, prompt_logprobs_from
+            scheduled, scheduled.scheduled, rows, prompt_logprobs_from
         )
         for rid in failures:
             self.scheduler.finish_request(rid, FinishReason.ERROR)
@@ -267,6 +268,7 @@ class LLMEngine:
         self,
         scheduled: SchedulerOutput,
         items: list[ScheduledRequest],
+        rows: dict[str, SamplingRow],
         prompt_logprobs_from: dict[str, int],
     ) -> tuple[dict[str, list[SampledToken]], dict[str, list[SampledToken]], dict[str, str]]:
         """Run ``items`` as one batch; if that raises, bisect the batch so only the requests that fail on their own
@@ -276,7 +278,6 @@ class LLMEngine:
         advances seeded generators and grammar matchers) comes last, so a raising run has not consumed them. (An
         attention-scored KV policy may record a retried chunk's queries twice: its scores then weigh them double.)
         """
-        rows = {rid: s.row for rid, s in self._states.items()}
         try:
             sampled, prompt_logprobs = self.runner.execute(
                 dataclasses.replace(scheduled, scheduled=items), rows, prompt_logprobs_from
@@ -288,8 +289,8 @@ class LLMEngine:
                 return {}, {}, {items[0].request_id: f"model step failed: {exc}"}
             logger.warning("a model step of %d requests failed (%s); isolating the failing requests", len(items), exc)
         half = len(items) // 2
-        first = self._execute_isolating(scheduled, items[:half], prompt_logprobs_from)
-        second = self._execute_isolating(scheduled, items[half:], prompt_logprobs_from)
+        first = self._execute_isolating(scheduled, items[:half], rows, prompt_logprobs_from)
+        second = self._execute_isolating(scheduled, items[half:], rows, prompt_logprobs_from)
         return first[0] | second[0], first[1] | second[1], first[2] | second[2]
 
     def _propose_drafts(self) -> None:
