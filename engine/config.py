@@ -29,6 +29,7 @@ from scheduler.config import SchedulerConfig
 ENV_PREFIX = "SPINDLE_"
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_QUANTIZATIONS = ("auto", "none", "int4")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 
 
@@ -38,9 +39,29 @@ class ModelConfig:
     served_model_name: str | None = None
     dtype: str = "bfloat16"
     seed: int = 0
+    # auto | none | int4: 4-bit weight-only copies of the decoder's linear layers for small steps on the CPU (auto:
+    # int4 when the model's own weights are GGUF Q4_1, which the copies reproduce exactly; none otherwise)
+    weight_quantization: str = "auto"
+    int4_max_rows: int = 4  # steps of at most this many tokens use the 4-bit copies, larger ones the dense weights
 
     def __post_init__(self) -> None:
         _ = self.torch_dtype  # validates the name now rather than when the model is loaded
+        if self.weight_quantization not in WEIGHT_QUANTIZATIONS:
+            raise ValueError(
+                f"weight_quantization must be one of {', '.join(WEIGHT_QUANTIZATIONS)}, "
+                f"got {self.weight_quantization!r}"
+            )
+        if self.int4_max_rows < 1:
+            raise ValueError(f"int4_max_rows must be >= 1, got {self.int4_max_rows}")
+
+    def int4_rows(self, weights_are_q4_1: bool, device: torch.device) -> int:
+        """How many rows a step may have to use the 4-bit copies; 0: build none."""
+        if self.weight_quantization == "int4" and device.type != "cpu":
+            raise ConfigError(f"weight_quantization int4 runs on the CPU only, not on {device.type}")
+        wanted = self.weight_quantization == "int4" or (
+            self.weight_quantization == "auto" and weights_are_q4_1 and device.type == "cpu"
+        )
+        return self.int4_max_rows if wanted else 0
 
     @property
     def torch_dtype(self) -> torch.dtype:

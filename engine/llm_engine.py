@@ -91,7 +91,8 @@ class LLMEngine:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         started = time.monotonic()
-        model = build_model(self.source, dtype, self.device, progress)
+        int4_rows = config.model.int4_rows(self.source.linear_weights_are_q4_1, self.device)
+        model = build_model(self.source, dtype, self.device, progress, int4_rows)
         model.warm_up(self.scheduler_config.max_num_batched_tokens, self.scheduler_config.max_num_seqs)
         self.load_seconds = time.monotonic() - started
         kv_caches = allocate_kv_cache(layout, num_blocks, self.device)
@@ -121,12 +122,14 @@ class LLMEngine:
         self.counters = EngineCounters()
         self._states: dict[str, _RequestState] = {}
         logger.info(
-            "model %s loaded in %.1fs (%s, %s); KV cache (%s): %d blocks of %d tokens = %d tokens, %.1f MiB; "
+            "model %s loaded in %.1fs (%s, %s; 4-bit weight copies: %s); "
+            "KV cache (%s): %d blocks of %d tokens = %d tokens, %.1f MiB; "
             "attention backend: %s; kv policy: %s; speculative decoding: %s",
             self.model_name,
             self.load_seconds,
             config.model.dtype,
             self.device,
+            f"steps of up to {int4_rows} tokens" if int4_rows else "none",
             layout.kv_cache_dtype,
             num_blocks,
             layout.block_size,

@@ -78,3 +78,14 @@ def test_last_position_logprobs_match_reference(llm: LLM, prompts, references) -
             assert abs(logprob - float(reference[token_id])) < 1e-4
         expected_top = set(reference.topk(20).indices.tolist())
         assert {token_id for token_id, _ in token.top_logprobs} == expected_top
+
+
+def test_four_bit_weight_copies_reproduce_the_reference(prompts, references) -> None:
+    """The embedded model's projections are Q4_1: their 4-bit copies hold the file's own levels, so every step run
+    through them (prefill too, with the row limit above any step) still decodes the reference's tokens."""
+    config = build_config("fp32", {"weight_quantization": "int4", "int4_max_rows": 4096})
+    four_bit = LLM(config=config)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    results = four_bit.generate(prompts, params)
+    for i, (result, (expected, _)) in enumerate(zip(results, references)):
+        assert result.outputs[0].token_ids == expected, f"prompt {i} diverged"

@@ -26,6 +26,10 @@ class ModelSource:
     name: str
     gguf_reader: gguf.GGUFReader | None = None  # kept open: parsing a GGUF header is not free
 
+    @property
+    def linear_weights_are_q4_1(self) -> bool:
+        return self.gguf_reader is not None and gguf_loader.linear_weights_are_q4_1(self.gguf_reader)
+
     def iter_weights(self, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (Hugging Face tensor name, tensor in ``dtype``)."""
         if self.gguf_reader is not None:

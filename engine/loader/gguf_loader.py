@@ -35,6 +35,7 @@ _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+_PROJECTIONS = frozenset(kind for kind in _LAYER_TENSORS if not kind.endswith("_norm"))
 _GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -102,6 +103,16 @@ def check_tensor_types(reader: gguf.GGUFReader, path: Path) -> None:
                 f"{path.name}: tensor {tensor.name!r} has unsupported quantization type {tensor.tensor_type.name} "
                 f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TENSOR_TYPES))})"
             )
+
+
+def linear_weights_are_q4_1(reader: gguf.GGUFReader) -> bool:
+    """Whether every projection of every layer is stored as Q4_1 (32 levels per block with a scale and a minimum)."""
+    projections = [
+        tensor
+        for tensor in reader.tensors
+        if tensor.name.startswith("blk.") and tensor.name.split(".")[2] in _PROJECTIONS
+    ]
+    return bool(projections) and all(tensor.tensor_type == Q.Q4_1 for tensor in projections)
 
 
 def hf_name(gguf_name: str) -> str:

@@ -11,9 +11,12 @@ __all__ = ["AttentionContext", "LlamaForCausalLM", "build_model"]
 
 
 def build_model(
-    source: ModelSource, dtype: torch.dtype, device: torch.device, progress: bool = True
+    source: ModelSource, dtype: torch.dtype, device: torch.device, progress: bool = True, int4_max_rows: int = 0
 ) -> LlamaForCausalLM:
-    """Build the architecture without initialising weights (on "meta"), then fill it from the model files."""
+    """Build the architecture without initialising weights (on "meta"), then fill it from the model files.
+
+    ``int4_max_rows`` > 0 adds 4-bit copies of the decoder's projections for steps of up to that many rows; the
+    weights are then read in fp32 so that the copies start from the exact values."""
     with torch.device("meta"):
         model = LlamaForCausalLM(source.spec)
     model = model.to_empty(device=device).to(dtype)
@@ -22,5 +25,6 @@ def build_model(
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_tables()
-    model.load_weights(source.iter_weights(dtype, progress))
+    load_dtype = torch.float32 if int4_max_rows else dtype
+    model.load_weights(source.iter_weights(load_dtype, progress), int4_max_rows)
     return model.eval().requires_grad_(False)

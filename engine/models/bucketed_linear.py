@@ -7,6 +7,8 @@ Padding the rows to a bucket bounds the shapes to about fifty per weight (a few 
 capacity, so none is compiled twice). Steps of up to 64 rows (decodes) are bound by reading the weights more than by
 their rows, so they pad to a multiple of 8; longer ones pad by at most an eighth, and a step that fills a power-of-two
 token budget exactly not at all. fp32 goes through MKL, which compiles nothing per shape, so it is left alone.
+
+A layer may also hold a 4-bit copy of its weight (``Int4Weight``) that steps of up to ``int4_max_rows`` rows use.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from engine.models.int4_weights import Int4Weight
 
 _BUCKETED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -27,12 +31,21 @@ def bucket_rows(rows: int) -> int:
 
 
 class BucketedLinear(nn.Linear):
+    int4: Int4Weight | None = None
+    int4_max_rows: int = 0
+
+    def use_int4(self, weight: Int4Weight, max_rows: int) -> None:
+        self.int4, self.int4_max_rows = weight, max_rows
+
     @property
     def bucketed(self) -> bool:
         return self.weight.device.type == "cpu" and self.weight.dtype in _BUCKETED_DTYPES
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
+        if self.int4 is not None and x.dim() == 2 and rows <= self.int4_max_rows:
+            out = self.int4.matmul(x)
+            return out if self.bias is None else out + self.bias
         if not self.bucketed or x.dim() != 2:
             return F.linear(x, self.weight, self.bias)
         padded = bucket_rows(rows)

@@ -18,6 +18,7 @@ from torch import nn
 from engine.errors import ModelLoadError
 from engine.model_spec import ModelSpec
 from engine.models.bucketed_linear import BucketedLinear
+from engine.models.int4_weights import Int4Weight
 from kernels.backend import AttentionBackend
 from kernels.quantized_cache import PagedCache
 
@@ -154,8 +155,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up into their combined projections."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], int4_max_rows: int = 0) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up into their combined projections.
+
+        With ``int4_max_rows``, each decoder projection also gets a 4-bit copy for steps of at most that many rows,
+        quantized from the tensors as given (pass fp32 for the exact levels of a Q4_1 file)."""
         spec = self.spec
         fused_slices = {
             "q_proj": ("qkv_proj", 0, spec.q_size),
@@ -168,6 +172,12 @@ class LlamaForCausalLM(nn.Module):
         # A fused parameter is complete once each of its parts arrived.
         parts_needed = {name: 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 1 for name in params}
         parts_loaded: Counter[str] = Counter()
+        projections = {
+            f"{name}.weight": module
+            for name, module in self.layers.named_modules(prefix="layers")
+            if isinstance(module, BucketedLinear)
+        }
+        staged: dict[str, torch.Tensor] = {}  # projections as given, until every part arrived, for their 4-bit copies
         for hf_name, tensor in weights:
             name = hf_name.removeprefix("model.")
             if name == "lm_head.weight" and spec.tie_word_embeddings:
@@ -187,6 +197,13 @@ class LlamaForCausalLM(nn.Module):
                 )
             destination.copy_(tensor)
             parts_loaded[target] += 1
+            if int4_max_rows and target in projections:
+                full = staged.setdefault(target, torch.empty(param.shape, dtype=tensor.dtype))
+                full[offset : offset + tensor.shape[0]].copy_(tensor)
+                if parts_loaded[target] == parts_needed[target]:
+                    full = staged.pop(target)
+                    if Int4Weight.supports(full):
+                        projections[target].use_int4(Int4Weight.quantize(full, param.dtype), int4_max_rows)
         missing = [name for name, needed in parts_needed.items() if parts_loaded[name] < needed]
         if missing:
             raise ModelLoadError(f"weights missing from the model files: {', '.join(missing[:5])}")

@@ -1,0 +1,81 @@
+"""4-bit weight copies: exact for GGUF Q4_1 weights, bounded error otherwise, used only for small steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+from torch.nn import functional as F
+
+from engine.config import ModelConfig
+from engine.errors import ConfigError
+from engine.loader import open_model
+from engine.models.bucketed_linear import BucketedLinear
+from engine.models.int4_weights import GROUP_SIZE, Int4Weight
+
+
+def dequantized_through_the_kernel(weight: Int4Weight, in_features: int) -> torch.Tensor:
+    return weight.matmul(torch.eye(in_features, dtype=weight.scales_and_zeros.dtype)).T
+
+
+def test_q4_1_weights_of_the_default_model_are_reproduced_exactly(model_path) -> None:
+    reader = GGUFReader(model_path)
+    tensors = [t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q4_1]
+    assert len(tensors) == 30 * 7
+    for tensor in tensors[:: len(tensors) // 12]:  # every projection kind, across the layers
+        reference = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+        copy = Int4Weight.quantize(reference, torch.float32)
+        assert torch.equal(dequantized_through_the_kernel(copy, reference.shape[1]), reference), tensor.name
+
+
+def test_other_weights_are_within_half_a_level() -> None:
+    weight = torch.randn(96, 4 * GROUP_SIZE, generator=torch.Generator().manual_seed(0))
+    copy = Int4Weight.quantize(weight, torch.float32)
+    groups = weight.reshape(96, -1, GROUP_SIZE)
+    half_level = ((groups.amax(-1) - groups.amin(-1)) / 15 / 2).repeat_interleave(GROUP_SIZE, dim=1)
+    error = (dequantized_through_the_kernel(copy, weight.shape[1]) - weight).abs()
+    assert (error <= half_level * 1.0001 + 1e-6).all()
+    assert error.max() > 0  # random weights are not 4-bit: the bound is not trivially met
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_steps_use_the_copy_and_larger_ones_the_dense_weight(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(1)
+    layer = BucketedLinear(2 * GROUP_SIZE, 48, bias=False, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(48, 2 * GROUP_SIZE, generator=generator))
+    copy = Int4Weight.quantize(layer.weight.float(), dtype)
+    layer.use_int4(copy, max_rows=4)
+    dequantized = dequantized_through_the_kernel(Int4Weight.quantize(layer.weight.float(), torch.float32), 64)
+    with torch.no_grad():
+        for rows in (1, 4, 5, 9):
+            x = torch.randn(rows, 2 * GROUP_SIZE, generator=generator).to(dtype)
+            expected_weight = dequantized if rows <= 4 else layer.weight.float()
+            expected = F.linear(x.float(), expected_weight)
+            tolerance = 1e-5 if dtype == torch.float32 else 0.03 * expected.abs().max().item()
+            torch.testing.assert_close(layer(x).float(), expected, atol=tolerance, rtol=0)
+    # The copy differs from the dense weight, so the two paths are told apart above.
+    assert not torch.allclose(dequantized, layer.weight.float(), atol=1e-3)
+
+
+def test_auto_turns_the_copies_on_for_q4_1_projections_only(model_path) -> None:
+    assert open_model(model_path).linear_weights_are_q4_1
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cpu) == 4
+    assert ModelConfig().int4_rows(weights_are_q4_1=False, device=cpu) == 0
+    assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cuda) == 0
+    assert ModelConfig(weight_quantization="none").int4_rows(weights_are_q4_1=True, device=cpu) == 0
+    assert ModelConfig(weight_quantization="int4", int4_max_rows=8).int4_rows(False, cpu) == 8
+    with pytest.raises(ConfigError, match="CPU only"):
+        ModelConfig(weight_quantization="int4").int4_rows(True, cuda)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [({"weight_quantization": "int3"}, "weight_quantization must be one of"), ({"int4_max_rows": 0}, ">= 1")],
+)
+def test_bad_settings_are_refused(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**fields)
