@@ -45,8 +45,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def spindle(command: list[str], logs: Path, name: str, timeout: float = 900) -> Iterator[str]:
-    """``spindle COMMAND`` on a free port until the block ends; yields its URL once /health answers 200."""
+def spindle(command: list[str], logs: Path, name: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``spindle COMMAND`` on a free port until the block ends; yields its URL and process (not waiting for it)."""
     port = free_port()
     log = logs / f"{name}.log"
     with log.open("wb") as out:
@@ -57,24 +57,26 @@ def spindle(command: list[str], logs: Path, name: str, timeout: float = 900) -> 
             stderr=subprocess.STDOUT,
             env={k: v for k, v in os.environ.items() if not k.startswith("SPINDLE_")},
         )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}; see {log}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not become healthy in {timeout} s; see {log}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        yield url
+        yield f"http://127.0.0.1:{port}", process
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 900) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}; see its log")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{process.args} did not become healthy in {timeout} s")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
 
 
 def prefix_counters(replicas: list[str]) -> tuple[float, float]:
@@ -107,10 +109,11 @@ def main() -> None:
     tokenizer = open_model(None).tokenizer
     with tempfile.TemporaryDirectory() as logs_dir, ExitStack() as stack:
         logs = Path(logs_dir)
-        replicas = [
+        launched = [
             stack.enter_context(spindle(["serve", *args.serve_flags], logs, f"replica{i}"))
             for i in range(args.replicas)
         ]
+        replicas = [wait_healthy(url, process) for url, process in launched]  # they load side by side
         replica_flags = [item for url in replicas for item in ("--replica", url)]
         rows = []
         for number, policy in enumerate(args.policies):
@@ -126,7 +129,8 @@ def main() -> None:
             # In dataset order, groups cycle (0, 1, ..., 0, 1, ...), which round robin would map onto the replicas
             # one to one whenever the group count is a multiple of the replica count.
             random.Random(args.seed).shuffle(requests)
-            with spindle(["router", *replica_flags, "--routing-policy", policy], logs, f"router-{policy}") as router:
+            with spindle(["router", *replica_flags, "--routing-policy", policy], logs, f"router-{policy}") as started:
+                router = wait_healthy(*started)
                 model = asyncio.run(discover_model(router, None))
                 settings = LoadSettings(
                     router, CHAT_ENDPOINT, model, max_concurrency=args.max_concurrency, ignore_eos=True, progress=False
