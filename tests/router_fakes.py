@@ -50,6 +50,7 @@ class FakeReplica:
     healthy: bool = True  # /health answers 200, else 503
     status: int = 200  # what the completion routes answer (an error body unless 200)
     drop_after_events: int | None = None  # a stream's connection is cut after this many events
+    drop_mid_event: bool = False  # ... and after half of the next one
     stall: bool = False  # hold every request open until the client leaves
     running: int = 0  # reported as spindle:num_requests_running
     received: list[dict[str, Any]] = field(default_factory=list)  # path, authorization, body of each request
@@ -99,10 +100,12 @@ class FakeReplica:
     async def _events(self) -> AsyncIterator[str]:
         try:
             for index in range(EVENTS_PER_STREAM):
-                if index == self.drop_after_events:
-                    raise ConnectionAbortedError("the fake replica drops the stream")  # uvicorn cuts the connection
                 # Split in two writes, so that a relay sees an event arrive in pieces.
+                if index == self.drop_after_events and not self.drop_mid_event:
+                    raise ConnectionAbortedError("the fake replica drops the stream")  # uvicorn cuts the connection
                 yield f'data: {{"replica": "{self.name}", '
+                if index == self.drop_after_events:
+                    raise ConnectionAbortedError("the fake replica drops the stream mid-event")
                 yield f'"index": {index}}}\n\n'
                 if self.stall:
                     await asyncio.sleep(3600)

@@ -239,6 +239,16 @@ def test_prefix_policy_keeps_a_prefix_on_one_replica() -> None:
         assert {name for names in served.values() for name in names} == {"a", "b"}  # 8 prefixes, both used
 
 
+def test_least_loaded_reads_the_replicas_load_from_their_metrics() -> None:
+    busy, idle = FakeReplica("busy", running=5), FakeReplica("idle")
+    with fakes(busy, idle) as urls, router_over(urls, routing_policy="least_loaded") as router:
+        replies = [httpx.post(f"{router}/v1/completions", json={"prompt": f"p{i}"}) for i in range(4)]
+        assert [r.json()["replica"] for r in replies] == ["idle"] * 4
+        busy.running, idle.running = 0, 7
+        wait_until(lambda: router_metrics(router)[f'spindle:router_replica_load{{replica="{urls[1]}"}}'] == 7)
+        assert httpx.post(f"{router}/v1/completions", json={"prompt": "p"}).json()["replica"] == "busy"
+
+
 def test_a_replica_that_cannot_be_reached_is_skipped_and_the_request_retried() -> None:
     live = FakeReplica("live")
     dead_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -264,12 +274,15 @@ def test_a_refusing_replica_is_retried_elsewhere_and_the_last_refusal_returned()
         assert len(busy.received) + len(ok.received) == before + 1
 
 
-def test_a_stream_whose_replica_fails_ends_with_an_error_event() -> None:
-    failing = FakeReplica("failing", drop_after_events=1)
+@pytest.mark.parametrize("mid_event", [False, True], ids=["between-events", "mid-event"])
+def test_a_stream_whose_replica_fails_ends_with_an_error_event(mid_event: bool) -> None:
+    failing = FakeReplica("failing", drop_after_events=1, drop_mid_event=mid_event)
     with fakes(failing) as urls, router_over(urls) as router:
         reply = httpx.post(f"{router}/v1/chat/completions", json=chat("s", "u", stream=True), timeout=10)
         events = [line.removeprefix("data: ") for line in reply.text.split("\n\n") if line]
         assert json.loads(events[0]) == {"replica": "failing", "index": 0}
+        if mid_event:  # the cut event is closed, so that the error event stands on its own
+            assert events.pop(1) == '{"replica": "failing", '
         assert json.loads(events[1])["error"]["message"].startswith("the replica serving this stream failed")
         assert events[2:] == ["[DONE]"]
         assert router_metrics(router)[f'spindle:router_stream_failures_total{{replica="{urls[0]}"}}'] == 1

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -58,18 +56,20 @@ class ReplicaPool:
         await asyncio.gather(*(self.check(replica) for replica in self.replicas))
 
     async def check(self, replica: Replica) -> None:
+        """/health decides whether the replica is in rotation; /metrics, when it can be read, gives its load."""
         headers, timeout = self.poll_headers, HEALTH_CHECK_TIMEOUT
         try:
             health = await self.client.get(f"{replica.url}/health", headers=headers, timeout=timeout)
+        except httpx.HTTPError as exc:
+            self._set_health(replica, False, f"/health: {type(exc).__name__}: {exc}")
+            return
+        self._set_health(replica, health.status_code == 200, f"/health answered {health.status_code}")
+        try:
             metrics = await self.client.get(f"{replica.url}/metrics", headers=headers, timeout=timeout)
-            healthy = health.status_code == 200
-            if healthy and metrics.status_code == 200:
+            if metrics.status_code == 200:
                 replica.reported_load = reported_load(metrics.text)
-            reason = f"/health answered {health.status_code}"
-        except (httpx.HTTPError, ValueError) as exc:  # ValueError: /metrics that is not Prometheus text
-            healthy = False
-            reason = f"{type(exc).__name__}: {exc}"
-        self._set_health(replica, healthy, reason)
+        except (httpx.HTTPError, ValueError) as exc:  # ValueError: not Prometheus text; the last load stands
+            logger.debug("cannot read the load of %s: %s", replica.url, exc)
 
     def mark_failed(self, replica: Replica, reason: str) -> None:
         """A request could not reach the replica: out of rotation until a health check passes again."""
@@ -87,12 +87,3 @@ class ReplicaPool:
         while True:
             await asyncio.sleep(interval)
             await self.check_all()
-
-    @contextmanager
-    def attempt(self, replica: Replica) -> Iterator[None]:
-        """Count a request as open on ``replica`` while it runs."""
-        replica.in_flight += 1
-        try:
-            yield
-        finally:
-            replica.in_flight -= 1
