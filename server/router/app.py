@@ -108,6 +108,9 @@ async def _unless_disconnected(request: Request, forwarding: Coroutine[Any, Any,
     watch = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is shutting down
+        task.cancel()
+        raise
     finally:
         watch.cancel()
     if task.done():
