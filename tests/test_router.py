@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import os
 import random
@@ -22,6 +23,10 @@ from server.router.app import create_router_app
 from server.router.policy import LeastLoaded, PrefixAffinity, RoundRobin, prefix_key
 from server.router.pool import Replica, reported_load
 from tests.router_fakes import FakeReplica, free_port, serving
+
+# Generous: the fakes answer at once, but the machine running the tests may be busy.
+post = functools.partial(httpx.post, timeout=30)
+get = functools.partial(httpx.get, timeout=30)
 
 SYSTEM = "You are a careful assistant who answers in one short sentence. " * 8  # longer than prefix_chars
 
@@ -176,7 +181,7 @@ def test_router_without_replicas_refuses_to_start() -> None:
 
 @contextmanager
 def router_over(urls: list[str], **settings: object) -> Iterator[str]:
-    overrides = {"replica": ",".join(urls), "health_check_interval": 0.1, **settings}
+    overrides = {"replica": ",".join(urls), "health_check_interval": 0.5, **settings}
     with serving(create_router_app(build_config(None, overrides, environ={}))) as url:
         yield url
 
@@ -196,7 +201,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 def router_metrics(url: str) -> dict[str, float]:
     samples = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+    for line in get(f"{url}/metrics").text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
@@ -208,18 +213,18 @@ def test_requests_and_streams_pass_through_untouched() -> None:
     with fakes(a, b) as urls, router_over(urls, routing_policy="round_robin") as router:
         headers = {"Authorization": "Bearer sk-client", "X-Trace": "t1"}
         body = chat(SYSTEM, "hi", max_tokens=3)
-        first = httpx.post(f"{router}/v1/chat/completions", json=body, headers=headers)
-        second = httpx.post(f"{router}/v1/chat/completions?x=1", json=body, headers=headers)
+        first = post(f"{router}/v1/chat/completions", json=body, headers=headers)
+        second = post(f"{router}/v1/chat/completions?x=1", json=body, headers=headers)
         assert first.status_code == second.status_code == 200
         assert {first.json()["replica"], second.json()["replica"]} == {"a", "b"}  # round robin
         assert first.json()["echo"] == body
         assert [r["authorization"] for r in a.received + b.received] == ["Bearer sk-client"] * 2
-        direct = httpx.post(f"{urls[0]}/v1/chat/completions", json=body | {"stream": True}).content
-        relayed = [httpx.post(f"{router}/v1/chat/completions", json=body | {"stream": True}) for _ in range(2)]
+        direct = post(f"{urls[0]}/v1/chat/completions", json=body | {"stream": True}).content
+        relayed = [post(f"{router}/v1/chat/completions", json=body | {"stream": True}) for _ in range(2)]
         streamed_by_a = next(r for r in relayed if b'"a"' in r.content)
         assert streamed_by_a.content == direct  # byte for byte
         assert streamed_by_a.headers["content-type"].startswith("text/event-stream")
-        models = httpx.get(f"{router}/v1/models", headers=headers)
+        models = get(f"{router}/v1/models", headers=headers)
         assert models.json()["data"][0]["id"] == "fake"
         samples = router_metrics(router)
         assert samples[f'spindle:router_requests_total{{replica="{urls[0]}"}}'] >= 2
@@ -233,7 +238,7 @@ def test_prefix_policy_keeps_a_prefix_on_one_replica() -> None:
         served: dict[int, set[str]] = collections.defaultdict(set)
         for round_ in range(3):
             for group, system in enumerate(systems):
-                reply = httpx.post(f"{router}/v1/chat/completions", json=chat(system, f"question {round_}"))
+                reply = post(f"{router}/v1/chat/completions", json=chat(system, f"question {round_}"))
                 served[group].add(reply.json()["replica"])
         assert all(len(names) == 1 for names in served.values()), served
         assert {name for names in served.values() for name in names} == {"a", "b"}  # 8 prefixes, both used
@@ -242,35 +247,35 @@ def test_prefix_policy_keeps_a_prefix_on_one_replica() -> None:
 def test_least_loaded_reads_the_replicas_load_from_their_metrics() -> None:
     busy, idle = FakeReplica("busy", running=5), FakeReplica("idle")
     with fakes(busy, idle) as urls, router_over(urls, routing_policy="least_loaded") as router:
-        replies = [httpx.post(f"{router}/v1/completions", json={"prompt": f"p{i}"}) for i in range(4)]
+        replies = [post(f"{router}/v1/completions", json={"prompt": f"p{i}"}) for i in range(4)]
         assert [r.json()["replica"] for r in replies] == ["idle"] * 4
         busy.running, idle.running = 0, 7
         wait_until(lambda: router_metrics(router)[f'spindle:router_replica_load{{replica="{urls[1]}"}}'] == 7)
-        assert httpx.post(f"{router}/v1/completions", json={"prompt": "p"}).json()["replica"] == "busy"
+        assert post(f"{router}/v1/completions", json={"prompt": "p"}).json()["replica"] == "busy"
 
 
 def test_a_replica_that_cannot_be_reached_is_skipped_and_the_request_retried() -> None:
     live = FakeReplica("live")
     dead_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with fakes(live) as urls, router_over([dead_url, *urls], routing_policy="round_robin") as router:
-        replies = [httpx.post(f"{router}/v1/completions", json={"prompt": f"p{i}"}) for i in range(4)]
+        replies = [post(f"{router}/v1/completions", json={"prompt": f"p{i}"}) for i in range(4)]
         assert [r.status_code for r in replies] == [200] * 4
-        assert httpx.get(f"{router}/health").json()["healthy_replicas"] == 1
+        assert get(f"{router}/health").json()["healthy_replicas"] == 1
 
 
 def test_a_refusing_replica_is_retried_elsewhere_and_the_last_refusal_returned() -> None:
     busy, ok = FakeReplica("busy", status=503), FakeReplica("ok")
     with fakes(busy, ok) as urls, router_over(urls, routing_policy="round_robin") as router:
-        replies = [httpx.post(f"{router}/v1/completions", json={"prompt": "x", "stream": s}) for s in (0, 1, 0)]
+        replies = [post(f"{router}/v1/completions", json={"prompt": "x", "stream": s}) for s in (0, 1, 0)]
         assert [r.status_code for r in replies] == [200] * 3
         assert len(busy.received) >= 1
         assert router_metrics(router)[f'spindle:router_retries_total{{replica="{urls[1]}"}}'] >= 1
         ok.status = 503
-        refused = httpx.post(f"{router}/v1/completions", json={"prompt": "x"})
+        refused = post(f"{router}/v1/completions", json={"prompt": "x"})
         assert refused.status_code == 503 and refused.headers["retry-after"] == "7"  # the replica's own answer
         busy.status = ok.status = 400  # a client error is the client's: not retried
         before = len(busy.received) + len(ok.received)
-        assert httpx.post(f"{router}/v1/completions", json={"prompt": "x"}).status_code == 400
+        assert post(f"{router}/v1/completions", json={"prompt": "x"}).status_code == 400
         assert len(busy.received) + len(ok.received) == before + 1
 
 
@@ -278,7 +283,7 @@ def test_a_refusing_replica_is_retried_elsewhere_and_the_last_refusal_returned()
 def test_a_stream_whose_replica_fails_ends_with_an_error_event(mid_event: bool) -> None:
     failing = FakeReplica("failing", drop_after_events=1, drop_mid_event=mid_event)
     with fakes(failing) as urls, router_over(urls) as router:
-        reply = httpx.post(f"{router}/v1/chat/completions", json=chat("s", "u", stream=True), timeout=10)
+        reply = post(f"{router}/v1/chat/completions", json=chat("s", "u", stream=True))
         events = [line.removeprefix("data: ") for line in reply.text.split("\n\n") if line]
         assert json.loads(events[0]) == {"replica": "failing", "index": 0}
         if mid_event:  # the cut event is closed, so that the error event stands on its own
@@ -291,17 +296,17 @@ def test_a_stream_whose_replica_fails_ends_with_an_error_event(mid_event: bool) 
 def test_no_healthy_replica_is_a_503_in_openai_shape_and_health_brings_replicas_back() -> None:
     replica = FakeReplica("r", healthy=False)
     with fakes(replica) as urls, router_over(urls) as router:
-        reply = httpx.post(f"{router}/v1/completions", json={"prompt": "x"})
+        reply = post(f"{router}/v1/completions", json={"prompt": "x"})
         assert reply.status_code == 503
         assert reply.json()["error"]["code"] == "no_healthy_replica"
         assert urls[0] in reply.json()["error"]["message"]
-        assert httpx.get(f"{router}/health").status_code == 503
+        assert get(f"{router}/health").status_code == 503
         assert replica.received == []  # an unhealthy replica gets no traffic
         replica.healthy = True
-        wait_until(lambda: httpx.get(f"{router}/health").status_code == 200)
-        assert httpx.post(f"{router}/v1/completions", json={"prompt": "x"}).status_code == 200
+        wait_until(lambda: get(f"{router}/health").status_code == 200)
+        assert post(f"{router}/v1/completions", json={"prompt": "x"}).status_code == 200
         replica.healthy = False
-        wait_until(lambda: httpx.get(f"{router}/health").status_code == 503)
+        wait_until(lambda: get(f"{router}/health").status_code == 503)
         assert router_metrics(router)[f'spindle:router_replica_healthy{{replica="{urls[0]}"}}'] == 0
 
 
@@ -311,10 +316,10 @@ def test_a_client_that_leaves_cancels_the_request_on_the_replica(stream: bool) -
     with fakes(replica) as urls, router_over(urls) as router:
         body = {"prompt": "x", "stream": stream}
         if stream:
-            with httpx.stream("POST", f"{router}/v1/completions", json=body) as reply:
+            with httpx.stream("POST", f"{router}/v1/completions", json=body, timeout=30) as reply:
                 assert next(reply.iter_raw())  # the first event arrived
         else:
             with pytest.raises(httpx.ReadTimeout):
-                httpx.post(f"{router}/v1/completions", json=body, timeout=0.5)
+                post(f"{router}/v1/completions", json=body, timeout=0.5)
         assert replica.client_gone.wait(timeout=10), "the replica's request outlived its client"
         wait_until(lambda: router_metrics(router)[f'spindle:router_replica_load{{replica="{urls[0]}"}}'] == 0)

@@ -33,6 +33,7 @@ PER_GROUP = 4  # requests per system prompt
 
 # Two replicas loading side by side on a busy machine take longer than one; this is a slow test anyway.
 STARTUP_TIMEOUT = 600.0
+REQUEST_TIMEOUT = 120.0  # seconds; the two replicas share the machine's cores with everything else running on it
 
 
 @pytest.fixture(scope="module")
@@ -73,18 +74,23 @@ def stream_text(response: httpx.Response) -> str:
 
 def test_the_router_returns_what_a_replica_returns(replicas: list[ServerProcess], routers: dict[str, str]) -> None:
     body = chat("You are a helpful assistant.", "Name three colours.", max_tokens=16)
-    direct = [httpx.post(f"{r.url}/v1/chat/completions", json=body, timeout=60).json() for r in replicas]
+    direct = [httpx.post(f"{r.url}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT).json() for r in replicas]
     expected = direct[0]["choices"][0]["message"]["content"]
     assert expected and direct[1]["choices"][0]["message"]["content"] == expected  # fp32: both replicas agree
     for router in routers.values():
         for _ in range(2):  # round robin: both replicas
-            reply = httpx.post(f"{router}/v1/chat/completions", json=body, timeout=60)
+            reply = httpx.post(f"{router}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT)
             assert reply.status_code == 200, reply.text
             assert reply.json()["choices"][0]["message"]["content"] == expected
             assert reply.json()["usage"] == direct[0]["usage"]
-            streamed = httpx.post(f"{router}/v1/chat/completions", json=body | {"stream": True}, timeout=60)
+            streamed = httpx.post(
+                f"{router}/v1/chat/completions", json=body | {"stream": True}, timeout=REQUEST_TIMEOUT
+            )
             assert stream_text(streamed) == expected
-    assert httpx.get(f"{routers['prefix']}/v1/models").json()["data"][0]["id"] == direct[0]["model"]
+    assert (
+        httpx.get(f"{routers['prefix']}/v1/models", timeout=REQUEST_TIMEOUT).json()["data"][0]["id"]
+        == direct[0]["model"]
+    )
 
 
 def prefix_hit_rate(router: str, replicas: list[ServerProcess], systems: list[str]) -> float:
@@ -93,7 +99,8 @@ def prefix_hit_rate(router: str, replicas: list[ServerProcess], systems: list[st
     before = [replica.wait_idle() for replica in replicas]
     for system in systems:
         for question in range(PER_GROUP):
-            reply = httpx.post(f"{router}/v1/chat/completions", json=chat(system, f"Question {question}?", 1))
+            body = chat(system, f"Question {question}?", max_tokens=1)
+            reply = httpx.post(f"{router}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT)
             assert reply.status_code == 200, reply.text
     after = [replica.wait_idle() for replica in replicas]
 
@@ -158,7 +165,7 @@ async def one_request(client: httpx.AsyncClient, url: str, stream: bool, index: 
 def summed_metrics(url: str) -> dict[str, float]:
     """Each sample name at ``url``/metrics, summed over its labels (the router's replicas)."""
     totals: dict[str, float] = collections.defaultdict(float)
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=REQUEST_TIMEOUT).text):
         for sample in family.samples:
             totals[sample.name] += sample.value
     return totals
@@ -171,7 +178,7 @@ def test_a_replica_killed_under_load_loses_no_request_that_had_not_started_strea
     router, victim = routers["prefix"], replicas[1]
 
     async def load() -> list[Outcome]:
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT, limits=httpx.Limits(max_connections=64)) as client:
             before = [
                 asyncio.create_task(one_request(client, router, stream=i % 2 == 0, index=i, after_kill=False))
                 for i in range(16)
