@@ -7,6 +7,7 @@
 #   docker run --rm -p 8000:8000 spindle:cpu
 #   docker run --rm -p 8000:8000 spindle:cpu --max-num-seqs 64 --kv-cache-memory 2GiB
 #   docker run --rm -p 8000:8000 -e SPINDLE_MAX_NUM_SEQS=64 spindle:cpu
+#   docker compose -f docker/compose.router.yaml up --build       # two replicas behind `spindle router`
 #
 # Arguments after the image name are `spindle serve` flags; every flag also has a SPINDLE_<FIELD> environment
 # variable (flags win). See docker/README.md.
@@ -59,7 +60,8 @@ RUN if [ "${VARIANT}" = cuda ]; then target=".[cuda]"; else target="."; fi \
 # working directory, which would shadow it.
 RUN python -I -c 'from engine.config import build_config; build_config("fp32")' \
     && python -I -c 'from engine.loader.default_model import default_model_path; print(default_model_path())' \
-    && spindle serve --help > /dev/null
+    && spindle serve --help > /dev/null \
+    && spindle router --help > /dev/null
 
 # ---------------------------------------------------------------------------------------------------------------
 # runtime: the virtual environment, a C++ compiler for the native CPU attention kernel, and a non-root user.

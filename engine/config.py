@@ -13,7 +13,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +164,43 @@ class ServerConfig:
         return [key.strip() for key in (self.api_key or "").split(",") if key.strip()]
 
 
+ROUTING_POLICIES = ("prefix", "round_robin", "least_loaded")
+
+
+@dataclass
+class RouterConfig:
+    """``spindle router``: the front that spreads requests over replicas (server/router/)."""
+
+    # Base URLs of the replicas, separated by commas; the flag may be repeated. Metadata "repeatable": one URL per flag.
+    replica: str | None = field(default=None, metadata={"repeatable": True})
+    routing_policy: str = "prefix"  # prefix (prefix-cache affinity within a load bound) | round_robin | least_loaded
+    prefix_chars: int = 256  # leading characters of the rendered prompt that pick a replica under the prefix policy
+    load_factor: float = 1.25  # prefix policy: a replica takes at most this times the mean load (bounded loads)
+    health_check_interval: float = 2.0  # seconds between polls of each replica's /health and /metrics
+    replica_api_key: str | None = None  # sent on those polls, for replicas with --auth-health-and-metrics true
+
+    def __post_init__(self) -> None:
+        if self.routing_policy not in ROUTING_POLICIES:
+            raise ValueError(
+                f"routing_policy must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing_policy!r}"
+            )
+        if self.prefix_chars < 1:
+            raise ValueError(f"prefix_chars must be >= 1, got {self.prefix_chars}")
+        if not self.load_factor >= 1:  # "not >=" also refuses NaN
+            raise ValueError(f"load_factor must be at least 1, got {self.load_factor}")
+        if not self.health_check_interval > 0:
+            raise ValueError(f"health_check_interval must be positive, got {self.health_check_interval}")
+        for url in self.replica_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"replica: {url!r} is not an http:// or https:// URL")
+        if len(set(self.replica_urls)) != len(self.replica_urls):
+            raise ValueError(f"replica: a URL is given twice in {self.replica}")
+
+    @property
+    def replica_urls(self) -> list[str]:
+        return [url.strip().rstrip("/") for url in (self.replica or "").split(",") if url.strip()]
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -172,9 +209,11 @@ class EngineConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(EngineConfig)}
+SERVING_SECTIONS = tuple(name for name in SECTIONS if name != "router")  # what `spindle serve` and the engine read
 
 
 def parse_memory(text: str | int | float, total_bytes: int) -> int:
@@ -292,13 +331,23 @@ def _read_preset(preset: str | Path) -> dict[str, Any]:
     return data
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` flag per config field, defaulting to "not given" so presets are not overridden."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser, sections: Sequence[str] = SERVING_SECTIONS, also: Sequence[str] = ()
+) -> None:
+    """One ``--field-name`` flag per field of ``sections`` and per field named in ``also``, defaulting to "not
+    given" so presets are not overridden. A field marked ``repeatable`` takes its flag several times (joined by
+    commas)."""
     for section, cls in _section_classes().items():
         group = parser.add_argument_group(section)
-        for name, annotation in _field_types(cls).items():
-            flag = "--" + name.replace("_", "-")
-            group.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=_metavar(annotation))
+        for spec in dataclasses.fields(cls):
+            if section not in sections and spec.name not in also:
+                continue
+            flag = "--" + spec.name.replace("_", "-")
+            action = "append" if spec.metadata.get("repeatable") else "store"
+            annotation = _field_types(cls)[spec.name]
+            group.add_argument(
+                flag, dest=spec.name, default=argparse.SUPPRESS, action=action, metavar=_metavar(annotation)
+            )
     parser.add_argument("--config", default=None, help="a preset name in configs/ or a YAML file ($SPINDLE_CONFIG)")
 
 
@@ -310,5 +359,5 @@ def _metavar(annotation: Any) -> str:
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
     values = vars(args)
     fields_ = {f for cls in _section_classes().values() for f in _field_types(cls)}
-    overrides = {k: v for k, v in values.items() if k in fields_}
+    overrides = {k: ",".join(v) if isinstance(v, list) else v for k, v in values.items() if k in fields_}
     return build_config(values.get("config") or os.environ.get(env_var("config")) or None, overrides)

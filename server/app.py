@@ -163,7 +163,7 @@ class _DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+def exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
@@ -179,5 +179,5 @@ def run_server(config: EngineConfig) -> None:
         timeout_graceful_shutdown=math.ceil(server.shutdown_timeout + SHUTDOWN_BACKSTOP_SECONDS),
     )
     # Uvicorn re-raises SIGTERM once its graceful shutdown is done; a served-out SIGTERM is a clean exit (status 0).
-    signal.signal(signal.SIGTERM, _exit_cleanly)
+    signal.signal(signal.SIGTERM, exit_cleanly)
     _DrainingServer(uvicorn_config, engine, server.shutdown_timeout).run()

@@ -1,5 +1,5 @@
-"""The ``spindle`` command: ``serve`` (the OpenAI-compatible server), ``generate`` (offline, one prompt) and
-``bench`` (load tests and throughput benchmarks)."""
+"""The ``spindle`` command: ``serve`` (the OpenAI-compatible server), ``router`` (one endpoint in front of several
+servers), ``generate`` (offline, one prompt) and ``bench`` (load tests and throughput benchmarks)."""
 
 from __future__ import annotations
 
@@ -39,12 +39,26 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _router(args: argparse.Namespace) -> int:
+    from server.router.app import run_router
+
+    run_router(config_from_args(args))
+    return 0
+
+
+# Of the server's settings, those the router applies to itself.
+ROUTER_SERVER_FIELDS = ("host", "port", "log_level", "max_request_body_bytes", "shutdown_timeout")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spindle", description="Spindle LLM serving engine")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the OpenAI-compatible HTTP server")
     add_config_arguments(serve)
     serve.set_defaults(handler=_serve)
+    router = commands.add_parser("router", help="spread requests over several Spindle servers (replicas)")
+    add_config_arguments(router, sections=("router",), also=ROUTER_SERVER_FIELDS)
+    router.set_defaults(handler=_router)
     generate = commands.add_parser("generate", help="generate a completion offline")
     generate.add_argument("prompt")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

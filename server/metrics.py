@@ -111,3 +111,47 @@ class EngineMetrics:
             self.itl.observe(token_times[i] - token_times[i - 1])
         if output.finished and times.finished is not None:
             self.e2e.observe(times.finished - times.arrival)
+
+
+class RouterMetrics:
+    """``spindle router``'s own metrics: where requests went, retries, failures, and each replica's state."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "spindle:router_requests", "Requests sent to each replica (retries included).", ["replica"], registry=r
+        )
+        self.retries = Counter(
+            "spindle:router_retries",
+            "Requests sent to a replica after another failed before its response started.",
+            ["replica"],
+            registry=r,
+        )
+        self.stream_failures = Counter(
+            "spindle:router_stream_failures",
+            "Streams a replica failed after they started (ended with an error event).",
+            ["replica"],
+            registry=r,
+        )
+        self.unserved = Counter(
+            "spindle:router_unserved_requests",
+            "Requests answered 503: no healthy replica, or none reachable.",
+            registry=r,
+        )
+        self.healthy = Gauge(
+            "spindle:router_replica_healthy", "1 while a replica is in rotation.", ["replica"], registry=r
+        )
+        self.load = Gauge(
+            "spindle:router_replica_load",
+            "A replica's requests as the router estimates them: max(its open requests, running + waiting polled).",
+            ["replica"],
+            registry=r,
+        )
+
+    def observe_replica(self, url: str, healthy: bool, load: float) -> None:
+        """A replica's state as of now; its counters exist (at 0) from the first call, before its first request."""
+        for counter in (self.requests, self.retries, self.stream_failures):
+            counter.labels(url)
+        self.healthy.labels(url).set(int(healthy))
+        self.load.labels(url).set(load)

@@ -44,16 +44,20 @@ class ServerProcess:
     log: Path
 
     @classmethod
-    def launch(cls, log: Path, flags: list[str], env: dict[str, str] | None = None) -> ServerProcess:
+    def launch(
+        cls, log: Path, flags: list[str], env: dict[str, str] | None = None, command: str = "serve"
+    ) -> ServerProcess:
+        """``spindle COMMAND`` on a free loopback port; ``serve`` gets the tests' common flags."""
         port = free_port()
-        command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *COMMON_FLAGS, *flags]
+        common = COMMON_FLAGS if command == "serve" else []
+        argv = [sys.executable, "-m", "server.cli", command, "--port", str(port), *common, *flags]
         environment = {k: v for k, v in os.environ.items() if k != "SPINDLE_API_KEY"} | (env or {})
         with log.open("wb") as out:
-            process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=environment)
+            process = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=environment)
         return cls(process, f"http://127.0.0.1:{port}", log)
 
-    def wait_ready(self) -> ServerProcess:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> ServerProcess:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log_tail()}")
@@ -63,7 +67,7 @@ class ServerProcess:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"the server did not become healthy in {STARTUP_TIMEOUT}s:\n{self.log_tail()}")
+        raise RuntimeError(f"the server did not become healthy in {timeout}s:\n{self.log_tail()}")
 
     def terminate(self) -> None:
         if self.process.poll() is None:
@@ -108,11 +112,12 @@ Launcher = Callable[..., ServerProcess]
 
 @pytest.fixture(scope="session")
 def launch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    """``launch(name, flags, env=None)`` starts a server (not waiting for it); all are terminated at the end."""
+    """``launch(name, flags, env=None, command="serve")`` starts a server (not waiting for it); all are terminated at
+    the end."""
     launched: list[ServerProcess] = []
 
-    def launch(name: str, flags: list[str], env: dict[str, str] | None = None) -> ServerProcess:
-        launched.append(ServerProcess.launch(tmp_path_factory.mktemp(name) / "server.log", flags, env))
+    def launch(name: str, flags: list[str], env: dict[str, str] | None = None, command: str = "serve") -> ServerProcess:
+        launched.append(ServerProcess.launch(tmp_path_factory.mktemp(name) / "server.log", flags, env, command))
         return launched[-1]
 
     yield launch

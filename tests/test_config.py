@@ -18,6 +18,7 @@ from engine.config import (
     CacheConfig,
     EngineConfig,
     ModelConfig,
+    RouterConfig,
     RuntimeConfig,
     ServerConfig,
     SpeculativeConfig,
@@ -36,6 +37,7 @@ SECTION_CLASSES = {
     "runtime": RuntimeConfig,
     "speculative": SpeculativeConfig,
     "server": ServerConfig,
+    "router": RouterConfig,
 }
 GIB = 1024**3
 
@@ -227,7 +229,7 @@ def test_kv_cache_fraction_uses_total_memory(monkeypatch: pytest.MonkeyPatch) ->
 
 def parser_with_config_flags() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
+    add_config_arguments(parser, sections=list(SECTION_CLASSES))
     return parser
 
 

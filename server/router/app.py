@@ -1,0 +1,143 @@
+"""``spindle router``: one OpenAI-compatible endpoint in front of several Spindle replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import signal
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from engine.config import EngineConfig
+from engine.errors import ConfigError
+from server.app import exit_cleanly, spindle_version
+from server.errors import error_response, install_error_handlers
+from server.metrics import RouterMetrics
+from server.middleware import BodySizeLimit
+from server.router.policy import build_policy, prefix_key
+from server.router.pool import ReplicaPool
+from server.router.proxy import Proxy, RelayedStream, UpstreamRequest, forwarded_headers
+
+logger = logging.getLogger("spindle.router")
+
+# No read timeout: a long generation streams for minutes, and a non-streamed one is silent until it is done.
+_UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
+_CLIENT_CLOSED_REQUEST = 499  # nginx's status for a response nobody is left to read
+
+
+def create_router_app(config: EngineConfig) -> FastAPI:
+    settings = config.router
+    urls = settings.replica_urls
+    if not urls:
+        raise ConfigError("spindle router needs at least one replica: --replica URL (repeat it for more)")
+    client = httpx.AsyncClient(timeout=_UPSTREAM_TIMEOUT, limits=httpx.Limits(max_connections=None))
+    poll_headers = {"Authorization": f"Bearer {settings.replica_api_key}"} if settings.replica_api_key else None
+    pool = ReplicaPool(urls, client, poll_headers)
+    metrics = RouterMetrics()
+    proxy = Proxy(pool, client, metrics)
+    policy = build_policy(settings.routing_policy, settings.load_factor)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await pool.check_all()  # serve with the replicas that are up now
+        logger.info(
+            "routing (%s) over %d replicas, %d healthy", settings.routing_policy, len(urls), len(pool.healthy())
+        )
+        polling = asyncio.create_task(pool.poll_forever(settings.health_check_interval))
+        yield
+        polling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await polling
+        await client.aclose()
+
+    app = FastAPI(title="Spindle router", version=spindle_version(), lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, limit=config.server.max_request_body_bytes)
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> Response:
+        healthy = len(pool.healthy())
+        if healthy:
+            return JSONResponse({"status": "ok", "replicas": len(urls), "healthy_replicas": healthy})
+        return error_response(503, f"no healthy replica (of {len(urls)})", code="no_healthy_replica")
+
+    @app.get("/version")
+    async def get_version() -> dict[str, str]:
+        return {"version": spindle_version()}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def get_metrics() -> Response:
+        for replica in pool.replicas:
+            metrics.observe_replica(replica.url, replica.healthy, replica.load)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def forward(request: Request) -> Response:
+        body = await request.body()
+        path = request.url.path
+        key = prefix_key(path, _json_or_none(body), settings.prefix_chars)
+        target = path + (f"?{request.url.query}" if request.url.query else "")
+        upstream = UpstreamRequest(request.method, target, forwarded_headers(request.headers.items()), body)
+        return await _unless_disconnected(request, proxy.forward(upstream, policy.order(pool.healthy(), key)))
+
+    for path, methods in (("/v1/{rest:path}", ["GET", "POST"]), ("/tokenize", ["POST"]), ("/detokenize", ["POST"])):
+        app.add_api_route(path, forward, methods=methods, include_in_schema=False)
+    return app
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body) if body else None
+    except ValueError:  # malformed: the replica answers it with a 400
+        return None
+
+
+async def _unless_disconnected(request: Request, forwarding: Coroutine[Any, Any, Response]) -> Response:
+    """The forwarded response, or, if the client leaves first, the forwarding cancelled (which closes the replica's
+    connection, so the replica aborts the request)."""
+    task = asyncio.ensure_future(forwarding)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is shutting down
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        response = await task  # it may have finished meanwhile: then its stream is closed unread
+        if isinstance(response, RelayedStream):
+            await response.body_iterator.aclose()  # type: ignore[attr-defined]  # an async generator
+    return Response(status_code=_CLIENT_CLOSED_REQUEST)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body was read already, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def run_router(config: EngineConfig) -> None:
+    app = create_router_app(config)
+    server = config.server
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=server.host,
+        port=server.port,
+        log_level=server.log_level,
+        timeout_graceful_shutdown=math.ceil(server.shutdown_timeout),
+    )
+    signal.signal(signal.SIGTERM, exit_cleanly)
+    uvicorn.Server(uvicorn_config).run()
