@@ -1,4 +1,5 @@
-"""PNG charts of benchmark results: latency distributions, throughput over time, and a concurrency sweep."""
+"""PNG charts of benchmark results: latency distributions, throughput over time, a concurrency sweep, and several
+servers side by side."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 import matplotlib
 import numpy as np
+
+from bench.peers import ServerRun
 
 matplotlib.use("Agg")  # files only, no display; before pyplot is first imported
 import matplotlib.pyplot as plt
@@ -84,6 +87,31 @@ def plot_sweep(result_files: Sequence[Path], path: Path) -> None:
         for axis in (throughput_axis, latency_axis):
             axis.set_xscale("log", base=2)
     figure.suptitle(f"{results[0].get('model_id', '')} at {results[0].get('base_url', '')}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_peers(runs: Sequence[ServerRun], path: Path, title: str) -> None:
+    """Output throughput, TPOT p50 and TTFT p99 against concurrency, one line per server."""
+    panels = (
+        ("output_throughput", "output tokens/s", "linear"),
+        ("median_tpot_ms", "TPOT p50 (ms)", "log"),
+        ("p99_ttft_ms", "TTFT p99 (ms)", "log"),
+    )
+    figure, axes = plt.subplots(1, len(panels), figsize=(14, 4))
+    for axis, (key, label, scale) in zip(axes, panels):
+        for run in runs:
+            levels = sorted(level for level, summary in run.summaries.items() if summary.get("completed"))
+            if levels:
+                axis.plot(levels, [run.summaries[level][key] for level in levels], "o-", label=run.name)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale(scale)
+        axis.set_xlabel("concurrent requests")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
