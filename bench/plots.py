@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 
 from bench.peers import ServerRun
@@ -96,17 +97,27 @@ def plot_peers(runs: Sequence[ServerRun], path: Path, title: str) -> None:
     """Output throughput, TPOT p50 and TTFT p99 against concurrency, one line per server."""
     panels = (
         ("output_throughput", "output tokens/s", "linear"),
-        ("median_tpot_ms", "TPOT p50 (ms)", "log"),
-        ("p99_ttft_ms", "TTFT p99 (ms)", "log"),
+        ("median_tpot_ms", "TPOT p50 (ms)", "linear"),
+        ("p99_ttft_ms", "TTFT p99 (ms)", "log"),  # from a lone request to a long queue: orders of magnitude
     )
+    levels = sorted({level for run in runs for level in run.summaries})
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
     figure, axes = plt.subplots(1, len(panels), figsize=(14, 4))
     for axis, (key, label, scale) in zip(axes, panels):
+        values = []
         for run in runs:
-            levels = sorted(level for level, summary in run.summaries.items() if summary.get("completed"))
-            if levels:
-                axis.plot(levels, [run.summaries[level][key] for level in levels], "o-", label=run.name)
+            done = [level for level in levels if run.summaries.get(level, {}).get("completed")]
+            if done:
+                values += [run.summaries[level][key] for level in done]
+                axis.plot(done, values[-len(done) :], "o-", label=run.name)
         axis.set_xscale("log", base=2)
+        axis.set_xticks(levels, [str(level) for level in levels])
+        axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axis.set_yscale(scale)
+        axis.yaxis.set_major_formatter(plain)
+        # Within one decade a log axis has no major tick to label: label its minor ones then.
+        narrow = scale == "log" and values and max(values) < 10 * min(values)
+        axis.yaxis.set_minor_formatter(plain if narrow else matplotlib.ticker.NullFormatter())
         axis.set_xlabel("concurrent requests")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)

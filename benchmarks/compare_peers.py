@@ -191,7 +191,8 @@ def shown_command(peer: Peer) -> str:
     """The command line as it was run, with PORT for the port it got and the extra environment in front."""
     command = peer.command_for_port(0)
     command[command.index("--port") + 1] = "PORT"
-    return " ".join([*(f"{name}={value}" for name, value in peer.env.items()), *command])
+    shown = " ".join([*(f"{name}={value}" for name, value in peer.env.items()), *command])
+    return shown.replace(f"{REPO}/", "")  # paths relative to the repository, where the commands are run
 
 
 def measure(peer: Peer, tokenizer: Tokenizer, args: argparse.Namespace) -> ServerRun:
