@@ -121,7 +121,8 @@ def plot_peers(runs: Sequence[ServerRun], path: Path, title: str) -> None:
         axis.set_xlabel("concurrent requests")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend()
+    if values:
+        axes[0].legend()
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -160,9 +161,12 @@ def llamacpp_peer(args: argparse.Namespace, venv: Path) -> Peer:
 
 def export_model(directory: Path) -> Path:
     """The embedded model as a bf16 Hugging Face directory, written once and reused."""
-    if not (directory / "model.safetensors").is_file():
+    if not directory.is_dir():
         print(f"exporting the default model to {directory}", flush=True)
-        export_hf_directory(open_model(None), directory)
+        partial = directory.with_name(directory.name + ".partial")  # an interrupted export is never taken as done
+        shutil.rmtree(partial, ignore_errors=True)
+        export_hf_directory(open_model(None), partial)
+        partial.rename(directory)
     return directory
 
 
@@ -226,7 +230,8 @@ def measure(peer: Peer, tokenizer: Tokenizer, args: argparse.Namespace) -> Serve
                     )
         run.peak_rss_bytes = server.peak_rss_bytes
     except ServerStartError as exc:
-        run.notes.append(f"did not start (see logs/{key}.log): {str(exc).splitlines()[0]}")
+        last_line = (str(exc).strip().splitlines() or [""])[-1]
+        run.notes.append(f"did not start (logs/{key}.log): {str(exc).splitlines()[0].rstrip(':')}: {last_line}")
         print(f"   {run.notes[-1]}\n{exc}", flush=True)
     return run
 

