@@ -34,9 +34,21 @@ class DatasetError(ValueError):
     pass
 
 
-def _random_text(tokenizer: Tokenizer, rng: random.Random, length: int) -> str:
-    """About ``length`` tokens of random vocabulary (special tokens are dropped by decoding)."""
-    return tokenizer.decode([rng.randrange(tokenizer.vocab_size) for _ in range(length)])
+def _random_text(tokenizer: Tokenizer, rng: random.Random, length: int, attempts: int = 8) -> str:
+    """Random vocabulary that encodes to ``length`` tokens (special tokens are dropped by decoding).
+
+    Decoding random ids and encoding the text again merges or splits some pieces, so the ids are re-drawn from the
+    text's own encoding, cut or topped up, until the count holds; a text that never settles stays within a few tokens.
+    """
+    ids = [rng.randrange(tokenizer.vocab_size) for _ in range(length)]
+    text = tokenizer.decode(ids)
+    for _ in range(attempts):
+        encoded = tokenizer.encode(text)
+        if len(encoded) == length:
+            break
+        ids = encoded[:length] + [rng.randrange(tokenizer.vocab_size) for _ in range(length - len(encoded))]
+        text = tokenizer.decode(ids)
+    return text
 
 
 def _length(rng: random.Random, mean: int, range_ratio: float) -> int:

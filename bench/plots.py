@@ -1,4 +1,5 @@
-"""PNG charts of benchmark results: latency distributions, throughput over time, and a concurrency sweep."""
+"""PNG charts of benchmark results: latency distributions, throughput over time, a concurrency sweep, and several
+servers side by side."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
+
+from bench.peers import ServerRun
 
 matplotlib.use("Agg")  # files only, no display; before pyplot is first imported
 import matplotlib.pyplot as plt
@@ -84,6 +88,42 @@ def plot_sweep(result_files: Sequence[Path], path: Path) -> None:
         for axis in (throughput_axis, latency_axis):
             axis.set_xscale("log", base=2)
     figure.suptitle(f"{results[0].get('model_id', '')} at {results[0].get('base_url', '')}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_peers(runs: Sequence[ServerRun], path: Path, title: str) -> None:
+    """Output throughput, TPOT p50 and TTFT p99 against concurrency, one line per server."""
+    panels = (
+        ("output_throughput", "output tokens/s", "linear"),
+        ("median_tpot_ms", "TPOT p50 (ms)", "linear"),
+        ("p99_ttft_ms", "TTFT p99 (ms)", "log"),  # from a lone request to a long queue: orders of magnitude
+    )
+    levels = sorted({level for run in runs for level in run.summaries})
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    figure, axes = plt.subplots(1, len(panels), figsize=(14, 4))
+    for axis, (key, label, scale) in zip(axes, panels):
+        values = []
+        for run in runs:
+            done = [level for level in levels if run.summaries.get(level, {}).get("completed")]
+            if done:
+                values += [run.summaries[level][key] for level in done]
+                axis.plot(done, values[-len(done) :], "o-", label=run.name)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(levels, [str(level) for level in levels])
+        axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        axis.set_yscale(scale)
+        axis.yaxis.set_major_formatter(plain)
+        # Within one decade a log axis has no major tick to label: label its minor ones then.
+        narrow = scale == "log" and values and max(values) < 10 * min(values)
+        axis.yaxis.set_minor_formatter(plain if narrow else matplotlib.ticker.NullFormatter())
+        axis.set_xlabel("concurrent requests")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+    if values:
+        axes[0].legend()
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

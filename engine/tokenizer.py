@@ -344,6 +344,11 @@ class Tokenizer:
         return self._pad_token_id
 
     @property
+    def special_tokens(self) -> dict[str, str]:
+        """The named special tokens (bos_token, eos_token, unk_token, pad_token) that this tokenizer defines."""
+        return dict(self._special_tokens)
+
+    @property
     def add_bos_token(self) -> bool:
         """Whether `encode(..., add_special_tokens=True)` prepends BOS."""
         return self._add_bos_token

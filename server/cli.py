@@ -1,11 +1,13 @@
 """The ``spindle`` command: ``serve`` (the OpenAI-compatible server), ``router`` (one endpoint in front of several
-servers), ``generate`` (offline, one prompt) and ``bench`` (load tests and throughput benchmarks)."""
+servers), ``generate`` (offline, one prompt), ``export-hf`` (the model as a Hugging Face directory) and ``bench``
+(load tests and throughput benchmarks)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from bench.cli import add_bench_commands
 from engine.config import add_config_arguments, config_from_args
@@ -50,6 +52,17 @@ def _router(args: argparse.Namespace) -> int:
 ROUTER_SERVER_FIELDS = ("host", "port", "log_level", "max_request_body_bytes", "shutdown_timeout")
 
 
+def _export_hf(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.loader import open_model
+    from engine.loader.hf_export import export_hf_directory
+
+    export_hf_directory(open_model(args.model), args.output, getattr(torch, args.dtype))
+    print(f"{args.output}: Hugging Face model directory written")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spindle", description="Spindle LLM serving engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampler for this prompt")
     add_config_arguments(generate)
     generate.set_defaults(handler=_generate)
+    export = commands.add_parser(
+        "export-hf", help="write the model (default: the embedded one) as a Hugging Face directory"
+    )
+    export.add_argument("output", type=Path, help="directory to write (created if missing)")
+    export.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: embedded model)")
+    export.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    export.set_defaults(handler=_export_hf)
     add_bench_commands(commands)
     return parser
 

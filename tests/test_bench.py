@@ -94,6 +94,12 @@ def test_random_dataset_lengths(tokenizer) -> None:
         random_dataset(tokenizer, 1, 10, 10, 1.5, 0)
 
 
+def test_random_dataset_prompts_have_exactly_the_asked_length(tokenizer) -> None:
+    requests = random_dataset(tokenizer, 32, input_len=128, output_len=16, range_ratio=0.0, seed=3)
+    assert [len(tokenizer.encode(r.prompt)) for r in requests] == [128] * 32
+    assert len({r.prompt for r in requests}) == 32
+
+
 def test_file_dataset_reads_sharegpt_and_jsonl(tokenizer, tmp_path: Path) -> None:
     sharegpt = [
         {"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue is one."}]},

@@ -25,9 +25,12 @@ from safetensors.torch import save_file
 
 from engine.errors import ModelLoadError
 from engine.loader import open_model
+from engine.loader.hf_export import export_hf_directory
 from engine.models import AttentionContext, build_model
 from kernels.backend import BatchLayout
 from kernels.cpu_attention import CpuAttentionBackend
+from server.cli import main as cli_main
+from tests.conftest import long_text
 
 transformers = pytest.importorskip("transformers")
 
@@ -337,6 +340,50 @@ def test_tiny_gguf_loads_the_same_weights_as_its_hf_directory(tiny) -> None:
     gguf_params = dict(from_gguf.named_parameters(remove_duplicate=False))
     assert dir_params.keys() == gguf_params.keys()
     assert [n for n in dir_params if not torch.equal(dir_params[n], gguf_params[n])] == []
+
+
+# --- export: the served model as a Hugging Face directory, for servers that read only that format ---------------
+
+
+@pytest.fixture(scope="module")
+def exported_fp32(model_path: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exported_fp32")
+    export_hf_directory(open_model(model_path), out, torch.float32)
+    return out
+
+
+def test_exported_directory_gives_transformers_our_logits(gguf_built, exported_fp32: Path, hf_tokenizer) -> None:
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(exported_fp32), dtype=torch.float32).eval()
+    token_ids = hf_tokenizer("The quick brown fox jumps over the lazy dog, and then it")["input_ids"]
+    with torch.inference_mode():
+        theirs = reference(torch.tensor([token_ids])).logits[0]
+    ours = torch.cat(run_steps(gguf_built[1], token_ids, [len(token_ids) - 2, 1, 1]))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_exported_tokenizer_and_eos_match_the_gguf_ones(exported_fp32: Path, hf_tokenizer, hf_model) -> None:
+    exported = transformers.AutoTokenizer.from_pretrained(str(exported_fp32))
+    texts = [long_text(800), "h\u00e9llo w\u00f6rld 12345 <|im_start|>user\nhi<|im_end|>", "  tabs\tand\n\nnewlines  "]
+    for text in texts:
+        assert exported(text)["input_ids"] == hf_tokenizer(text)["input_ids"]
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    assert exported.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    )
+    generation = transformers.GenerationConfig.from_pretrained(str(exported_fp32))
+    assert generation.eos_token_id == [hf_model.generation_config.eos_token_id]
+
+
+def test_export_cli_writes_bf16_weights_rounded_from_the_reference(model_path: Path, hf_model, tmp_path: Path) -> None:
+    assert cli_main(["export-hf", str(tmp_path), "--model", str(model_path)]) == 0
+    reference = dict(hf_model.named_parameters(remove_duplicate=False))
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as shard:
+        assert set(shard.keys()) == set(reference) - {"lm_head.weight"}  # tied: transformers ties it on load
+        for name in shard.keys():  # noqa: SIM118 - safe_open has no __iter__
+            weight = shard.get_tensor(name)
+            assert weight.dtype == torch.bfloat16 and torch.equal(weight, reference[name].to(torch.bfloat16)), name
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_safetensors_index_selects_the_model_shards(tiny, tmp_path: Path) -> None:
