@@ -296,6 +296,7 @@ class LLMEngine:
             )
             return sampled, prompt_logprobs, {}
         except WorkerGroupError:
+            self.check_health()  # a worker's exit explains the failure better than the collective's error does
             raise  # the ranks are out of step: no request can run any more
         except Exception as exc:
             if len(items) == 1:

@@ -29,6 +29,7 @@ class TensorParallelGroup:
         self.world_size = shard.world_size
         self._compute = compute
         self._control = control
+        self.failed = False  # a step failed: the ranks are out of step for good
 
     @classmethod
     def join(cls, shard: TensorShard, backend: str, timeout: timedelta) -> TensorParallelGroup:
@@ -79,7 +80,8 @@ class TensorParallelGroup:
             return
         try:
             yield
-        except WorkerGroupError:
-            raise
         except Exception as exc:
+            self.failed = True
+            if isinstance(exc, WorkerGroupError):
+                raise
             raise WorkerGroupError(f"tensor-parallel step failed on rank {self.rank}: {exc}") from exc

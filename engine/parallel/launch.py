@@ -16,6 +16,8 @@ import pickle
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +34,7 @@ from engine.parallel.shard import TensorShard
 logger = logging.getLogger("spindle.parallel")
 
 WORKER_EXIT_SECONDS = 10.0  # how long a stopping engine waits for its workers to leave on their own
+STARTUP_TIMEOUT = timedelta(minutes=10)  # for every rank to meet (a started worker that dies is noticed at once)
 
 
 def torchrun_rank() -> int | None:
@@ -49,6 +52,7 @@ class WorkerArgs:
     world_size: int
     init_method: str
     config: EngineConfig
+    spec: ModelSpec
 
 
 @dataclass
@@ -71,23 +75,40 @@ class LocalRank:
                 )
 
     def close(self) -> None:
-        """Rank 0: end the workers' loop, wait for them briefly, then terminate any that remain; leave the group."""
+        """Rank 0: end the workers' loop, wait for them briefly, then kill any that remain; leave the group.
+
+        Telling a hung worker to stop would block (a send waits for its receiver), so it is bounded and skipped
+        once a step has failed; the group is only torn down when every worker left cleanly."""
         if self._closed or self.tp.world_size == 1:
             return
         self._closed = True
-        try:
-            self.tp.send_plan(None)
-        except Exception as exc:  # a dead or hung worker: terminated below
-            logger.warning("could not tell the tensor-parallel workers to stop: %s", exc)
+        told = not self.tp.failed and _within(WORKER_EXIT_SECONDS, lambda: self.tp.send_plan(None))
+        left_cleanly = told
         for process in self.processes:
             try:
-                process.wait(WORKER_EXIT_SECONDS)
+                process.wait(WORKER_EXIT_SECONDS if told else 0)
             except subprocess.TimeoutExpired:
                 logger.warning("killing tensor-parallel worker pid %d", process.pid)
                 process.kill()
                 process.wait()
-        if dist.is_initialized():
+                left_cleanly = False
+        if left_cleanly and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _within(seconds: float, action: Callable[[], None]) -> bool:
+    """Run ``action`` in a daemon thread; whether it finished without raising within ``seconds``."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            action()
+            done.set()
+        except Exception as exc:
+            logger.warning("could not tell the tensor-parallel workers to stop: %s", exc)
+
+    threading.Thread(target=run, name="spindle-tp-stop", daemon=True).start()
+    return done.wait(seconds)
 
 
 def start_engine_rank(config: EngineConfig, spec: ModelSpec) -> LocalRank:
@@ -110,9 +131,11 @@ def start_engine_rank(config: EngineConfig, spec: ModelSpec) -> LocalRank:
     TensorShard.of(spec, 0, world_size)  # refuses an impossible split before any process starts
     _check_devices(config, world_size)
     init_method = f"tcp://127.0.0.1:{_free_port()}"
-    processes = [_start_worker(WorkerArgs(rank, world_size, init_method, config)) for rank in range(1, world_size)]
+    processes = [
+        _start_worker(WorkerArgs(rank, world_size, init_method, config, spec)) for rank in range(1, world_size)
+    ]
     try:
-        local = _join(config, spec, 0, world_size, init_method)
+        local = _join_watching(processes, lambda: _join(config, spec, 0, world_size, init_method))
     except BaseException:
         for process in processes:
             process.kill()
@@ -142,6 +165,31 @@ def _start_worker(args: WorkerArgs) -> subprocess.Popen[bytes]:
     return process
 
 
+def _join_watching(processes: list[subprocess.Popen[bytes]], join: Callable[[], LocalRank]) -> LocalRank:
+    """Run ``join`` (which waits for every rank) while watching the started workers: one that exits before
+    joining fails the start-up at once instead of after the rendezvous timeout."""
+    outcome: list[LocalRank | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(join())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="spindle-tp-join", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+        for rank, process in enumerate(processes, start=1):
+            if process.poll() is not None:
+                raise WorkerGroupError(
+                    f"tensor-parallel rank {rank} exited with code {process.returncode} before joining the group"
+                )
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
 def join_worker_rank(config: EngineConfig, spec: ModelSpec, rank: int, world_size: int, init_method: str) -> LocalRank:
     return _join(config, spec, rank, world_size, init_method)
 
@@ -154,10 +202,10 @@ def _join(config: EngineConfig, spec: ModelSpec, rank: int, world_size: int, ini
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    timeout = timedelta(seconds=config.runtime.tensor_parallel_timeout)
     backend = _comm_backend(device)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
-    tp = TensorParallelGroup.join(shard, backend, timeout)
+    # The default group only meets the ranks (each may still be importing); steps run in join's groups.
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=STARTUP_TIMEOUT)
+    tp = TensorParallelGroup.join(shard, backend, timedelta(seconds=config.runtime.tensor_parallel_timeout))
     return LocalRank(tp, device, _num_threads(config, local_ranks))
 
 

@@ -14,16 +14,22 @@ import torch.distributed as dist
 from engine.config import EngineConfig
 from engine.loader import open_model
 from engine.model_setup import build_runner, plan_kv_cache
+from engine.model_spec import ModelSpec
 from engine.parallel.launch import WorkerArgs, join_worker_rank
 
 logger = logging.getLogger("spindle.parallel")
 
 
-def run_worker(config: EngineConfig, rank: int, world_size: int, init_method: str) -> int:
+def run_worker(
+    config: EngineConfig, rank: int, world_size: int, init_method: str, spec: ModelSpec | None = None
+) -> int:
+    """Join rank 0 (``spec``: the model's, when rank 0 sent it, so that joining needs no file read), then serve
+    steps until told to stop. Returns the process's exit code."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[rank {rank}]: %(message)s")
     try:
-        source = open_model(config.model.model)
-        local = join_worker_rank(config, source.spec, rank, world_size, init_method)
+        source = None if spec is not None else open_model(config.model.model)
+        local = join_worker_rank(config, spec or source.spec, rank, world_size, init_method)
+        source = source or open_model(config.model.model)
         torch.set_num_threads(local.num_threads)
         kv_plan = plan_kv_cache(config, source.spec, local.tp.shard)
         runner = build_runner(config, source, kv_plan, local.tp, local.device, progress=False)
@@ -48,4 +54,4 @@ def run_worker(config: EngineConfig, rank: int, world_size: int, init_method: st
 
 if __name__ == "__main__":  # started by engine.parallel.launch, with its WorkerArgs pickled on stdin
     started: WorkerArgs = pickle.load(sys.stdin.buffer)
-    sys.exit(run_worker(started.config, started.rank, started.world_size, started.init_method))
+    sys.exit(run_worker(started.config, started.rank, started.world_size, started.init_method, started.spec))
