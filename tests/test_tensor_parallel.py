@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import psutil
@@ -24,8 +24,10 @@ from engine.llm_engine import LLMEngine
 from engine.model_spec import ModelSpec
 from engine.parallel.shard import TensorShard
 from engine.structured.spec import StructuredOutputs
-from tests.server_fixtures import ServerProcess
 from tests.test_reference_greedy import CHAT_PROMPTS, RAW_PROMPTS
+
+if TYPE_CHECKING:
+    from tests.server_fixtures import ServerProcess
 
 pytest_plugins = ["tests.server_fixtures"]
 

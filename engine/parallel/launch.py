@@ -112,7 +112,7 @@ def _within(seconds: float, action: Callable[[], None]) -> bool:
 
 
 def start_engine_rank(config: EngineConfig, spec: ModelSpec) -> LocalRank:
-    """Rank 0's setup: one rank, spawned workers, or the group torchrun started."""
+    """Rank 0's setup: one rank, started workers, or the group torchrun started."""
     runtime = config.runtime
     rank = torchrun_rank()
     if rank is not None:
@@ -123,7 +123,9 @@ def start_engine_rank(config: EngineConfig, spec: ModelSpec) -> LocalRank:
             )
         if rank != 0:
             raise ConfigError(f"rank {rank} runs the worker loop, not an engine")
-        return _join(config, spec, 0, world_size, "env://")
+        local = _join(config, spec, 0, world_size, "env://")
+        atexit.register(local.close)  # the other ranks leave their loop when this process ends
+        return local
     world_size = runtime.tensor_parallel_size
     if world_size == 1:
         device = torch.device(runtime.device)
