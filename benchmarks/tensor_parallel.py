@@ -1,12 +1,13 @@
 """Tensor parallelism: output throughput at a few concurrencies and resident memory per rank, one rank against N.
 
     .venv/bin/python benchmarks/tensor_parallel.py [--sizes 1 2] [--concurrency 1 4 16] [--input-len 128]
-        [--output-len 64] [--dtype bfloat16] [--kv-cache-memory 256MiB]
+        [--output-len 64] [--dtype bfloat16] [--kv-cache-memory 256MiB] [--num-threads T]
 
 Each size gets a fresh engine in this process (rank 0; the other ranks are its worker processes), sharing the
-machine's cores evenly: one rank uses every core, N ranks each use cores / N threads. At each concurrency c, c
-requests of --input-len prompt tokens (distinct slices of a real English text) generate exactly --output-len tokens
-together (EOS ignored), after one warm-up run. Resident memory (RSS) is read per rank after the runs.
+machine's cores evenly: one rank uses every core, N ranks each use cores / N threads (or --num-threads each). At
+each concurrency c, c requests of --input-len prompt tokens (distinct slices of a real English text) generate
+exactly --output-len tokens together (EOS ignored), after one warm-up run. Resident memory (RSS) is read per rank
+after the runs.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def measure(size: int, args: argparse.Namespace) -> None:
                 "dtype": args.dtype,
                 "kv_cache_memory": args.kv_cache_memory,
                 "max_num_seqs": max(args.concurrency),
+                "num_threads": args.num_threads,
             },
         ),
         progress=False,
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--kv-cache-memory", default="256MiB")
+    parser.add_argument("--num-threads", type=int, default=None)
     args = parser.parse_args()
     for size in args.sizes:
         measure(size, args)

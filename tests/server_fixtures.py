@@ -52,8 +52,8 @@ class ServerProcess:
             process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=environment)
         return cls(process, f"http://127.0.0.1:{port}", log)
 
-    def wait_ready(self) -> ServerProcess:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> ServerProcess:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log_tail()}")
@@ -63,7 +63,7 @@ class ServerProcess:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"the server did not become healthy in {STARTUP_TIMEOUT}s:\n{self.log_tail()}")
+        raise RuntimeError(f"the server did not become healthy in {timeout}s:\n{self.log_tail()}")
 
     def terminate(self) -> None:
         if self.process.poll() is None:

@@ -34,6 +34,8 @@ pytest_plugins = ["tests.server_fixtures"]
 SETTINGS = {"kv_cache_memory": "128MiB", "max_model_len": 2048}
 TP2 = SETTINGS | {"tensor_parallel_size": 2, "num_threads": 1}
 NEW_TOKENS = 32
+# Two processes load the model on the same cores, each at the pace of a one-thread process.
+TP_STARTUP_TIMEOUT = 300.0
 FAILURE_BOUND_SECONDS = 30.0  # a failed rank must show within this (the collective timeout in the hang test is 5 s)
 
 
@@ -138,6 +140,11 @@ def test_two_ranks_hold_only_their_slices(tp2: LLM, tp1: LLM) -> None:
     assert params(shard) < 0.6 * params(whole)
 
 
+def test_one_tensor_parallel_engine_per_process(tp2: LLM) -> None:
+    with pytest.raises(ConfigError, match="already runs a tensor-parallel engine"):
+        LLMEngine(build_config("fp32", TP2))
+
+
 def test_two_ranks_greedy_equals_one_rank(tp1: LLM, tp2: LLM, prompts: list[list[int]]) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     expected = [r.outputs[0].token_ids for r in tp1.generate(prompts, params)]
@@ -176,18 +183,6 @@ def test_two_ranks_greedy_matches_reference(tp2: LLM, prompts: list[list[int]], 
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     for i, result in enumerate(tp2.generate(prompts, params)):
         assert result.outputs[0].token_ids == hf_greedy(hf_model, prompts[i], 64)[0], f"prompt {i} diverged"
-
-
-@pytest.mark.slow
-def test_two_ranks_speculative_decoding_equals_one_rank(tp1: LLM, prompts: list[list[int]]) -> None:
-    llm = LLM(config=build_config("ngram", TP2 | {"dtype": "float32"}))
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-        expected = [r.outputs[0].token_ids for r in tp1.generate(prompts, params)]
-        assert [r.outputs[0].token_ids for r in llm.generate(prompts, params)] == expected
-        assert llm.engine.counters.spec_draft_tokens > 0
-    finally:
-        llm.close()
 
 
 # ---------------------------------------------------------------------------------------------- over HTTP
@@ -235,7 +230,7 @@ def assert_fails_cleanly(server: ServerProcess, thread: threading.Thread, result
 
 @pytest.fixture(scope="module")
 def tp2_server(launch_server) -> ServerProcess:
-    return launch_server("tp2", ["--tensor-parallel-size", "2", "--num-threads", "1"]).wait_ready()
+    return launch_server("tp2", ["--tensor-parallel-size", "2", "--num-threads", "1"]).wait_ready(TP_STARTUP_TIMEOUT)
 
 
 def test_http_two_ranks_greedy_equals_one_rank(tp2_server: ServerProcess, tp1: LLM, prompts) -> None:
@@ -259,9 +254,25 @@ def test_http_killed_worker_fails_requests_and_health(tp2_server: ServerProcess)
 
 
 @pytest.mark.slow
+def test_http_two_ranks_speculative_decoding_equals_one_rank(launch_server, tp1: LLM, prompts) -> None:
+    """The n-gram drafter on rank 0, its drafts verified on the gathered logits: the same greedy tokens."""
+    flags = ["--tensor-parallel-size", "2", "--num-threads", "1", "--config", "ngram", "--dtype", "float32"]
+    server = launch_server("tp2-ngram", flags).wait_ready(TP_STARTUP_TIMEOUT)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    for prompt in (prompts[3], prompts[7]):  # a rewrite request and a long text: prompt lookup finds matches
+        body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+        response = httpx.post(f"{server.url}/v1/completions", json=body | {"return_token_ids": True}, timeout=300)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["token_ids"] == tp1.generate([prompt], params)[0].outputs[0].token_ids
+    assert server.metrics()["spindle:spec_decode_num_draft_tokens_total"] > 0
+
+
+@pytest.mark.slow
 def test_http_hung_worker_fails_after_the_collective_timeout(launch_server) -> None:
     """A worker that stops answering (SIGSTOP) without exiting: the step's collective times out (5 s here)."""
-    server = launch_server("tp2-hang", ["--tensor-parallel-size", "2", "--tensor-parallel-timeout", "5"]).wait_ready()
+    server = launch_server("tp2-hang", ["--tensor-parallel-size", "2", "--tensor-parallel-timeout", "5"]).wait_ready(
+        TP_STARTUP_TIMEOUT
+    )
     thread, result = stream_in_background(server)
     wait_for_tokens(server)
     worker = worker_of(server)

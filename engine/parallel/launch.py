@@ -133,6 +133,8 @@ def start_engine_rank(config: EngineConfig, spec: ModelSpec) -> LocalRank:
     TensorShard.of(spec, 0, world_size)  # refuses an impossible split before any process starts
     _check_devices(config, world_size)
     init_method = f"tcp://127.0.0.1:{_free_port()}"
+    if dist.is_initialized():
+        raise ConfigError("this process already runs a tensor-parallel engine: close it first (LLM.close())")
     processes = [
         _start_worker(WorkerArgs(rank, world_size, init_method, config, spec)) for rank in range(1, world_size)
     ]
