@@ -169,6 +169,7 @@ class AsyncEngine:
                 if self._drain_commands():
                     self._publish([])  # aborts free blocks without a step: metrics must show it now
                 if not self.engine.has_unfinished_requests():
+                    self.engine.check_health()  # a dead tensor-parallel worker fails the loop even while idle
                     self._wake.wait(timeout=_IDLE_WAIT_SECONDS)
                     self._wake.clear()
                     continue

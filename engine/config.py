@@ -103,7 +103,15 @@ class CacheConfig:
 class RuntimeConfig:
     attention_backend: str = "auto"
     device: str = "cpu"
-    num_threads: int | None = None  # None: all cores this process may use
+    num_threads: int | None = None  # per rank; None: this process's cores, shared evenly by the ranks on them
+    tensor_parallel_size: int = 1  # ranks (processes) the model is split over (README: "Tensor parallelism")
+    tensor_parallel_timeout: float = 60.0  # seconds a rank waits in a step's collective before the engine fails
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if not self.tensor_parallel_timeout > 0:
+            raise ValueError(f"tensor_parallel_timeout must be > 0, got {self.tensor_parallel_timeout}")
 
 
 SPECULATIVE_METHODS = ("none", "ngram")

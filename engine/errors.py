@@ -11,3 +11,8 @@ class ModelLoadError(SpindleError):
 
 class ConfigError(SpindleError, ValueError):
     """A configuration value is invalid."""
+
+
+class WorkerGroupError(SpindleError):
+    """A tensor-parallel rank died, hung past the collective timeout or failed mid-step: the ranks can no longer run
+    steps together, so the engine stops serving."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -12,19 +11,18 @@ import torch
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import ConfigError
-from engine.kv_cache import KVCacheLayout, allocate_kv_cache
-from engine.kv_policy import KVCompactor, QueryRecorder
+from engine.errors import ConfigError, WorkerGroupError
+from engine.kv_policy import EvictionPolicy, KVCompactor, QueryRecorder
 from engine.loader import ModelSource, open_model
-from engine.model_runner import ModelRunner
-from engine.models import build_model
+from engine.model_setup import build_runner, plan_kv_cache
+from engine.model_spec import ModelSpec
 from engine.outputs import RequestOutput, RequestTimes
+from engine.parallel.launch import start_engine_rank
 from engine.sampler import SampledToken, SamplingRow
 from engine.sampling_params import InvalidParameter, SamplingParams
 from engine.spec import DraftRequest
 from engine.spec.registry import build_drafter
 from engine.structured.compiler import GrammarCompiler
-from kernels.registry import get_attention_backend
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.output import RequestUpdate, ScheduledRequest, SchedulerOutput, SchedulerStats
 from scheduler.request import FinishReason, Request, RequestStatus
@@ -65,18 +63,28 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, source: ModelSource | None = None, progress: bool = True) -> None:
         self.config = config
         runtime = config.runtime
-        torch.set_num_threads(runtime.num_threads or len(os.sched_getaffinity(0)))
-        self.device = torch.device(runtime.device)
         self.source = source or open_model(config.model.model)
         self.tokenizer = self.source.tokenizer
         self.model_name = config.model.served_model_name or self.source.name
         spec = self.source.spec
+        policy = config.cache.eviction_policy()
+        if policy is not None and runtime.tensor_parallel_size > 1:
+            # The compactor rewrites every KV head's rows on one rank, from that rank's queries.
+            raise ConfigError("a kv_policy cannot be combined with tensor_parallel_size > 1")
+        self.ranks = start_engine_rank(config, spec)
+        try:
+            self._build(config, spec, policy, progress)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: EngineConfig, spec: ModelSpec, policy: EvictionPolicy | None, progress: bool) -> None:
+        torch.set_num_threads(self.ranks.num_threads)
+        self.device = self.ranks.device
         self.grammars = GrammarCompiler(self.tokenizer, spec.vocab_size)
         dtype = config.model.torch_dtype
-
-        layout = KVCacheLayout.for_model(spec, config.cache.block_size, dtype, config.cache.kv_cache_dtype)
-        num_blocks = layout.num_blocks_for(config.cache.kv_cache_bytes())
-        policy = config.cache.eviction_policy()
+        kv_plan = plan_kv_cache(config, spec, self.ranks.tp.shard)
+        layout, num_blocks = kv_plan.layout, kv_plan.num_blocks
         max_model_len = self._resolve_max_model_len(
             config.scheduler.max_model_len, num_blocks * layout.block_size if policy is None else None
         )
@@ -84,22 +92,15 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.kv_layout = layout
         self.num_kv_blocks = num_blocks
-        try:
-            backend = get_attention_backend(
-                runtime.attention_backend, self.device, spec.head_dim, quantized_cache=layout.bits is not None
-            )
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
-        started = time.monotonic()
-        int4_rows = config.model.int4_rows(self.source.linear_weights_are_q4_1, self.device)
-        model = build_model(self.source, dtype, self.device, progress, int4_rows)
-        model.warm_up(self.scheduler_config.max_num_batched_tokens, self.scheduler_config.max_num_seqs)
-        self.load_seconds = time.monotonic() - started
-        kv_caches = allocate_kv_cache(layout, num_blocks, self.device)
         recorder = None
         if policy is not None and policy.uses_queries:
             recorder = QueryRecorder(config.cache.kv_observation_window)
-        self.runner = ModelRunner(model, backend, kv_caches, layout.block_size, self.device, recorder)
+        started = time.monotonic()
+        self.runner = build_runner(config, self.source, kv_plan, self.ranks.tp, self.device, progress, recorder)
+        self.ranks.tp.barrier()  # the workers have loaded their shards too
+        self.load_seconds = time.monotonic() - started
+        kv_caches = self.runner.kv_caches
+        backend = self.runner.backend
         prefix_caching = config.cache.enable_prefix_caching
         self.compactor: KVCompactor | None = None
         if policy is not None:
@@ -121,14 +122,16 @@ class LLMEngine:
             )
         self.counters = EngineCounters()
         self._states: dict[str, _RequestState] = {}
+        int4_rows = config.model.int4_rows(self.source.linear_weights_are_q4_1, self.device)
         logger.info(
-            "model %s loaded in %.1fs (%s, %s; 4-bit weight copies: %s); "
-            "KV cache (%s): %d blocks of %d tokens = %d tokens, %.1f MiB; "
-            "attention backend: %s; kv policy: %s; speculative decoding: %s",
+            "model %s loaded in %.1fs (%s, %s, %d tensor-parallel rank(s); 4-bit weight copies: %s); KV cache (%s): "
+            "%d blocks of %d tokens = %d tokens, %.1f MiB per rank; attention backend: %s; kv policy: %s; "
+            "speculative decoding: %s",
             self.model_name,
             self.load_seconds,
             config.model.dtype,
             self.device,
+            self.ranks.tp.world_size,
             f"steps of up to {int4_rows} tokens" if int4_rows else "none",
             layout.kv_cache_dtype,
             num_blocks,
@@ -139,6 +142,14 @@ class LLMEngine:
             "none" if policy is None else f"{policy.name} (budget {policy.budget} rows per sequence)",
             "off" if self.drafter is None else f"{self.drafter.name}, k={config.speculative.num_speculative_tokens}",
         )
+
+    def check_health(self) -> None:
+        """Raise WorkerGroupError if a tensor-parallel worker has died (checked between steps, and while idle)."""
+        self.ranks.check()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any; the engine runs no more steps."""
+        self.ranks.close()
 
     def _resolve_max_model_len(self, asked: int | None, kv_tokens: int | None) -> int:
         """The context window: as asked, else the model's own, capped so that one sequence fits the KV cache
@@ -226,6 +237,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
         """Run one model step over the scheduled batch; report every request that got tokens or finished."""
+        self.check_health()
         self._propose_drafts()
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
@@ -286,6 +298,9 @@ class LLMEngine:
                 dataclasses.replace(scheduled, scheduled=items), rows, prompt_logprobs_from
             )
             return sampled, prompt_logprobs, {}
+        except WorkerGroupError:
+            self.check_health()  # a worker's exit explains the failure better than the collective's error does
+            raise  # the ranks are out of step: no request can run any more
         except Exception as exc:
             if len(items) == 1:
                 logger.exception("model step failed for request %s", items[0].request_id)

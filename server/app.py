@@ -180,4 +180,7 @@ def run_server(config: EngineConfig) -> None:
     )
     # Uvicorn re-raises SIGTERM once its graceful shutdown is done; a served-out SIGTERM is a clean exit (status 0).
     signal.signal(signal.SIGTERM, exit_cleanly)
-    _DrainingServer(uvicorn_config, engine, server.shutdown_timeout).run()
+    try:
+        _DrainingServer(uvicorn_config, engine, server.shutdown_timeout).run()
+    finally:
+        engine.engine.close()  # tensor-parallel workers leave with the server

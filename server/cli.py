@@ -6,19 +6,36 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from bench.cli import add_bench_commands
-from engine.config import add_config_arguments, config_from_args
+from engine.config import EngineConfig, add_config_arguments, config_from_args
 from engine.errors import SpindleError
+
+
+def _torchrun_worker(config: EngineConfig) -> int | None:
+    """Under torchrun, a rank other than 0 runs the tensor-parallel worker loop (its exit code); rank 0 serves."""
+    from engine.parallel.launch import torchrun_rank
+
+    rank = torchrun_rank()
+    if not rank:
+        return None
+    from engine.parallel.worker import run_worker
+
+    return run_worker(config, rank, int(os.environ["WORLD_SIZE"]), "env://")
 
 
 def _generate(args: argparse.Namespace) -> int:
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
-    llm = LLM(config=config_from_args(args))
+    config = config_from_args(args)
+    worker_exit = _torchrun_worker(config)
+    if worker_exit is not None:
+        return worker_exit
+    llm = LLM(config=config)
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
@@ -37,7 +54,11 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from server.app import run_server
 
-    run_server(config_from_args(args))
+    config = config_from_args(args)
+    worker_exit = _torchrun_worker(config)
+    if worker_exit is not None:
+        return worker_exit
+    run_server(config)
     return 0
 
 

@@ -6,19 +6,26 @@ import torch
 
 from engine.loader import ModelSource
 from engine.models.llama import AttentionContext, LlamaForCausalLM, RotaryEmbedding
+from engine.parallel.group import TensorParallelGroup
 
 __all__ = ["AttentionContext", "LlamaForCausalLM", "build_model"]
 
 
 def build_model(
-    source: ModelSource, dtype: torch.dtype, device: torch.device, progress: bool = True, int4_max_rows: int = 0
+    source: ModelSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: bool = True,
+    tp: TensorParallelGroup | None = None,
+    int4_max_rows: int = 0,
 ) -> LlamaForCausalLM:
-    """Build the architecture without initialising weights (on "meta"), then fill it from the model files.
+    """Build the architecture (``tp``'s shard of it) without initialising weights (on "meta"), then fill it from the
+    model files.
 
     ``int4_max_rows`` > 0 adds 4-bit copies of the decoder's projections for steps of up to that many rows; the
     weights are then read in fp32 so that the copies start from the exact values."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(source.spec)
+        model = LlamaForCausalLM(source.spec, tp)
     model = model.to_empty(device=device).to(dtype)
     if source.spec.tie_word_embeddings:  # to_empty unties shared parameters
         model.lm_head.weight = model.embed_tokens.weight

@@ -3,6 +3,10 @@
 The model takes one flat batch of tokens from many sequences ([T] ids and positions). Attention goes through an
 ``AttentionBackend`` that owns how K/V are stored (paged blocks) and read. Q/K/V and gate/up projections are fused
 into single matmuls, which matters on the CPU where each matmul call has a fixed cost.
+
+Under tensor parallelism each rank builds this model from its ``TensorShard``'s local spec (its own heads,
+intermediate units and vocabulary rows): QKV and gate/up are column-parallel, O and down row-parallel with their
+outputs summed across ranks, the embedding and LM head vocab-parallel (engine/parallel/).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from engine.errors import ModelLoadError
 from engine.model_spec import ModelSpec
 from engine.models.bucketed_linear import BucketedLinear
 from engine.models.int4_weights import Int4Weight
+from engine.parallel.group import TensorParallelGroup
+from engine.parallel.shard import TensorShard
 from kernels.backend import AttentionBackend
 from kernels.quantized_cache import PagedCache
 
@@ -79,9 +85,10 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, layer_index: int, rope: RotaryEmbedding) -> None:
+    def __init__(self, spec: ModelSpec, layer_index: int, rope: RotaryEmbedding, tp: TensorParallelGroup) -> None:
         super().__init__()
         self.spec = spec
+        self.tp = tp
         self.layer_index = layer_index
         self.rope = rope
         self.qkv_proj = BucketedLinear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=False)
@@ -98,40 +105,62 @@ class Attention(nn.Module):
             ctx.query_observer(self.layer_index, q)
         key_cache, value_cache = ctx.kv_caches[self.layer_index]
         out = ctx.backend.forward(q, k, v, key_cache, value_cache, ctx.metadata, self.scale)
-        return self.o_proj(out.reshape(-1, spec.q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(-1, spec.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, tp: TensorParallelGroup) -> None:
         super().__init__()
+        self.tp = tp
         self.gate_up_proj = BucketedLinear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.down_proj = BucketedLinear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(nn.functional.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, layer_index: int, rope: RotaryEmbedding) -> None:
+    def __init__(self, spec: ModelSpec, layer_index: int, rope: RotaryEmbedding, tp: TensorParallelGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, layer_index, rope)
+        self.self_attn = Attention(spec, layer_index, rope, tp)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec, tp)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class VocabParallelEmbedding(nn.Embedding):
+    """The embedding rows of this rank's vocabulary shard; ids outside it contribute zeros to the all-reduce."""
+
+    def __init__(self, spec: ModelSpec, tp: TensorParallelGroup) -> None:
+        super().__init__(spec.vocab_size, spec.hidden_size)
+        self.tp = tp
+        self.vocab_start = tp.shard.vocab[0]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:
+            return super().forward(input_ids)
+        local = input_ids - self.vocab_start
+        inside = (local >= 0) & (local < self.num_embeddings)
+        rows = nn.functional.embedding(local.where(inside, 0), self.weight)
+        return self.tp.all_reduce(rows * inside.unsqueeze(-1).to(rows.dtype))
+
+
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, tp: TensorParallelGroup | None = None) -> None:
+        """``spec`` is the whole model's; ``tp`` says which shard of it this rank holds (default: all of it)."""
         super().__init__()
+        self.tp = tp or TensorParallelGroup(TensorShard.whole(spec))
+        self.full_spec = spec
+        spec = self.tp.shard.local_spec(spec)
         self.spec = spec
         rope = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta)
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i, rope) for i in range(spec.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(spec, self.tp)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, rope, self.tp) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = BucketedLinear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
@@ -152,11 +181,13 @@ class LlamaForCausalLM(nn.Module):
             linear.warm_up(max_tokens)
         self.lm_head.warm_up(max_sequences)  # logits are computed for the sampled rows only
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the whole vocabulary; under tensor parallelism on rank 0 only (None on the others)."""
+        return self.tp.gather_vocab(self.lm_head(hidden).float())
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], int4_max_rows: int = 0) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up into their combined projections.
+        """Copy Hugging Face-named tensors in (this rank's shard of each), fusing q/k/v and gate/up into their
+        combined projections.
 
         With ``int4_max_rows``, each decoder projection also gets a 4-bit copy for steps of at most that many rows,
         quantized from the tensors as given (pass fp32 for the exact levels of a Q4_1 file)."""
@@ -178,7 +209,8 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, BucketedLinear)
         }
         staged: dict[str, torch.Tensor] = {}  # projections as given, until every part arrived, for their 4-bit copies
-        for hf_name, tensor in weights:
+        for hf_name, full_tensor in weights:
+            tensor = self.tp.shard.cut(hf_name, full_tensor, spec.head_dim)
             name = hf_name.removeprefix("model.")
             if name == "lm_head.weight" and spec.tie_word_embeddings:
                 continue

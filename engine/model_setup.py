@@ -1,0 +1,65 @@
+"""Build one rank's part of the model: its attention backend, weights (its shard), KV cache and runner. The engine
+(rank 0) and every tensor-parallel worker build theirs here, so all ranks agree on shapes and block counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import ConfigError
+from engine.kv_cache import KVCacheLayout, allocate_kv_cache
+from engine.kv_policy import QueryRecorder
+from engine.loader import ModelSource
+from engine.model_runner import ModelRunner
+from engine.model_spec import ModelSpec
+from engine.models import build_model
+from engine.parallel.group import TensorParallelGroup
+from engine.parallel.shard import TensorShard
+from kernels.registry import get_attention_backend
+
+
+@dataclass(frozen=True)
+class KVCachePlan:
+    layout: KVCacheLayout  # this rank's: its own KV heads only
+    num_blocks: int  # the same on every rank, since the block tables are
+
+
+def plan_kv_cache(config: EngineConfig, spec: ModelSpec, shard: TensorShard) -> KVCachePlan:
+    """``kv_cache_memory`` is each rank's budget; the rank with the most KV heads decides how many blocks fit."""
+    cache = config.cache
+    layouts = [
+        KVCacheLayout.for_model(
+            TensorShard.of(spec, rank, shard.world_size).local_spec(spec),
+            cache.block_size,
+            config.model.torch_dtype,
+            cache.kv_cache_dtype,
+        )
+        for rank in range(shard.world_size)
+    ]
+    largest = max(layouts, key=lambda layout: layout.bytes_per_block)
+    return KVCachePlan(layouts[shard.rank], largest.num_blocks_for(cache.kv_cache_bytes()))
+
+
+def build_runner(
+    config: EngineConfig,
+    source: ModelSource,
+    kv_plan: KVCachePlan,
+    tp: TensorParallelGroup,
+    device: torch.device,
+    progress: bool = True,
+    query_recorder: QueryRecorder | None = None,
+) -> ModelRunner:
+    layout = kv_plan.layout
+    try:
+        backend = get_attention_backend(
+            config.runtime.attention_backend, device, layout.head_dim, quantized_cache=layout.bits is not None
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    int4_rows = config.model.int4_rows(source.linear_weights_are_q4_1, device)
+    model = build_model(source, config.model.torch_dtype, device, progress, tp, int4_rows)
+    model.warm_up(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
+    kv_caches = allocate_kv_cache(layout, kv_plan.num_blocks, device)
+    return ModelRunner(model, backend, kv_caches, layout.block_size, device, query_recorder)
