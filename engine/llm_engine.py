@@ -14,7 +14,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError
 from engine.kv_cache import KVCacheLayout, allocate_kv_cache
-from engine.kv_policy import KVCompactor, QueryRecorder
+from engine.kv_policy import EvictionPolicy, KVCompactor, PageSelectionPolicy, QueryRecorder
 from engine.loader import ModelSource, open_model
 from engine.model_runner import ModelRunner
 from engine.models import build_model
@@ -24,7 +24,8 @@ from engine.sampling_params import InvalidParameter, SamplingParams
 from engine.spec import DraftRequest
 from engine.spec.registry import build_drafter
 from engine.structured.compiler import GrammarCompiler
-from kernels.registry import get_attention_backend
+from kernels.page_selecting_backend import PageSelectingBackend
+from kernels.registry import get_attention_backend, with_page_selection
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.output import RequestUpdate, ScheduledRequest, SchedulerOutput, SchedulerStats
 from scheduler.request import FinishReason, Request, RequestStatus
@@ -56,6 +57,9 @@ class EngineCounters:
     finished: dict[str, int] = field(default_factory=dict)
     kv_compactions: int = 0  # times a KV policy compacted a request's cache
     kv_evicted_tokens: int = 0  # KV rows those compactions dropped or merged away
+    page_selection_decodes: int = 0  # decode rows attended under page selection
+    page_selection_blocks_read: int = 0  # KV blocks they read (per layer)
+    page_selection_blocks_held: int = 0  # KV blocks their sequences held: what full attention would have read
     spec_drafts: int = 0  # request steps that verified drafts
     spec_draft_tokens: int = 0  # draft tokens verified
     spec_accepted_tokens: int = 0  # of those, accepted
@@ -77,6 +81,7 @@ class LLMEngine:
         layout = KVCacheLayout.for_model(spec, config.cache.block_size, dtype, config.cache.kv_cache_dtype)
         num_blocks = layout.num_blocks_for(config.cache.kv_cache_bytes())
         policy = config.cache.eviction_policy()
+        page_selection = config.cache.page_selection()
         max_model_len = self._resolve_max_model_len(
             config.scheduler.max_model_len, num_blocks * layout.block_size if policy is None else None
         )
@@ -86,7 +91,11 @@ class LLMEngine:
         self.num_kv_blocks = num_blocks
         try:
             backend = get_attention_backend(
-                runtime.attention_backend, self.device, spec.head_dim, quantized_cache=layout.bits is not None
+                runtime.attention_backend,
+                self.device,
+                spec.head_dim,
+                quantized_cache=layout.bits is not None,
+                page_selection=page_selection is not None,
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
@@ -95,6 +104,9 @@ class LLMEngine:
         model.warm_up(self.scheduler_config.max_num_batched_tokens, self.scheduler_config.max_num_seqs)
         self.load_seconds = time.monotonic() - started
         kv_caches = allocate_kv_cache(layout, num_blocks, self.device)
+        self.page_selector: PageSelectingBackend | None = None
+        if page_selection is not None:
+            backend = self.page_selector = with_page_selection(backend, page_selection, [k for k, _ in kv_caches])
         recorder = None
         if policy is not None and policy.uses_queries:
             recorder = QueryRecorder(config.cache.kv_observation_window)
@@ -133,9 +145,17 @@ class LLMEngine:
             num_blocks * layout.block_size,
             num_blocks * layout.bytes_per_block / 2**20,
             backend.name,
-            "none" if policy is None else f"{policy.name} (budget {policy.budget} rows per sequence)",
+            self._policy_description(policy, page_selection),
             "off" if self.drafter is None else f"{self.drafter.name}, k={config.speculative.num_speculative_tokens}",
         )
+
+    @staticmethod
+    def _policy_description(policy: EvictionPolicy | None, page_selection: PageSelectionPolicy | None) -> str:
+        if policy is not None:
+            return f"{policy.name} (budget {policy.budget} rows per sequence)"
+        if page_selection is not None:
+            return f"{page_selection.name} (decode reads {page_selection.budget_blocks} blocks per sequence)"
+        return "none"
 
     def _resolve_max_model_len(self, asked: int | None, kv_tokens: int | None) -> int:
         """The context window: as asked, else the model's own, capped so that one sequence fits the KV cache
@@ -253,6 +273,10 @@ class LLMEngine:
             self.compactor.run(self.scheduler, scheduled)
             self.counters.kv_compactions = self.compactor.num_compactions
             self.counters.kv_evicted_tokens = self.compactor.num_evicted_tokens
+        if self.page_selector is not None:
+            self.counters.page_selection_decodes = self.page_selector.num_decodes
+            self.counters.page_selection_blocks_read = self.page_selector.num_blocks_read
+            self.counters.page_selection_blocks_held = self.page_selector.num_blocks_held
         finished_at = time.monotonic()
         outputs = [self._error_output(rid, message) for rid, message in failures.items()]
         for update in updates:

@@ -1,0 +1,123 @@
+"""Query-aware page selection for decode (Quest: Tang et al., 2024, "Quest: Query-Aware Sparsity for Efficient
+Long-Context LLM Inference"): each decode token attends to a few KV blocks of its sequence instead of all of them.
+
+Every cache block keeps a summary of its keys per KV head: the element-wise minimum and maximum over its written
+rows. For a query ``q`` the block's score ``sum_d max(q_d * min_d, q_d * max_d)`` is an upper bound of ``q . k``
+over every key of the block, so the blocks holding the keys a query attends to most score high.
+
+Selection is per sequence, not per KV head: one reduced block table serves every head, so the unchanged paged
+decode kernels (native CPU and Triton) read it as they read a full one. A block's score is the maximum of the bound
+over all query heads, so a block stays if any head wants it. The first ``sink_blocks`` blocks (attention sinks) and
+the blocks holding the last ``window_tokens`` tokens are always kept; the best-scored others fill the budget. The
+selected blocks keep their order, and since the last (partially filled) block is always among them, the reduced
+context is the selected blocks' tokens with the last block's fill unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PageSelectionPolicy:
+    """Decode tokens of a sequence holding more than ``budget_blocks`` blocks attend to that many blocks only."""
+
+    budget_blocks: int
+    sink_blocks: int
+    window_tokens: int
+    block_size: int
+    name: str = "quest"
+
+    @classmethod
+    def from_tokens(cls, budget: int, sink_tokens: int, window_tokens: int, block_size: int) -> PageSelectionPolicy:
+        """Budgets in tokens (the KV-policy settings) rounded to whole blocks; ValueError for a budget too small
+        to hold the sink blocks, the window's blocks and one block besides."""
+        if sink_tokens < 0 or window_tokens < 1:
+            raise ValueError(
+                f"kv_sink_tokens must be >= 0 and kv_window_tokens >= 1, got {sink_tokens} and {window_tokens}"
+            )
+        sink_blocks = -(-sink_tokens // block_size)
+        # The window's tokens can straddle one more block than they fill.
+        least = (sink_blocks + -(-window_tokens // block_size) + 2) * block_size
+        if budget < least:
+            raise ValueError(
+                f"kv_budget ({budget}) must be at least {least} for kv_policy quest: the sink blocks, the blocks of "
+                f"the last kv_window_tokens tokens and one more, {block_size} tokens each"
+            )
+        return cls(budget // block_size, sink_blocks, window_tokens, block_size)
+
+
+class BlockSummaries:
+    """Per cache block and KV head, the element-wise min and max of the keys written to the block so far."""
+
+    def __init__(self, key_cache: torch.Tensor) -> None:
+        num_blocks, self.block_size, num_kv_heads, head_dim = key_cache.shape
+        shape = (num_blocks, num_kv_heads, head_dim)
+        self.minimum = torch.zeros(shape, dtype=key_cache.dtype, device=key_cache.device)
+        self.maximum = torch.zeros(shape, dtype=key_cache.dtype, device=key_cache.device)
+
+    def update(self, key_cache: torch.Tensor, written: WrittenBlocks) -> None:
+        """Recompute the summaries of the blocks a step wrote, over rows 0 to the last one written. Rows are written
+        in order, so that is every row the block holds, and a block reused for another sequence (or rows rewritten
+        after rejected drafts) starts over rather than keeping stale keys."""
+        if written.blocks.numel() == 0:
+            return
+        rows = key_cache.index_select(0, written.blocks)  # [blocks, block_size, KVH, D]
+        unwritten = written.unwritten[:, :, None, None]
+        self.minimum.index_copy_(0, written.blocks, rows.masked_fill(unwritten, float("inf")).amin(1))
+        self.maximum.index_copy_(0, written.blocks, rows.masked_fill(unwritten, float("-inf")).amax(1))
+
+
+@dataclass(frozen=True)
+class WrittenBlocks:
+    """The blocks one step writes K/V rows to, and which of their rows lie past the last row written."""
+
+    blocks: torch.Tensor  # long [blocks]
+    unwritten: torch.Tensor  # bool [blocks, block_size]
+
+    @classmethod
+    def of(cls, slot_mapping: torch.Tensor, block_size: int) -> WrittenBlocks:
+        blocks, inverse = torch.unique(slot_mapping // block_size, return_inverse=True)
+        last = torch.zeros_like(blocks).scatter_reduce_(0, inverse, slot_mapping % block_size, "amax")
+        offsets = torch.arange(block_size, device=slot_mapping.device)
+        return cls(blocks, offsets[None, :] > last[:, None])
+
+
+def block_scores(
+    query: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor, block_tables: torch.Tensor
+) -> torch.Tensor:
+    """query [B, H, D], summaries [num_blocks, KVH, D], block_tables [B, blocks] -> fp32 [B, blocks]: per table
+    entry, the maximum over query heads of the upper bound of q . k (padding entries score whatever block 0 does)."""
+    batch, num_heads, head_dim = query.shape
+    num_kv_heads = minimum.shape[1]
+    q = query.float().view(batch, 1, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    low = minimum.index_select(0, block_tables.flatten()).float().view(batch, -1, num_kv_heads, 1, head_dim)
+    high = maximum.index_select(0, block_tables.flatten()).float().view(batch, -1, num_kv_heads, 1, head_dim)
+    bound = torch.maximum(q * low, q * high).sum(-1)  # [B, blocks, KVH, group]
+    return bound.flatten(2).amax(-1)
+
+
+def select_blocks(
+    scores: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, policy: PageSelectionPolicy
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [B, blocks] fp32, block_tables [B, blocks] (padded), context_lens [B] -> the reduced int32 block
+    tables [B, min(budget, blocks)] (the chosen blocks in their order, then padding) and int32 context lengths."""
+    width = block_tables.shape[1]
+    block_size = policy.block_size
+    num_blocks = (context_lens + block_size - 1) // block_size
+    index = torch.arange(width, device=scores.device)
+    first_window_block = ((context_lens - policy.window_tokens).clamp_min(0) // block_size)[:, None]
+    protected = (index < policy.sink_blocks) | (index >= first_window_block)
+    valid = index < num_blocks[:, None]
+    ranked = scores.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
+    chosen = ranked.topk(min(policy.budget_blocks, width), dim=1).indices
+    # Entries past a sequence's blocks were only picked to fill k: push them behind the real ones.
+    chosen = torch.where(chosen < num_blocks[:, None], chosen, width).sort(dim=1).values
+    tables = block_tables.gather(1, chosen.clamp_max(width - 1))
+    num_chosen = num_blocks.clamp_max(chosen.shape[1])
+    # Every block left out is a full one (the last block is always in the window), so the reduced context is short
+    # of the full one by whole blocks.
+    lens = context_lens - (num_blocks - num_chosen) * block_size
+    return tables.to(torch.int32), lens.to(torch.int32)
