@@ -15,14 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
-from kernels.backend import AttentionBackend, BatchLayout, pad_block_tables
-from kernels.page_selection import (
-    BlockSummaries,
-    PageSelectionPolicy,
-    WrittenBlocks,
-    block_scores,
-    select_blocks,
-)
+from kernels.backend import AttentionBackend, BatchLayout
+from kernels.page_selection import BlockSummaries, DecodeSelection, PageSelectionPolicy, WrittenBlocks, block_scores
 
 BlockScorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -33,13 +27,6 @@ class DecodeTablesBackend(AttentionBackend, Protocol):
     ) -> Any:
         """The step's metadata with its decodes reading int32 ``block_tables`` up to ``context_lens`` instead."""
         ...
-
-
-@dataclass(frozen=True)
-class DecodeSelection:
-    block_tables: torch.Tensor  # long [decodes, max blocks]
-    context_lens: torch.Tensor  # long [decodes]
-    max_context_len: int  # of the reduced contexts
 
 
 @dataclass(frozen=True)
@@ -79,11 +66,7 @@ class PageSelectingBackend:
         device = layout.slot_mapping.device
         if num_decodes and max(held) > budget:
             tables = [table[:count] for table, count in zip(layout.block_tables[:num_decodes], held)]
-            selection = DecodeSelection(
-                pad_block_tables(tables, torch.long, device),
-                torch.tensor(context_lens, dtype=torch.long, device=device),
-                min(max(context_lens), budget * block_size),
-            )
+            selection = DecodeSelection.of(tables, context_lens, self.policy, device)
         written = WrittenBlocks.of(layout.slot_mapping, block_size)
         return PageSelectionMetadata(self.inner.prepare(layout, dtype), selection, written)
 
@@ -102,9 +85,9 @@ class PageSelectingBackend:
         selection = metadata.selection
         if selection is not None:
             decodes = query[: selection.block_tables.shape[0]]
-            scores = self.scorer(decodes, summaries.minimum, summaries.maximum, selection.block_tables)
-            tables, lens = select_blocks(scores, selection.block_tables, selection.context_lens, self.policy)
-            inner = self.inner.with_decode_tables(inner, tables, lens, selection.max_context_len)
+            scores = self.scorer(decodes, summaries.minimum, summaries.maximum, selection.block_tables[:, :-1])
+            tables = selection.choose(scores)
+            inner = self.inner.with_decode_tables(inner, tables, selection.context_lens, selection.max_context_len)
         output = self.inner.forward(query, key, value, key_cache, value_cache, inner, scale)
         summaries.update(key_cache, metadata.written)
         return output

@@ -99,25 +99,46 @@ def block_scores(
     return bound.flatten(2).amax(-1)
 
 
-def select_blocks(
-    scores: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, policy: PageSelectionPolicy
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores [B, blocks] fp32, block_tables [B, blocks] (padded), context_lens [B] -> the reduced int32 block
-    tables [B, min(budget, blocks)] (the chosen blocks in their order, then padding) and int32 context lengths."""
-    width = block_tables.shape[1]
-    block_size = policy.block_size
-    num_blocks = (context_lens + block_size - 1) // block_size
-    index = torch.arange(width, device=scores.device)
-    first_window_block = ((context_lens - policy.window_tokens).clamp_min(0) // block_size)[:, None]
-    protected = (index < policy.sink_blocks) | (index >= first_window_block)
-    valid = index < num_blocks[:, None]
-    ranked = scores.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
-    chosen = ranked.topk(min(policy.budget_blocks, width), dim=1).indices
-    # Entries past a sequence's blocks were only picked to fill k: push them behind the real ones.
-    chosen = torch.where(chosen < num_blocks[:, None], chosen, width).sort(dim=1).values
-    tables = block_tables.gather(1, chosen.clamp_max(width - 1))
-    num_chosen = num_blocks.clamp_max(chosen.shape[1])
-    # Every block left out is a full one (the last block is always in the window), so the reduced context is short
-    # of the full one by whole blocks.
-    lens = context_lens - (num_blocks - num_chosen) * block_size
-    return tables.to(torch.int32), lens.to(torch.int32)
+@dataclass(frozen=True)
+class DecodeSelection:
+    """A step's decodes under page selection: what is the same in every layer is worked out once per step, so a
+    layer only scores, ranks and gathers."""
+
+    block_tables: torch.Tensor  # [B, blocks + 1]: each decode's blocks, padding, and one spare column
+    forced: torch.Tensor  # bool [B, blocks]: entries whose rank is fixed (protected or past the sequence)
+    forced_rank: torch.Tensor  # fp32 [B, blocks]: +inf for the protected, -inf for entries past the sequence
+    num_blocks: torch.Tensor  # long [B, 1]
+    context_lens: torch.Tensor  # int32 [B]: of the reduced contexts
+    max_context_len: int  # of the reduced contexts
+    k: int
+
+    @classmethod
+    def of(
+        cls, block_tables: list[list[int]], context_lens: list[int], policy: PageSelectionPolicy, device: torch.device
+    ) -> DecodeSelection:
+        """``block_tables``: each decode's blocks holding its context (no more)."""
+        block_size = policy.block_size
+        width = max(len(table) for table in block_tables)
+        k = min(policy.budget_blocks, width)
+        tables = torch.tensor([table + [0] * (width + 1 - len(table)) for table in block_tables], device=device)
+        lens = torch.tensor(context_lens, device=device)
+        num_blocks = torch.tensor([len(table) for table in block_tables], device=device)[:, None]
+        index = torch.arange(width, device=device)
+        first_window_block = ((lens - policy.window_tokens).clamp_min(0) // block_size)[:, None]
+        protected = (index < policy.sink_blocks) | (index >= first_window_block)
+        beyond = index >= num_blocks
+        forced_rank = torch.zeros(tables.shape[0], width, device=device)
+        forced_rank.masked_fill_(protected, float("inf")).masked_fill_(beyond, float("-inf"))
+        # Every block left out is a full one (the last block is always in the window), so the reduced context is
+        # short of the full one by whole blocks.
+        reduced = [length - max(len(table) - k, 0) * block_size for table, length in zip(block_tables, context_lens)]
+        reduced_lens = torch.tensor(reduced, dtype=torch.int32, device=device)
+        return cls(tables.to(torch.int32), protected | beyond, forced_rank, num_blocks, reduced_lens, max(reduced), k)
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores [B, blocks] fp32 -> int32 [B, k]: the chosen blocks of each decode in their order, then padding."""
+        ranked = torch.where(self.forced, self.forced_rank, scores)
+        chosen = ranked.topk(self.k, dim=1).indices
+        # Entries past a sequence's blocks were only picked to fill k: move them to the spare column, at the end.
+        chosen = torch.where(chosen < self.num_blocks, chosen, self.block_tables.shape[1] - 1).sort(dim=1).values
+        return self.block_tables.gather(1, chosen)

@@ -18,7 +18,7 @@ from kernels.backend import BatchLayout
 from kernels.cpu_attention import CpuAttentionBackend
 from kernels.native import load_native_kernels
 from kernels.page_selecting_backend import PageSelectingBackend
-from kernels.page_selection import BlockSummaries, PageSelectionPolicy, WrittenBlocks, block_scores, select_blocks
+from kernels.page_selection import BlockSummaries, DecodeSelection, PageSelectionPolicy, WrittenBlocks, block_scores
 from kernels.triton_backend import TritonAttentionBackend
 from scheduler.output import SchedulerStats
 from server.metrics import EngineMetrics
@@ -101,17 +101,16 @@ def test_scores_and_choice_match_the_naive_reference(heads: tuple[int, int]) -> 
     summaries = BlockSummaries(case.key_cache)
     summaries.update(case.key_cache, WrittenBlocks.of(torch.tensor(written), BLOCK))
     held = [-(-length // BLOCK) for length in layout.context_lens]
-    tables = torch.tensor([t[:n] + [0] * (max(held) - n) for t, n in zip(layout.block_tables, held)])
-    lens = torch.tensor(layout.context_lens)
-    scores = block_scores(case.query, summaries.minimum, summaries.maximum, tables)
-    chosen_tables, chosen_lens = select_blocks(scores, tables, lens, policy)
+    selection = DecodeSelection.of([t[:n] for t, n in zip(layout.block_tables, held)], layout.context_lens, policy, CPU)
+    scores = block_scores(case.query, summaries.minimum, summaries.maximum, selection.block_tables[:, :-1])
+    chosen_tables, chosen_lens = selection.choose(scores), selection.context_lens
     for i, (table, length) in enumerate(zip(layout.block_tables, layout.context_lens)):
         expected = naive_scores(case.query[i], case.key_cache, table, length)
         torch.testing.assert_close(scores[i, : held[i]], torch.tensor(expected), atol=1e-4, rtol=1e-5)
         chosen = naive_choice(expected, length, policy)
         assert chosen_tables[i, : len(chosen)].tolist() == [table[c] for c in chosen], i
         assert int(chosen_lens[i]) == length - (held[i] - len(chosen)) * BLOCK
-    assert (chosen_lens < lens).sum() >= 3, "no sequence was cut: the test proves nothing"
+    assert (chosen_lens < torch.tensor(layout.context_lens)).sum() >= 3, "no sequence was cut: the test proves nothing"
 
 
 def test_summaries_follow_the_rows_written_and_forget_a_reused_block() -> None:

@@ -12,6 +12,8 @@ block and head against the block_size x head_dim of attention, so it is not wher
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -67,6 +69,19 @@ def _block_scores_kernel(
     tl.store(scores + seq * stride_scores + entries, best, mask=entry_mask)
 
 
+def scores_launch(num_kv_heads: int, group: int, head_dim: int) -> dict[str, Any]:
+    return {
+        "NUM_KV_HEADS": num_kv_heads,
+        "GROUP": group,
+        "HEAD_DIM": head_dim,
+        "BLOCK_G": max(2, triton.next_power_of_2(group)),
+        "BLOCK_D": head_dim_block(head_dim),
+        "BLOCK_B": BLOCK_B,
+        "num_warps": 4,
+        "enable_fp_fusion": True,
+    }
+
+
 def block_scores(
     query: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor, block_tables: torch.Tensor
 ) -> torch.Tensor:
@@ -80,7 +95,6 @@ def block_scores(
     scores = torch.empty((num_seqs, num_entries), dtype=torch.float32, device=query.device)
     if num_seqs == 0 or num_entries == 0:
         return scores
-    group = num_heads // num_kv_heads
     _block_scores_kernel[(num_seqs, triton.cdiv(num_entries, BLOCK_B))](
         query,
         minimum,
@@ -94,12 +108,6 @@ def block_scores(
         minimum.stride(1),
         block_tables.stride(0),
         scores.stride(0),
-        NUM_KV_HEADS=num_kv_heads,
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        BLOCK_G=max(2, triton.next_power_of_2(group)),
-        BLOCK_D=head_dim_block(head_dim),
-        BLOCK_B=BLOCK_B,
-        num_warps=4,
+        **scores_launch(num_kv_heads, num_heads // num_kv_heads, head_dim),
     )
     return scores
