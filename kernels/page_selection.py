@@ -92,11 +92,16 @@ def block_scores(
     entry, the maximum over query heads of the upper bound of q . k (padding entries score whatever block 0 does)."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads = minimum.shape[1]
-    q = query.float().view(batch, 1, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    low = minimum.index_select(0, block_tables.flatten()).float().view(batch, -1, num_kv_heads, 1, head_dim)
-    high = maximum.index_select(0, block_tables.flatten()).float().view(batch, -1, num_kv_heads, 1, head_dim)
-    bound = torch.maximum(q * low, q * high).sum(-1)  # [B, blocks, KVH, group]
-    return bound.flatten(2).amax(-1)
+    q = query.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+
+    def gathered(summary: torch.Tensor) -> torch.Tensor:  # [B, KVH, D, blocks]
+        rows = summary.index_select(0, block_tables.flatten()).view(batch, -1, num_kv_heads, head_dim)
+        return rows.permute(0, 2, 3, 1).float()
+
+    # max(q_d min_d, q_d max_d) takes max_d where q_d > 0 and min_d where q_d < 0: two matmuls over the channels
+    # instead of elementwise passes over [B, blocks, heads, D].
+    bound = q.clamp_min(0) @ gathered(maximum) + q.clamp_max(0) @ gathered(minimum)  # [B, KVH, group, blocks]
+    return bound.flatten(1, 2).amax(1)
 
 
 @dataclass(frozen=True)
