@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from engine.errors import ConfigError
-from engine.kv_policy import EvictionPolicy, build_eviction_policy
+from engine.kv_policy import EvictionPolicy, PageSelectionPolicy, build_eviction_policy, build_page_selection
 from scheduler.config import SchedulerConfig
 
 ENV_PREFIX = "SPINDLE_"
@@ -76,8 +76,10 @@ class CacheConfig:
     kv_cache_memory: str = "1GiB"  # bytes ("2GiB", "500MB", "1073741824") or a fraction of total RAM ("0.1")
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 | int4: per-token quantized K/V
-    kv_policy: str = "none"  # none | sink_window | key_norm | snapkv | evict_merge (engine/kv_policy)
-    kv_budget: int = 512  # KV rows each request keeps per layer and KV head under an eviction policy
+    kv_policy: str = "none"  # none | sink_window | key_norm | snapkv | evict_merge | quest (engine/kv_policy)
+    # KV rows each request keeps per layer and KV head under an eviction policy; under quest, the rows (in whole
+    # blocks) each decode token reads
+    kv_budget: int = 512
     kv_sink_tokens: int = 4  # first rows always kept
     kv_window_tokens: int = 32  # most recent rows always kept
     kv_observation_window: int = 32  # recent queries whose attention scores rows (snapkv, evict_merge)
@@ -89,9 +91,15 @@ class CacheConfig:
         if self.kv_observation_window < 1:
             raise ValueError(f"kv_observation_window must be >= 1, got {self.kv_observation_window}")
         self.eviction_policy()  # validates the name and the budget now
+        self.page_selection()
 
     def eviction_policy(self) -> EvictionPolicy | None:
         return build_eviction_policy(
+            self.kv_policy, self.kv_budget, self.kv_sink_tokens, self.kv_window_tokens, self.block_size
+        )
+
+    def page_selection(self) -> PageSelectionPolicy | None:
+        return build_page_selection(
             self.kv_policy, self.kv_budget, self.kv_sink_tokens, self.kv_window_tokens, self.block_size
         )
 

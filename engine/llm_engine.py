@@ -12,7 +12,7 @@ import torch
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError, WorkerGroupError
-from engine.kv_policy import EvictionPolicy, KVCompactor, QueryRecorder
+from engine.kv_policy import EvictionPolicy, KVCompactor, PageSelectionPolicy, QueryRecorder
 from engine.loader import ModelSource, open_model
 from engine.model_setup import build_runner, plan_kv_cache
 from engine.model_spec import ModelSpec
@@ -23,6 +23,7 @@ from engine.sampling_params import InvalidParameter, SamplingParams
 from engine.spec import DraftRequest
 from engine.spec.registry import build_drafter
 from engine.structured.compiler import GrammarCompiler
+from kernels.page_selecting_backend import PageSelectingBackend
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.output import RequestUpdate, ScheduledRequest, SchedulerOutput, SchedulerStats
 from scheduler.request import FinishReason, Request, RequestStatus
@@ -54,6 +55,9 @@ class EngineCounters:
     finished: dict[str, int] = field(default_factory=dict)
     kv_compactions: int = 0  # times a KV policy compacted a request's cache
     kv_evicted_tokens: int = 0  # KV rows those compactions dropped or merged away
+    page_selection_decodes: int = 0  # decode rows attended under page selection
+    page_selection_blocks_read: int = 0  # KV blocks they read (per layer)
+    page_selection_blocks_held: int = 0  # KV blocks their sequences held: what full attention would have read
     spec_drafts: int = 0  # request steps that verified drafts
     spec_draft_tokens: int = 0  # draft tokens verified
     spec_accepted_tokens: int = 0  # of those, accepted
@@ -85,6 +89,7 @@ class LLMEngine:
         dtype = config.model.torch_dtype
         kv_plan = plan_kv_cache(config, spec, self.ranks.tp.shard)
         layout, num_blocks = kv_plan.layout, kv_plan.num_blocks
+        page_selection = config.cache.page_selection()
         max_model_len = self._resolve_max_model_len(
             config.scheduler.max_model_len, num_blocks * layout.block_size if policy is None else None
         )
@@ -101,6 +106,7 @@ class LLMEngine:
         self.load_seconds = time.monotonic() - started
         kv_caches = self.runner.kv_caches
         backend = self.runner.backend
+        self.page_selector = backend if isinstance(backend, PageSelectingBackend) else None
         prefix_caching = config.cache.enable_prefix_caching
         self.compactor: KVCompactor | None = None
         if policy is not None:
@@ -139,7 +145,7 @@ class LLMEngine:
             num_blocks * layout.block_size,
             num_blocks * layout.bytes_per_block / 2**20,
             backend.name,
-            "none" if policy is None else f"{policy.name} (budget {policy.budget} rows per sequence)",
+            self._policy_description(policy, page_selection),
             "off" if self.drafter is None else f"{self.drafter.name}, k={config.speculative.num_speculative_tokens}",
         )
 
@@ -150,6 +156,14 @@ class LLMEngine:
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any; the engine runs no more steps."""
         self.ranks.close()
+
+    @staticmethod
+    def _policy_description(policy: EvictionPolicy | None, page_selection: PageSelectionPolicy | None) -> str:
+        if policy is not None:
+            return f"{policy.name} (budget {policy.budget} rows per sequence)"
+        if page_selection is not None:
+            return f"{page_selection.name} (decode reads {page_selection.budget_blocks} blocks per sequence)"
+        return "none"
 
     def _resolve_max_model_len(self, asked: int | None, kv_tokens: int | None) -> int:
         """The context window: as asked, else the model's own, capped so that one sequence fits the KV cache
@@ -268,6 +282,10 @@ class LLMEngine:
             self.compactor.run(self.scheduler, scheduled)
             self.counters.kv_compactions = self.compactor.num_compactions
             self.counters.kv_evicted_tokens = self.compactor.num_evicted_tokens
+        if self.page_selector is not None:
+            self.counters.page_selection_decodes = self.page_selector.num_decodes
+            self.counters.page_selection_blocks_read = self.page_selector.num_blocks_read
+            self.counters.page_selection_blocks_held = self.page_selector.num_blocks_held
         finished_at = time.monotonic()
         outputs = [self._error_output(rid, message) for rid, message in failures.items()]
         for update in updates:

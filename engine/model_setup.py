@@ -17,7 +17,7 @@ from engine.model_spec import ModelSpec
 from engine.models import build_model
 from engine.parallel.group import TensorParallelGroup
 from engine.parallel.shard import TensorShard
-from kernels.registry import get_attention_backend
+from kernels.registry import get_attention_backend, with_page_selection
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,14 @@ def build_runner(
     query_recorder: QueryRecorder | None = None,
 ) -> ModelRunner:
     layout = kv_plan.layout
+    page_selection = config.cache.page_selection()
     try:
         backend = get_attention_backend(
-            config.runtime.attention_backend, device, layout.head_dim, quantized_cache=layout.bits is not None
+            config.runtime.attention_backend,
+            device,
+            layout.head_dim,
+            quantized_cache=layout.bits is not None,
+            page_selection=page_selection is not None,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
@@ -62,4 +67,6 @@ def build_runner(
     model = build_model(source, config.model.torch_dtype, device, progress, tp, int4_rows)
     model.warm_up(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
     kv_caches = allocate_kv_cache(layout, kv_plan.num_blocks, device)
+    if page_selection is not None:
+        backend = with_page_selection(backend, page_selection, [keys for keys, _ in kv_caches])
     return ModelRunner(model, backend, kv_caches, layout.block_size, device, query_recorder)

@@ -13,7 +13,7 @@ fused CPU attention).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +144,18 @@ class CpuAttentionBackend:
             prefills.append(PrefillChunk(query_start, query_len, context_len, block_ids))
             query_start += query_len
         return CpuAttentionMetadata(layout.slot_mapping, num_decodes, decode, prefills)
+
+    def with_decode_tables(
+        self,
+        metadata: CpuAttentionMetadata,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        max_context_len: int,
+    ) -> CpuAttentionMetadata:
+        """The step with its decodes reading other int32 block tables and lengths (page selection); native only
+        (the kernel finds the longest context itself)."""
+        assert self.native is not None, "page selection needs the native decode kernel"
+        return replace(metadata, decode=NativeDecodeBatch(block_tables.contiguous(), context_lens.contiguous()))
 
     def forward(
         self,

@@ -7,6 +7,8 @@
 - ``cpu``: paged attention with the native decode kernel (built with the system C++ compiler at first use);
 - ``torch``: the same CPU paths in vectorised PyTorch only, for machines without a compiler;
 - ``auto``: ``triton`` on CUDA; on a CPU ``cpu`` where the native kernel builds, else ``torch`` (with a warning).
+
+Page selection (kernels/page_selecting_backend.py) wraps ``cpu`` or ``triton`` over a plain (not quantized) cache.
 """
 
 from __future__ import annotations
@@ -21,22 +23,33 @@ from kernels.backend import AttentionBackend
 from kernels.cpu_attention import CpuAttentionBackend
 from kernels.dequantizing_backend import DequantizingBackend
 from kernels.native import SUPPORTED_HEAD_DIMS, NativeKernelsUnavailable, load_native_kernels
+from kernels.page_selecting_backend import PageSelectingBackend
+from kernels.page_selection import PageSelectionPolicy
 
 logger = logging.getLogger("spindle.kernels")
 
 BACKENDS = ("auto", "cpu", "torch", "triton", "xformers")
 CPU_BACKENDS = ("cpu", "torch")
+PAGE_SELECTION_BACKENDS = ("cpu", "triton")
 
 
 def get_attention_backend(
-    name: str, device: torch.device, head_dim: int, quantized_cache: bool = False
+    name: str, device: torch.device, head_dim: int, quantized_cache: bool = False, page_selection: bool = False
 ) -> AttentionBackend:
     """Raises ValueError for an unknown name, a backend that doesn't run on ``device``, or one that can't load.
 
     ``quantized_cache``: the KV cache is a QuantizedCache. Triton reads it in its kernels; the CPU backends through
     a dequantized working set (kernels/dequantizing_backend.py); xFormers cannot.
+    ``page_selection``: the backend will be wrapped by ``with_page_selection``; refuses what that cannot wrap.
     """
     backend = _backend(name, device, head_dim)
+    if page_selection:
+        if quantized_cache:
+            raise ValueError("kv_policy quest needs a plain KV cache (kv_cache_dtype auto), not a quantized one")
+        if backend.name not in PAGE_SELECTION_BACKENDS:
+            raise ValueError(
+                f"kv_policy quest needs attention backend 'cpu' (the native kernel) or 'triton', not {backend.name!r}"
+            )
     if not quantized_cache or backend.name == "triton":
         return backend
     if backend.name == "xformers":
@@ -83,3 +96,15 @@ def _cpu_backend(head_dim: int, required: bool) -> CpuAttentionBackend:
             raise ValueError(f"attention backend 'cpu' is unavailable: {exc}") from exc
         logger.warning("native CPU attention kernel unavailable, using the PyTorch path: %s", exc)
         return CpuAttentionBackend()
+
+
+def with_page_selection(
+    backend: AttentionBackend, policy: PageSelectionPolicy, key_caches: list[torch.Tensor]
+) -> PageSelectingBackend:
+    """``backend`` (from ``get_attention_backend(..., page_selection=True)``) with decode page selection; blocks
+    are scored in a Triton kernel under the Triton backend, in PyTorch under the CPU one."""
+    if backend.name == "triton":
+        from kernels.triton_ops.block_scores import block_scores
+
+        return PageSelectingBackend(backend, policy, key_caches, block_scores)  # type: ignore[arg-type]
+    return PageSelectingBackend(backend, policy, key_caches)  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ its kernels are checked against PyTorch references on the CPU; see ``kernels/tri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -73,6 +73,16 @@ class TritonAttentionBackend:
                 max(query_lens),
             )
         return TritonAttentionMetadata(layout.slot_mapping.to(self.device), num_decodes, decode, prefill)
+
+    def with_decode_tables(
+        self,
+        metadata: TritonAttentionMetadata,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        max_context_len: int,
+    ) -> TritonAttentionMetadata:
+        """The step with its decodes reading other int32 block tables and lengths (page selection)."""
+        return replace(metadata, decode=TritonDecodeBatch(block_tables, context_lens, max_context_len))
 
     def forward(
         self,

@@ -53,6 +53,15 @@ class EngineMetrics:
         ).labels(model_name, kv_policy, str(kv_budget if kv_policy != "none" else 0)).set(1)
         self.kv_compactions = counter("kv_policy_compactions", "Times the KV policy compacted a sequence's cache.")
         self.kv_evicted = counter("kv_policy_evicted_tokens", "KV rows the KV policy dropped or merged away.")
+        self.page_selection_decodes = counter(
+            "page_selection_decodes", "Decode rows attended under page selection (kv_policy quest)."
+        )
+        self.page_selection_blocks_read = counter(
+            "page_selection_blocks_read", "KV blocks those decode rows read (per layer); over decodes: blocks per step."
+        )
+        self.page_selection_blocks_held = counter(
+            "page_selection_blocks_held", "KV blocks their sequences held: what full attention would have read."
+        )
         self.spec_drafts = counter("spec_decode_num_drafts", "Request steps that verified draft tokens.")
         self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens verified.")
         self.spec_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
@@ -82,6 +91,9 @@ class EngineMetrics:
         self._advance(self.preemptions, stats.num_preemptions)
         self._advance(self.kv_compactions, counters.kv_compactions)
         self._advance(self.kv_evicted, counters.kv_evicted_tokens)
+        self._advance(self.page_selection_decodes, counters.page_selection_decodes)
+        self._advance(self.page_selection_blocks_read, counters.page_selection_blocks_read)
+        self._advance(self.page_selection_blocks_held, counters.page_selection_blocks_held)
         self._advance(self.spec_drafts, counters.spec_drafts)
         self._advance(self.spec_draft_tokens, counters.spec_draft_tokens)
         self._advance(self.spec_accepted_tokens, counters.spec_accepted_tokens)

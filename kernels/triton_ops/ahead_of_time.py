@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.triton_ops import kv_write, paged_decode, paged_prefill
+from kernels.triton_ops import block_scores, kv_write, paged_decode, paged_prefill
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
@@ -52,7 +52,8 @@ def _pointer_types(spec: Specialisation) -> dict[str, str]:
     for prefix in ("key", "value"):
         types |= {f"{prefix}_data": cache, f"{prefix}_scale": side, f"{prefix}_zero": side}
     types |= {name: "i32" for name in ("block_tables", "context_lens", "query_starts", "query_lens")}
-    types |= {"slots": "i64", "partial_out": "fp32", "partial_max": "fp32", "partial_sum": "fp32"}
+    types |= {"slots": "i64", "partial_out": "fp32", "partial_max": "fp32", "partial_sum": "fp32", "scores": "fp32"}
+    types |= {"minimum": activation, "maximum": activation}  # page-selection key summaries
     return types
 
 
@@ -65,6 +66,8 @@ def _kernel_and_launch(spec: Specialisation) -> tuple[Any, dict[str, Any]]:
     if spec.kernel == "prefill":
         launch = paged_prefill.prefill_launch(spec.group, spec.head_dim, spec.page, spec.bits, spec.dtype)
         return paged_prefill._prefill_kernel, launch
+    if spec.kernel == "scores":
+        return block_scores._block_scores_kernel, block_scores.scores_launch(3, spec.group, spec.head_dim)
     return kv_write._write_kv_kernel, kv_write.write_kv_launch(spec.head_dim, spec.page, spec.bits)
 
 
@@ -92,12 +95,14 @@ def specialisations(quick: bool) -> Iterator[Specialisation]:
             for i in range(3):
                 yield Specialisation(kernel, DTYPES[i], HEAD_DIMS[(i + 1) % 3], QUANT_BITS[i], page=(16, 32)[i % 2])
         yield Specialisation("merge", torch.float16, 128, 0)
+        yield Specialisation("scores", torch.bfloat16, 64, 0)
         return
     for kernel in ("decode", "prefill", "write"):
         for dtype, head_dim, bits in itertools.product(DTYPES, HEAD_DIMS, QUANT_BITS):
             yield Specialisation(kernel, dtype, head_dim, bits)
     for dtype, head_dim in itertools.product(DTYPES, HEAD_DIMS):
         yield Specialisation("merge", dtype, head_dim, 0)
+        yield Specialisation("scores", dtype, head_dim, 0)
 
 
 def main() -> None:
