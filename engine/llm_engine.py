@@ -15,6 +15,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError
 from engine.kv_cache import KVCacheLayout, allocate_kv_cache
 from engine.kv_policy import KVCompactor, QueryRecorder
+from engine.kv_policy.residuals import ResidualBuffers
 from engine.loader import ModelSource, open_model
 from engine.model_runner import ModelRunner
 from engine.models import build_model
@@ -74,8 +75,11 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, spec.vocab_size)
         dtype = config.model.torch_dtype
 
-        layout = KVCacheLayout.for_model(spec, config.cache.block_size, dtype, config.cache.kv_cache_dtype)
-        num_blocks = layout.num_blocks_for(config.cache.kv_cache_bytes())
+        codecs = config.cache.codec_settings()
+        layout = KVCacheLayout.for_model(spec, config.cache.block_size, dtype, config.cache.kv_cache_dtype, codecs)
+        # Under block codecs each running sequence's filling block sits in a full-precision residual slot.
+        num_slots = config.scheduler.max_num_seqs if codecs.active else 0
+        num_blocks = layout.num_blocks_for(config.cache.kv_cache_bytes(), num_slots)
         policy = config.cache.eviction_policy()
         max_model_len = self._resolve_max_model_len(
             config.scheduler.max_model_len, num_blocks * layout.block_size if policy is None else None
@@ -86,7 +90,12 @@ class LLMEngine:
         self.num_kv_blocks = num_blocks
         try:
             backend = get_attention_backend(
-                runtime.attention_backend, self.device, spec.head_dim, quantized_cache=layout.bits is not None
+                runtime.attention_backend,
+                self.device,
+                spec.head_dim,
+                quantized_cache=layout.bits is not None,
+                block_codec=codecs.active,
+                query_decay=1 - 1 / config.cache.kv_observation_window,
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
@@ -94,12 +103,16 @@ class LLMEngine:
         model = build_model(self.source, dtype, self.device, progress)
         model.warm_up(self.scheduler_config.max_num_batched_tokens, self.scheduler_config.max_num_seqs)
         self.load_seconds = time.monotonic() - started
-        kv_caches = allocate_kv_cache(layout, num_blocks, self.device)
+        kv_caches = allocate_kv_cache(layout, num_blocks, self.device, num_slots)
         recorder = None
         if policy is not None and policy.uses_queries:
             recorder = QueryRecorder(config.cache.kv_observation_window)
-        self.runner = ModelRunner(model, backend, kv_caches, layout.block_size, self.device, recorder)
+        residuals = ResidualBuffers(num_slots, layout.block_size) if codecs.active else None
+        self.runner = ModelRunner(model, backend, kv_caches, layout.block_size, self.device, recorder, residuals)
         prefix_caching = config.cache.enable_prefix_caching
+        if codecs.prunes_keys and prefix_caching:
+            logger.info("prefix caching off: ThinK picks each block's key channels by the request's own queries")
+            prefix_caching = False
         self.compactor: KVCompactor | None = None
         if policy is not None:
             self.compactor = KVCompactor(policy, kv_caches, layout.block_size, dtype, spec.head_dim**-0.5, recorder)
@@ -110,6 +123,9 @@ class LLMEngine:
         if self.drafter is not None and policy is not None:
             # A compaction moves KV rows that rejected drafts would then have to give back.
             raise ConfigError("speculative decoding cannot be combined with a kv_policy")
+        if self.drafter is not None and codecs.active:
+            # Drafts that fill a block seal it; rejecting them would need the block's rows back in full precision.
+            raise ConfigError(f"speculative decoding cannot be combined with block codecs ({codecs.describe()})")
         self.kv_manager = KVCacheManager(num_blocks, layout.block_size, prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, None if policy is None else policy.budget)
         if self.scheduler.max_kv_tokens(max_model_len) > num_blocks * layout.block_size:  # only under a policy
@@ -121,17 +137,21 @@ class LLMEngine:
         self.counters = EngineCounters()
         self._states: dict[str, _RequestState] = {}
         logger.info(
-            "model %s loaded in %.1fs (%s, %s); KV cache (%s): %d blocks of %d tokens = %d tokens, %.1f MiB; "
+            "model %s loaded in %.1fs (%s, %s); KV cache (%s, codec %s): %d blocks of %d tokens = %d tokens, "
+            "%.1f MiB (%.1f bytes per token) + %.1f MiB of full-precision residual; "
             "attention backend: %s; kv policy: %s; speculative decoding: %s",
             self.model_name,
             self.load_seconds,
             config.model.dtype,
             self.device,
             layout.kv_cache_dtype,
+            codecs.describe(),
             num_blocks,
             layout.block_size,
             num_blocks * layout.block_size,
             num_blocks * layout.bytes_per_block / 2**20,
+            layout.bytes_per_token,
+            layout.residual_bytes(num_slots) / 2**20,
             backend.name,
             "none" if policy is None else f"{policy.name} (budget {policy.budget} rows per sequence)",
             "off" if self.drafter is None else f"{self.drafter.name}, k={config.speculative.num_speculative_tokens}",

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from engine.kv_policy import QueryRecorder
+from engine.kv_policy.residuals import ResidualBuffers
 from engine.models import AttentionContext, LlamaForCausalLM
 from engine.sampler import SampledToken, Sampler, SamplingRow, logprob_tokens
 from engine.spec.verifier import verify
@@ -26,6 +27,7 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         query_recorder: QueryRecorder | None = None,
+        residuals: ResidualBuffers | None = None,
     ) -> None:
         self.model = model
         self.backend = backend
@@ -36,6 +38,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.grammar_masks = GrammarMasks()
         self.query_recorder = query_recorder
+        self.residuals = residuals  # under a block codec: each request's full-precision filling block
 
     @torch.inference_mode()
     def execute(
@@ -47,6 +50,8 @@ class ModelRunner:
         ``prompt_logprobs_from`` maps requests that want prompt logprobs to the first prompt position not yet recorded;
         the second result holds, per such request, the entries of the chunk's positions from there on (in order).
         """
+        if self.residuals is not None:
+            self.residuals.release([*output.finished_request_ids, *output.preempted_request_ids])
         # Decodes (one token) first: the attention backend handles them as one batched computation.
         batch = sorted(output.scheduled, key=lambda s: len(s.token_ids) != 1)
         layout, input_ids, positions = self._flatten(batch)
@@ -119,6 +124,9 @@ class ModelRunner:
             block_tables=[s.block_table for s in batch],
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_size=block_size,
+            residual_buffers=None
+            if self.residuals is None
+            else [self.residuals.plan(s.request_id, s.cache_position, len(s.token_ids)) for s in batch],
         )
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         return layout, as_tensor(input_ids), as_tensor(positions)
