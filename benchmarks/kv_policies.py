@@ -20,7 +20,8 @@ kept), an eviction policy and its budget in rows (``snapkv:256``). For each sett
   tokens of prompt each, timed from the step after every prompt is in until --decode-tokens tokens each), and its
   ratio to no policy measured in the same run.
 
---skip-quality leaves out perplexity, passkey and peak sequences (printed as "-"), for a throughput-only run.
+--skip-quality leaves out perplexity, passkey and peak sequences (printed as "-"), for a throughput-only run;
+--keys-per-cell 0 leaves out passkey, --concurrency-requests 0 peak sequences.
 """
 
 from __future__ import annotations
@@ -170,16 +171,18 @@ def measure(source: ModelSource, setting: str, args: argparse.Namespace, text: l
         quality = {"dtype": "float32", "max_num_batched_tokens": args.chunk, "kv_cache_memory": "512MiB"}
         ppl = perplexity(make_engine(source, setting, **quality, max_num_seqs=1), text)
         cases = passkey_prompts(source, args.passkey_lengths, args.depths, args.keys_per_cell)
-        keys = passkey_accuracy(make_engine(source, setting, **{**quality, "max_num_seqs": len(cases)}), cases)
-        # Each request's prefill grows its cache by at most 256 rows per step before compaction.
-        # At most as many sequences as requests: block codecs reserve a full-precision residual per sequence.
-        serving = {
-            "max_num_seqs": args.concurrency_requests,
-            "long_prefill_token_threshold": 256,
-            "max_num_batched_tokens": 512,
-        }
-        engine = make_engine(source, setting, kv_cache_memory=args.concurrency_memory, **serving)
-        peak = peak_sequences(engine, text_slices(text, args.concurrency_requests, 1024))
+        if cases:
+            keys = passkey_accuracy(make_engine(source, setting, **{**quality, "max_num_seqs": len(cases)}), cases)
+        if args.concurrency_requests:
+            # Each request's prefill grows its cache by at most 256 rows per step before compaction. At most as many
+            # sequences as requests: block codecs reserve a full-precision residual per sequence.
+            serving = {
+                "max_num_seqs": args.concurrency_requests,
+                "long_prefill_token_threshold": 256,
+                "max_num_batched_tokens": 512,
+            }
+            engine = make_engine(source, setting, kv_cache_memory=args.concurrency_memory, **serving)
+            peak = peak_sequences(engine, text_slices(text, args.concurrency_requests, 1024))
     bytes_per_token, bf16_bytes = kv_bytes_per_token(source, setting), kv_bytes_per_token(source, "none")
     policy = build_config(None, parse_setting(setting)).cache.eviction_policy()
     rows = policy.budget if policy is not None else len(text)
