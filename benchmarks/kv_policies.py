@@ -1,12 +1,14 @@
 """KV-cache policies and quantized KV measured: memory, quality and speed of each setting on the default model.
 
-    .venv/bin/python benchmarks/kv_policies.py [--settings none int8 snapkv:256 int8+snapkv:256 ...]
-        [--chunk 64] [--skip-throughput] [--json results/kv_policies.json]
+    .venv/bin/python benchmarks/kv_policies.py [--settings none int8 kivi-int2 think:0.5+int4 snapkv:256 ...]
+        [--chunk 64] [--skip-quality] [--skip-throughput] [--json results/kv_policies.json]
 
-A setting is ``[int8+|int4+]POLICY[:BUDGET]``: an optional KV-cache dtype, then a policy and its budget in rows.
-For each setting it prints one table row:
-- KV bytes per token (all layers, K and V), and the KV memory one sequence holding the perplexity text saves against
-  bf16 with no policy: bytes per token times the rows it keeps (the budget, or every token).
+A setting is ``+``-joined parts: a KV-cache dtype (``int8``, ``int4``), a block codec (``kivi-int4``, ``kivi-int2``,
+``gear-int4``, ``gear-int2``: GEAR with rank 2 and 2 % outliers), ThinK key-channel pruning (``think:FRACTION``
+kept), an eviction policy and its budget in rows (``snapkv:256``). For each setting it prints one table row:
+- KV bytes per token (all layers, K and V; a full block's worth under block codecs), and the KV memory one sequence
+  holding the perplexity text saves against bf16 with no policy: bytes per token times the rows it keeps (the
+  budget, or every token).
 - Perplexity (fp32) of a long real English text (Debian's GPL-3, ~7.6k tokens) read through the engine in chunks
   of --chunk tokens with prompt logprobs, so that eviction happens as the text streams in; and its change against
   no policy.
@@ -14,7 +16,12 @@ For each setting it prints one table row:
   greedy answers that contain the key.
 - Peak concurrent sequences (bf16) in a fixed KV memory (--concurrency-memory) with 1024-token prompts and 64 output
   tokens each: how many the scheduler actually ran at once.
-- Decode throughput (bf16) at concurrency 32: output tokens/s over 32 requests of 512 prompt tokens -> 128 tokens.
+- Decode throughput (bf16) at concurrency 32: output tokens/s of 32 requests decoding together (--decode-prompt
+  tokens of prompt each, timed from the step after every prompt is in until --decode-tokens tokens each), and its
+  ratio to no policy measured in the same run.
+
+--skip-quality leaves out perplexity, passkey and peak sequences (printed as "-"), for a throughput-only run;
+--keys-per-cell 0 leaves out passkey, --concurrency-requests 0 peak sequences.
 """
 
 from __future__ import annotations
@@ -23,11 +30,14 @@ import argparse
 import json
 import math
 import random
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.offline import run_offline
+import torch
+
 from engine.config import build_config
+from engine.kv_cache import KVCacheLayout
 from engine.llm_engine import LLMEngine
 from engine.loader import ModelSource, open_model
 from engine.sampling_params import SamplingParams
@@ -40,34 +50,50 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 DEFAULT_SETTINGS = [
     *("none", "int8", "int4", "sink_window:256", "sink_window:1024", "key_norm:256", "key_norm:1024"),
     *("snapkv:256", "snapkv:1024", "evict_merge:256", "evict_merge:1024", "int8+snapkv:256"),
+    *("kivi-int4", "kivi-int2", "gear-int4", "gear-int2", "think:0.5", "think:0.5+int4"),
 ]
+CODECS = {"kivi-int4": ("kivi", 4), "kivi-int2": ("kivi", 2), "gear-int4": ("gear", 4), "gear-int2": ("gear", 2)}
 
 
 @dataclass
 class Row:
     setting: str
-    kv_bytes_per_token: int
+    kv_bytes_per_token: float
     kv_saving: float
-    perplexity: float
-    passkey: float
-    peak_sequences: int
+    perplexity: float | None
+    passkey: float | None
+    peak_sequences: int | None
     decode_tokens_per_s: float | None
 
 
-def parse_setting(setting: str) -> dict[str, str | int]:
-    """``int8+snapkv:256`` -> the config fields it sets."""
-    dtype, _, rest = setting.rpartition("+")
-    if not dtype and rest in ("int8", "int4"):  # a KV-cache dtype alone
-        dtype, rest = rest, "none"
-    policy, _, budget = rest.partition(":")
-    fields: dict[str, str | int] = {"kv_cache_dtype": dtype or "auto", "kv_policy": policy}
-    if budget:
-        fields["kv_budget"] = int(budget)
+def parse_setting(setting: str) -> dict[str, str | int | float]:
+    """``int8+snapkv:256`` / ``think:0.5+int4`` / ``kivi-int2`` -> the config fields it sets."""
+    fields: dict[str, str | int | float] = {"kv_cache_dtype": "auto", "kv_policy": "none"}
+    for part in setting.split("+"):
+        name, _, parameter = part.partition(":")
+        if name in ("int8", "int4"):
+            fields["kv_cache_dtype"] = name
+        elif name in CODECS:
+            fields["kv_codec"], fields["kv_codec_bits"] = CODECS[name]
+        elif name == "think":
+            fields["kv_key_channel_keep"] = float(parameter)
+        else:
+            fields["kv_policy"] = name
+            if parameter:
+                fields["kv_budget"] = int(parameter)
     return fields
 
 
 def make_engine(source: ModelSource, setting: str, **overrides) -> LLMEngine:
     return LLMEngine(build_config(None, {**parse_setting(setting), **overrides}), source=source, progress=False)
+
+
+def kv_bytes_per_token(source: ModelSource, setting: str) -> float:
+    """In bf16, the serving dtype."""
+    cache = build_config(None, parse_setting(setting)).cache
+    codecs = cache.codec_settings()
+    layout = KVCacheLayout.for_model(source.spec, cache.block_size, torch.bfloat16, cache.kv_cache_dtype, codecs)
+    return layout.bytes_per_token
 
 
 def perplexity(engine: LLMEngine, ids: list[int]) -> float:
@@ -120,28 +146,49 @@ def peak_sequences(engine: LLMEngine, prompts: list[list[int]]) -> int:
     return peak
 
 
+def decode_throughput(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> float:
+    """Output tokens/s of the steps after every request has its first token, up to the end."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"d{i}", prompt, params)
+    started: set[str] = set()
+    while len(started) < len(prompts):
+        started.update(output.request_id for output in engine.step() if output.new_token_ids)
+    tokens, begin = 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        tokens += sum(len(output.new_token_ids) for output in engine.step())
+    return tokens / (time.perf_counter() - begin)
+
+
 def text_slices(ids: list[int], count: int, length: int) -> list[list[int]]:
     stride = max((len(ids) - length) // count, 1)
     return [ids[(i * stride) % (len(ids) - length) :][:length] for i in range(count)]
 
 
 def measure(source: ModelSource, setting: str, args: argparse.Namespace, text: list[int]) -> Row:
-    quality = {"dtype": "float32", "max_num_batched_tokens": args.chunk, "kv_cache_memory": "512MiB"}
-    ppl = perplexity(make_engine(source, setting, **quality), text)
-    cases = passkey_prompts(source, args.passkey_lengths, args.depths, args.keys_per_cell)
-    keys = passkey_accuracy(make_engine(source, setting, **{**quality, "max_num_seqs": len(cases)}), cases)
-    # Each request's prefill grows its cache by at most 256 rows per step before compaction.
-    serving = {"max_num_seqs": 256, "long_prefill_token_threshold": 256, "max_num_batched_tokens": 512}
-    engine = make_engine(source, setting, kv_cache_memory=args.concurrency_memory, **serving)
-    peak = peak_sequences(engine, text_slices(text, args.concurrency_requests, 1024))
-    bytes_per_token = engine.kv_layout.bytes_per_token
-    bf16_bytes = make_engine(source, "none", kv_cache_memory="1MiB").kv_layout.bytes_per_token
-    rows = engine.compactor.policy.budget if engine.compactor is not None else len(text)
-    speed = None
+    ppl = keys = peak = speed = None
+    if not args.skip_quality:
+        quality = {"dtype": "float32", "max_num_batched_tokens": args.chunk, "kv_cache_memory": "512MiB"}
+        ppl = perplexity(make_engine(source, setting, **quality, max_num_seqs=1), text)
+        cases = passkey_prompts(source, args.passkey_lengths, args.depths, args.keys_per_cell)
+        if cases:
+            keys = passkey_accuracy(make_engine(source, setting, **{**quality, "max_num_seqs": len(cases)}), cases)
+        if args.concurrency_requests:
+            # Each request's prefill grows its cache by at most 256 rows per step before compaction. At most as many
+            # sequences as requests: block codecs reserve a full-precision residual per sequence.
+            serving = {
+                "max_num_seqs": args.concurrency_requests,
+                "long_prefill_token_threshold": 256,
+                "max_num_batched_tokens": 512,
+            }
+            engine = make_engine(source, setting, kv_cache_memory=args.concurrency_memory, **serving)
+            peak = peak_sequences(engine, text_slices(text, args.concurrency_requests, 1024))
+    bytes_per_token, bf16_bytes = kv_bytes_per_token(source, setting), kv_bytes_per_token(source, "none")
+    policy = build_config(None, parse_setting(setting)).cache.eviction_policy()
+    rows = policy.budget if policy is not None else len(text)
     if not args.skip_throughput:
         engine = make_engine(source, setting, max_num_seqs=32, kv_cache_memory="1GiB")
-        run = run_offline(engine, text_slices(text, 32, 512), [128] * 32)
-        speed = run.output_tokens / run.duration
+        speed = decode_throughput(engine, text_slices(text, 32, args.decode_prompt), args.decode_tokens)
     saving = bf16_bytes * len(text) / (bytes_per_token * rows)
     return Row(setting, bytes_per_token, saving, ppl, keys, peak, speed)
 
@@ -155,27 +202,39 @@ def main() -> None:
     parser.add_argument("--keys-per-cell", type=int, default=2)
     parser.add_argument("--concurrency-memory", default="96MiB")
     parser.add_argument("--concurrency-requests", type=int, default=48)
+    parser.add_argument("--skip-quality", action="store_true", help="only bytes per token and decode throughput")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--decode-prompt", type=int, default=512, help="prompt tokens of each decoding request")
+    parser.add_argument("--decode-tokens", type=int, default=128, help="output tokens of each decoding request")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
     source = open_model()
     text = source.tokenizer.encode(TEXT.read_text())
     print(f"text: {len(text)} tokens; passkey contexts {args.passkey_lengths}, depths {args.depths}")
     columns = ["setting", "KV bytes/token", "KV saved on the text", "perplexity", "vs none", "passkey"]
-    print("| " + " | ".join([*columns, "peak sequences", "decode tok/s"]) + " |\n" + "|---" * 8 + "|", flush=True)
+    columns += ["peak sequences", "decode tok/s at 32", "vs none"]
+    print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|", flush=True)
     rows: list[Row] = []
-    baseline = None
+    baseline: Row | None = None
     for setting in args.settings:
         row = measure(source, setting, args, text)
         rows.append(row)
-        baseline = row.perplexity if setting == "none" else baseline
-        change = f"{(row.perplexity / baseline - 1) * 100:+.1f}%" if baseline else "-"
-        speed = f"{row.decode_tokens_per_s:.1f}" if row.decode_tokens_per_s is not None else "-"
-        print(
-            f"| {setting} | {row.kv_bytes_per_token} | {row.kv_saving:.1f}x | {row.perplexity:.3f} | {change} | "
-            f"{row.passkey:.0%} | {row.peak_sequences} | {speed} |",
-            flush=True,
-        )
+        baseline = row if setting == "none" else baseline
+        ppl, keys, peak, speed = row.perplexity, row.passkey, row.peak_sequences, row.decode_tokens_per_s
+        ppl_change = ppl / baseline.perplexity - 1 if ppl and baseline and baseline.perplexity else None
+        base_speed = baseline.decode_tokens_per_s if baseline else None
+        cells = [
+            setting,
+            f"{row.kv_bytes_per_token:,.0f}",
+            f"{row.kv_saving:.1f}x",
+            "-" if ppl is None else f"{ppl:.3f}",
+            "-" if ppl_change is None else f"{ppl_change * 100:+.1f}%",
+            "-" if keys is None else f"{keys:.0%}",
+            "-" if peak is None else str(peak),
+            "-" if speed is None else f"{speed:.1f}",
+            "-" if speed is None or not base_speed else f"{speed / base_speed:.2f}x",
+        ]
+        print("| " + " | ".join(cells) + " |", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(row) for row in rows], indent=2))

@@ -23,7 +23,9 @@ import torch
 import yaml
 
 from engine.errors import ConfigError
+from engine.kv_cache import KV_CACHE_BITS
 from engine.kv_policy import EvictionPolicy, PageSelectionPolicy, build_eviction_policy, build_page_selection
+from kernels.kv_codecs import CodecSettings
 from scheduler.config import SchedulerConfig
 
 ENV_PREFIX = "SPINDLE_"
@@ -82,7 +84,12 @@ class CacheConfig:
     kv_budget: int = 512
     kv_sink_tokens: int = 4  # first rows always kept
     kv_window_tokens: int = 32  # most recent rows always kept
-    kv_observation_window: int = 32  # recent queries whose attention scores rows (snapkv, evict_merge)
+    kv_observation_window: int = 32  # recent queries whose attention scores rows (snapkv, evict_merge, ThinK)
+    kv_codec: str = "none"  # none | kivi | gear: full blocks compressed, each sequence's filling block exact
+    kv_codec_bits: int = 4  # 2 | 4 | 8: kivi's and gear's quantization bits
+    kv_gear_rank: int = 2  # gear: rank of the quantization error's approximation, per block and KV head
+    kv_gear_outlier_fraction: float = 0.02  # gear: share of each block's entries kept exactly
+    kv_key_channel_keep: float = 1.0  # ThinK: fraction of key channels kept per block and KV head (1: all)
 
     def __post_init__(self) -> None:
         parse_memory(self.kv_cache_memory, 1)  # validates the syntax now; a fraction is resolved when used
@@ -90,8 +97,27 @@ class CacheConfig:
             raise ValueError(f"kv_cache_dtype must be auto, int8 or int4, got {self.kv_cache_dtype!r}")
         if self.kv_observation_window < 1:
             raise ValueError(f"kv_observation_window must be >= 1, got {self.kv_observation_window}")
-        self.eviction_policy()  # validates the name and the budget now
-        self.page_selection()
+        policy = self.eviction_policy()  # validates the name and the budget now
+        codecs = self.codec_settings()  # and the codec's
+        if self.page_selection() is not None and codecs.active:
+            raise ValueError(f"kv_policy quest cannot be combined with block codecs ({codecs.describe()})")
+        if policy is not None and codecs.active:
+            # Compaction would decode sealed blocks and encode its selection again, compounding the codec's error,
+            # and move rows across the sealed / filling boundary.
+            raise ValueError(
+                f"kv_policy {policy.name} cannot be combined with block codecs ({codecs.describe()}); "
+                "evict over kv_cache_dtype int8/int4 instead"
+            )
+
+    def codec_settings(self) -> CodecSettings:
+        return CodecSettings(
+            self.kv_codec,
+            self.kv_codec_bits,
+            self.kv_gear_rank,
+            self.kv_gear_outlier_fraction,
+            self.kv_key_channel_keep,
+            KV_CACHE_BITS.get(self.kv_cache_dtype),
+        )
 
     def eviction_policy(self) -> EvictionPolicy | None:
         return build_eviction_policy(

@@ -75,6 +75,10 @@ class LLMEngine:
         if policy is not None and runtime.tensor_parallel_size > 1:
             # The compactor rewrites every KV head's rows on one rank, from that rank's queries.
             raise ConfigError("a kv_policy cannot be combined with tensor_parallel_size > 1")
+        if config.cache.codec_settings().active and runtime.tensor_parallel_size > 1:
+            raise ConfigError(
+                "block codecs (kv_codec, kv_key_channel_keep) cannot be combined with tensor_parallel_size > 1"
+            )
         self.ranks = start_engine_rank(config, spec)
         try:
             self._build(config, spec, policy, progress)
@@ -89,6 +93,7 @@ class LLMEngine:
         dtype = config.model.torch_dtype
         kv_plan = plan_kv_cache(config, spec, self.ranks.tp.shard)
         layout, num_blocks = kv_plan.layout, kv_plan.num_blocks
+        codecs, num_slots = kv_plan.codecs, kv_plan.num_residual_slots
         page_selection = config.cache.page_selection()
         max_model_len = self._resolve_max_model_len(
             config.scheduler.max_model_len, num_blocks * layout.block_size if policy is None else None
@@ -108,6 +113,9 @@ class LLMEngine:
         backend = self.runner.backend
         self.page_selector = backend if isinstance(backend, PageSelectingBackend) else None
         prefix_caching = config.cache.enable_prefix_caching
+        if codecs.prunes_keys and prefix_caching:
+            logger.info("prefix caching off: ThinK picks each block's key channels by the request's own queries")
+            prefix_caching = False
         self.compactor: KVCompactor | None = None
         if policy is not None:
             self.compactor = KVCompactor(policy, kv_caches, layout.block_size, dtype, spec.head_dim**-0.5, recorder)
@@ -118,6 +126,9 @@ class LLMEngine:
         if self.drafter is not None and policy is not None:
             # A compaction moves KV rows that rejected drafts would then have to give back.
             raise ConfigError("speculative decoding cannot be combined with a kv_policy")
+        if self.drafter is not None and codecs.active:
+            # Drafts that fill a block seal it; rejecting them would need the block's rows back in full precision.
+            raise ConfigError(f"speculative decoding cannot be combined with block codecs ({codecs.describe()})")
         self.kv_manager = KVCacheManager(num_blocks, layout.block_size, prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, None if policy is None else policy.budget)
         if self.scheduler.max_kv_tokens(max_model_len) > num_blocks * layout.block_size:  # only under a policy
@@ -130,9 +141,9 @@ class LLMEngine:
         self._states: dict[str, _RequestState] = {}
         int4_rows = config.model.int4_rows(self.source.linear_weights_are_q4_1, self.device)
         logger.info(
-            "model %s loaded in %.1fs (%s, %s, %d tensor-parallel rank(s); 4-bit weight copies: %s); KV cache (%s): "
-            "%d blocks of %d tokens = %d tokens, %.1f MiB per rank; attention backend: %s; kv policy: %s; "
-            "speculative decoding: %s",
+            "model %s loaded in %.1fs (%s, %s, %d tensor-parallel rank(s); 4-bit weight copies: %s); KV cache (%s, "
+            "codec %s): %d blocks of %d tokens = %d tokens, %.1f MiB per rank (%.1f bytes per token) + %.1f MiB of "
+            "full-precision residual; attention backend: %s; kv policy: %s; speculative decoding: %s",
             self.model_name,
             self.load_seconds,
             config.model.dtype,
@@ -140,10 +151,13 @@ class LLMEngine:
             self.ranks.tp.world_size,
             f"steps of up to {int4_rows} tokens" if int4_rows else "none",
             layout.kv_cache_dtype,
+            codecs.describe(),
             num_blocks,
             layout.block_size,
             num_blocks * layout.block_size,
             num_blocks * layout.bytes_per_block / 2**20,
+            layout.bytes_per_token,
+            layout.residual_bytes(num_slots) / 2**20,
             backend.name,
             self._policy_description(policy, page_selection),
             "off" if self.drafter is None else f"{self.drafter.name}, k={config.speculative.num_speculative_tokens}",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.kv_policy import QueryRecorder
+from engine.kv_policy.residuals import ResidualBuffers
 from engine.models import AttentionContext, LlamaForCausalLM
 from engine.parallel.group import TensorParallelGroup
 from engine.sampler import SampledToken, Sampler, SamplingRow, logprob_tokens
@@ -34,6 +35,7 @@ class StepPlan:
     context_lens: list[int]
     block_tables: list[list[int]]
     logit_rows: list[int]
+    residual_buffers: list[tuple[int, int]] | None  # under a block codec: each sequence's (read, write) residual
 
 
 class ModelRunner:
@@ -45,6 +47,7 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         query_recorder: QueryRecorder | None = None,
+        residuals: ResidualBuffers | None = None,
     ) -> None:
         self.model = model
         self.tp: TensorParallelGroup = model.tp
@@ -56,6 +59,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.grammar_masks = GrammarMasks()
         self.query_recorder = query_recorder
+        self.residuals = residuals  # under a block codec: each request's full-precision filling block
 
     @torch.inference_mode()
     def execute(
@@ -67,6 +71,8 @@ class ModelRunner:
         ``prompt_logprobs_from`` maps requests that want prompt logprobs to the first prompt position not yet recorded;
         the second result holds, per such request, the entries of the chunk's positions from there on (in order).
         """
+        if self.residuals is not None:
+            self.residuals.release([*output.finished_request_ids, *output.preempted_request_ids])
         # Decodes (one token) first: the attention backend handles them as one batched computation.
         batch = sorted(output.scheduled, key=lambda s: len(s.token_ids) != 1)
         plain = [s for s in batch if s.sample and not s.num_draft_tokens]
@@ -133,6 +139,7 @@ class ModelRunner:
             block_tables=plan.block_tables,
             slot_mapping=as_tensor(plan.slots),
             block_size=self.block_size,
+            residual_buffers=plan.residual_buffers,
         )
         ctx = AttentionContext(self.backend, self.backend.prepare(layout, self.dtype), self.kv_caches, query_observer)
         hidden = self.model(as_tensor(plan.input_ids), as_tensor(plan.positions), ctx)
@@ -168,4 +175,7 @@ class ModelRunner:
             context_lens=[s.cache_position + len(s.token_ids) for s in batch],
             block_tables=[list(s.block_table) for s in batch],
             logit_rows=logit_rows,
+            residual_buffers=None
+            if self.residuals is None
+            else [self.residuals.plan(s.request_id, s.cache_position, len(s.token_ids)) for s in batch],
         )

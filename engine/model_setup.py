@@ -11,12 +11,14 @@ from engine.config import EngineConfig
 from engine.errors import ConfigError
 from engine.kv_cache import KVCacheLayout, allocate_kv_cache
 from engine.kv_policy import QueryRecorder
+from engine.kv_policy.residuals import ResidualBuffers
 from engine.loader import ModelSource
 from engine.model_runner import ModelRunner
 from engine.model_spec import ModelSpec
 from engine.models import build_model
 from engine.parallel.group import TensorParallelGroup
 from engine.parallel.shard import TensorShard
+from kernels.kv_codecs import CodecSettings
 from kernels.registry import get_attention_backend, with_page_selection
 
 
@@ -24,22 +26,28 @@ from kernels.registry import get_attention_backend, with_page_selection
 class KVCachePlan:
     layout: KVCacheLayout  # this rank's: its own KV heads only
     num_blocks: int  # the same on every rank, since the block tables are
+    codecs: CodecSettings
+    num_residual_slots: int  # under block codecs, each running sequence's filling block sits in a full-precision slot
 
 
 def plan_kv_cache(config: EngineConfig, spec: ModelSpec, shard: TensorShard) -> KVCachePlan:
     """``kv_cache_memory`` is each rank's budget; the rank with the most KV heads decides how many blocks fit."""
     cache = config.cache
+    codecs = cache.codec_settings()
+    num_slots = config.scheduler.max_num_seqs if codecs.active else 0
     layouts = [
         KVCacheLayout.for_model(
             TensorShard.of(spec, rank, shard.world_size).local_spec(spec),
             cache.block_size,
             config.model.torch_dtype,
             cache.kv_cache_dtype,
+            codecs,
         )
         for rank in range(shard.world_size)
     ]
     largest = max(layouts, key=lambda layout: layout.bytes_per_block)
-    return KVCachePlan(layouts[shard.rank], largest.num_blocks_for(cache.kv_cache_bytes()))
+    num_blocks = largest.num_blocks_for(cache.kv_cache_bytes(), num_slots)
+    return KVCachePlan(layouts[shard.rank], num_blocks, codecs, num_slots)
 
 
 def build_runner(
@@ -59,6 +67,8 @@ def build_runner(
             device,
             layout.head_dim,
             quantized_cache=layout.bits is not None,
+            block_codec=kv_plan.codecs.active,
+            query_decay=1 - 1 / config.cache.kv_observation_window,
             page_selection=page_selection is not None,
         )
     except ValueError as exc:
@@ -66,7 +76,8 @@ def build_runner(
     int4_rows = config.model.int4_rows(source.linear_weights_are_q4_1, device)
     model = build_model(source, config.model.torch_dtype, device, progress, tp, int4_rows)
     model.warm_up(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
-    kv_caches = allocate_kv_cache(layout, kv_plan.num_blocks, device)
+    kv_caches = allocate_kv_cache(layout, kv_plan.num_blocks, device, kv_plan.num_residual_slots)
     if page_selection is not None:
         backend = with_page_selection(backend, page_selection, [keys for keys, _ in kv_caches])
-    return ModelRunner(model, backend, kv_caches, layout.block_size, device, query_recorder)
+    residuals = ResidualBuffers(kv_plan.num_residual_slots, layout.block_size) if kv_plan.codecs.active else None
+    return ModelRunner(model, backend, kv_caches, layout.block_size, device, query_recorder, residuals)

@@ -21,6 +21,9 @@ class BatchLayout:
     block_tables: list[list[int]]
     slot_mapping: torch.Tensor
     block_size: int
+    # Under a block codec (kernels/codec_cache.py): per sequence, the residual buffer its filling block is read from
+    # and the one it is written to.
+    residual_buffers: list[tuple[int, int]] | None = None
 
     @property
     def num_decodes(self) -> int:

@@ -34,13 +34,21 @@ PAGE_SELECTION_BACKENDS = ("cpu", "triton")
 
 
 def get_attention_backend(
-    name: str, device: torch.device, head_dim: int, quantized_cache: bool = False, page_selection: bool = False
+    name: str,
+    device: torch.device,
+    head_dim: int,
+    quantized_cache: bool = False,
+    block_codec: bool = False,
+    query_decay: float = 0.0,
+    page_selection: bool = False,
 ) -> AttentionBackend:
     """Raises ValueError for an unknown name, a backend that doesn't run on ``device``, or one that can't load.
 
     ``quantized_cache``: the KV cache is a QuantizedCache. Triton reads it in its kernels; the CPU backends through
     a dequantized working set (kernels/dequantizing_backend.py); xFormers cannot.
     ``page_selection``: the backend will be wrapped by ``with_page_selection``; refuses what that cannot wrap.
+    ``block_codec``: the cache is a CodecCache (KIVI, GEAR, ThinK), which only the CPU backends read, through the
+    same working set; ``query_decay`` is then ThinK's per-token decay of the query energy.
     """
     backend = _backend(name, device, head_dim)
     if page_selection:
@@ -50,6 +58,14 @@ def get_attention_backend(
             raise ValueError(
                 f"kv_policy quest needs attention backend 'cpu' (the native kernel) or 'triton', not {backend.name!r}"
             )
+    if block_codec and backend.name in ("triton", "xformers"):
+        raise ValueError(
+            f"attention backend {backend.name!r} cannot read a block-compressed KV cache (kv_codec, "
+            "kv_key_channel_keep): its kernels read dense, int8 and int4 caches; use kv_cache_dtype int8/int4 on "
+            "CUDA, or the 'cpu' backend"
+        )
+    if block_codec:
+        return DequantizingBackend(backend, query_decay)
     if not quantized_cache or backend.name == "triton":
         return backend
     if backend.name == "xformers":

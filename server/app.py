@@ -144,7 +144,13 @@ def _respond(result: BaseModel | Response) -> Response:
 def build_server(config: EngineConfig) -> tuple[FastAPI, AsyncEngine]:
     llm_engine = LLMEngine(config)
     cache = config.cache
-    metrics = EngineMetrics(llm_engine.model_name, kv_policy=cache.kv_policy, kv_budget=cache.kv_budget)
+    metrics = EngineMetrics(
+        llm_engine.model_name,
+        kv_policy=cache.kv_policy,
+        kv_budget=cache.kv_budget,
+        kv_codec=cache.codec_settings().describe(),
+        kv_bytes_per_token=llm_engine.kv_layout.bytes_per_token,
+    )
     aging = config.server.priority_aging_seconds
     engine = AsyncEngine(llm_engine, observer=metrics.observe, priority_aging_seconds=aging)
     return create_app(engine, config, metrics), engine

@@ -20,9 +20,17 @@ class EngineMetrics:
     """
 
     def __init__(
-        self, model_name: str, registry: CollectorRegistry | None = None, kv_policy: str = "none", kv_budget: int = 0
+        self,
+        model_name: str,
+        registry: CollectorRegistry | None = None,
+        kv_policy: str = "none",
+        kv_budget: int = 0,
+        kv_codec: str = "none",
+        kv_bytes_per_token: float = 0.0,
     ) -> None:
-        """``kv_policy`` / ``kv_budget``: the configured KV-cache policy, reported by ``spindle:kv_policy_info``."""
+        """``kv_policy`` / ``kv_budget``: the configured KV-cache policy, reported by ``spindle:kv_policy_info``;
+        ``kv_codec`` / ``kv_bytes_per_token``: the block codecs and what a token takes, by
+        ``spindle:kv_cache_codec_info``."""
         self.registry = registry or CollectorRegistry()
         r = self.registry
 
@@ -51,6 +59,13 @@ class EngineMetrics:
             ["model_name", "policy", "budget"],
             registry=r,
         ).labels(model_name, kv_policy, str(kv_budget if kv_policy != "none" else 0)).set(1)
+        Gauge(
+            "spindle:kv_cache_codec_info",
+            "The KV blocks' codecs (kv_codec and kv_key_channel_keep: none, kivi-int2, gear-int4-r2-o0.02, "
+            "think-0.5+int4, ...) and the KV bytes one token takes in a full block, every layer, K and V.",
+            ["model_name", "codec", "bytes_per_token"],
+            registry=r,
+        ).labels(model_name, kv_codec, f"{kv_bytes_per_token:g}").set(1)
         self.kv_compactions = counter("kv_policy_compactions", "Times the KV policy compacted a sequence's cache.")
         self.kv_evicted = counter("kv_policy_evicted_tokens", "KV rows the KV policy dropped or merged away.")
         self.page_selection_decodes = counter(
