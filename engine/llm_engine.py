@@ -14,6 +14,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError
 from engine.kv_cache import KVCacheLayout, allocate_kv_cache
+from engine.kv_offload import DiskStoreCounters, SwapCounters, build_offload, check_swap_space
 from engine.kv_policy import KVCompactor, QueryRecorder
 from engine.loader import ModelSource, open_model
 from engine.model_runner import ModelRunner
@@ -31,6 +32,9 @@ from scheduler.request import FinishReason, Request, RequestStatus
 from scheduler.scheduler import Scheduler
 
 logger = logging.getLogger("spindle.engine")
+
+# A step is timed for the preemption policy's prefill rate when at least this many of its tokens are prefill.
+_MIN_PREFILL_TOKENS_TIMED = 64
 
 
 @dataclass
@@ -59,6 +63,8 @@ class EngineCounters:
     spec_drafts: int = 0  # request steps that verified drafts
     spec_draft_tokens: int = 0  # draft tokens verified
     spec_accepted_tokens: int = 0  # of those, accepted
+    swap: SwapCounters = field(default_factory=SwapCounters)  # bytes moved by swap preemption
+    disk: DiskStoreCounters = field(default_factory=DiskStoreCounters)  # the prefix-cache disk tier
 
 
 class LLMEngine:
@@ -90,6 +96,7 @@ class LLMEngine:
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        check_swap_space(config.cache, layout)  # a configuration error before the slow model load
         started = time.monotonic()
         model = build_model(self.source, dtype, self.device, progress)
         model.warm_up(self.scheduler_config.max_num_batched_tokens, self.scheduler_config.max_num_seqs)
@@ -110,8 +117,14 @@ class LLMEngine:
         if self.drafter is not None and policy is not None:
             # A compaction moves KV rows that rejected drafts would then have to give back.
             raise ConfigError("speculative decoding cannot be combined with a kv_policy")
-        self.kv_manager = KVCacheManager(num_blocks, layout.block_size, prefix_caching)
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, None if policy is None else policy.budget)
+        if config.cache.kv_disk_dir is not None and not prefix_caching:
+            logger.info("prefix-cache disk tier off: it needs prefix caching")
+        self.preemption, self.offloader = build_offload(config.cache, layout, kv_caches, self.source, prefix_caching)
+        disk_store = self.offloader.disk_store if self.offloader is not None else None
+        self.kv_manager = KVCacheManager(num_blocks, layout.block_size, prefix_caching, disk_store)
+        self.scheduler = Scheduler(
+            self.scheduler_config, self.kv_manager, None if policy is None else policy.budget, self.preemption
+        )
         if self.scheduler.max_kv_tokens(max_model_len) > num_blocks * layout.block_size:  # only under a policy
             raise ConfigError(
                 f"kv_budget {config.cache.kv_budget} plus one step's tokens does not fit the KV cache "
@@ -119,10 +132,14 @@ class LLMEngine:
                 "max_num_batched_tokens"
             )
         self.counters = EngineCounters()
+        if self.offloader is not None:
+            self.counters.swap = self.offloader.counters
+        if disk_store is not None:
+            self.counters.disk = disk_store.counters
         self._states: dict[str, _RequestState] = {}
         logger.info(
             "model %s loaded in %.1fs (%s, %s); KV cache (%s): %d blocks of %d tokens = %d tokens, %.1f MiB; "
-            "attention backend: %s; kv policy: %s; speculative decoding: %s",
+            "attention backend: %s; kv policy: %s; speculative decoding: %s; preemption: %s; disk tier: %s",
             self.model_name,
             self.load_seconds,
             config.model.dtype,
@@ -135,6 +152,8 @@ class LLMEngine:
             backend.name,
             "none" if policy is None else f"{policy.name} (budget {policy.budget} rows per sequence)",
             "off" if self.drafter is None else f"{self.drafter.name}, k={config.speculative.num_speculative_tokens}",
+            config.cache.preemption_mode,
+            "off" if disk_store is None else f"{disk_store.directory} ({disk_store.num_blocks} blocks stored)",
         )
 
     def _resolve_max_model_len(self, asked: int | None, kv_tokens: int | None) -> int:
@@ -225,8 +244,11 @@ class LLMEngine:
         """Run one model step over the scheduled batch; report every request that got tokens or finished."""
         self._propose_drafts()
         scheduled = self.scheduler.schedule()
+        if self.offloader is not None:
+            self.offloader.before_step(scheduled)
         if not scheduled.scheduled:
             self.scheduler.update(scheduled, {})
+            self._offload_after_step()
             return []
         now = time.monotonic()
         for item in scheduled.scheduled:
@@ -240,15 +262,18 @@ class LLMEngine:
             rid: len(s.prompt_logprobs) for rid, s in self._states.items() if s.params.prompt_logprobs is not None
         }
         rows = {rid: s.row for rid, s in self._states.items()}
+        started = time.perf_counter()
         sampled, prompt_logprobs, failures = self._execute_isolating(
             scheduled, scheduled.scheduled, rows, prompt_logprobs_from
         )
+        self._observe_prefill(scheduled, time.perf_counter() - started)
         for rid in failures:
             self.scheduler.finish_request(rid, FinishReason.ERROR)
         for rid, entries in prompt_logprobs.items():
             self._states[rid].prompt_logprobs.extend(entries)
         self._count_drafts(scheduled, sampled)
         updates = self.scheduler.update(scheduled, {rid: [t.token_id for t in toks] for rid, toks in sampled.items()})
+        self._offload_after_step()
         if self.compactor is not None:
             self.compactor.run(self.scheduler, scheduled)
             self.counters.kv_compactions = self.compactor.num_compactions
@@ -292,6 +317,21 @@ class LLMEngine:
         first = self._execute_isolating(scheduled, items[:half], rows, prompt_logprobs_from)
         second = self._execute_isolating(scheduled, items[half:], rows, prompt_logprobs_from)
         return first[0] | second[0], first[1] | second[1], first[2] | second[2]
+
+    def _observe_prefill(self, scheduled: SchedulerOutput, seconds: float) -> None:
+        """Feed the preemption policy's recompute estimate from steps that were mostly prefill."""
+        prefill_tokens = sum(len(item.token_ids) for item in scheduled.scheduled if len(item.token_ids) > 1)
+        if prefill_tokens >= _MIN_PREFILL_TOKENS_TIMED and prefill_tokens * 2 >= scheduled.num_batched_tokens:
+            self.preemption.observe_prefill(scheduled.num_batched_tokens, seconds)
+
+    def _offload_after_step(self) -> None:
+        if self.offloader is not None:
+            self.offloader.after_step(self.kv_manager.take_registered())
+
+    def close(self) -> None:
+        """Finish writing the prefix-cache disk tier; the engine must not step afterwards."""
+        if self.offloader is not None:
+            self.offloader.close()
 
     def _propose_drafts(self) -> None:
         """Ask the drafter for the next tokens of every speculating request that is decoding."""
