@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from engine import llm_engine
 from engine.config import build_config
 from engine.errors import ConfigError
 from engine.kv_cache import KVCacheLayout
 from engine.kv_offload import BlockBytes, DiskPrefixStore, DiskStoreCounters, SwapCounters
 from engine.llm_engine import EngineCounters, LLMEngine
 from engine.loader import ModelSource, open_model
+from engine.models import build_model
 from engine.sampling_params import SamplingParams
 from scheduler import Request, SchedulerStats
 from scheduler.block_hash import extend_block_hashes
@@ -34,6 +37,22 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 @pytest.fixture(scope="module")
 def source() -> ModelSource:
     return open_model()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_model() -> Iterator[None]:
+    """Every engine of this module gets the one fp32 model: its weights are read-only, and each engine keeps its own
+    KV cache and offload tiers, which is all a restart here has to lose."""
+    models: dict[torch.dtype, torch.nn.Module] = {}
+
+    def build_once(source, dtype, device, progress=True):
+        if dtype not in models:
+            models[dtype] = build_model(source, dtype, device, progress)
+        return models[dtype]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llm_engine, "build_model", build_once)
+        yield
 
 
 @pytest.fixture(scope="module")

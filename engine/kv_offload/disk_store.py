@@ -42,6 +42,8 @@ _SUFFIX = ".kvb"
 # Blocks waiting for the writer thread, at most: past it new blocks are not stored (counted), so a slow disk never
 # stalls a model step or grows memory without bound.
 MAX_PENDING_BYTES = 256 * 2**20
+# Verified blocks held for requests that could not be admitted yet, at most.
+MAX_STAGED_BYTES = 256 * 2**20
 _STALE_TEMPORARY_SECONDS = 3600
 
 
@@ -75,7 +77,8 @@ class DiskPrefixStore:
         self.counters = DiskStoreCounters()
         self._lock = threading.Lock()
         self._index: OrderedDict[int, int] = OrderedDict()  # block hash -> file size, least recently used first
-        self._staged: dict[int, torch.Tensor] = {}  # verified payloads of this step's lookups
+        self._staged: dict[int, torch.Tensor] = {}  # verified payloads of lookups, until loaded
+        self._loaded: set[int] = set()  # staged payloads loaded this step
         self._pending: set[int] = set()
         self._pending_bytes = 0
         self._queue: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue()
@@ -93,7 +96,7 @@ class DiskPrefixStore:
 
     # ------------------------------------------------------------------ engine thread
     def lookup(self, block_hash: int) -> bool:
-        """Read and verify the block's file, and keep its payload for ``payload`` until ``end_step``."""
+        """Read and verify the block's file, and keep its payload for ``payload`` (see ``end_step``)."""
         if block_hash in self._staged:
             return True
         with self._lock:
@@ -123,15 +126,22 @@ class DiskPrefixStore:
         return True
 
     def payload(self, block_hash: int) -> torch.Tensor:
-        """The block's bytes found by this step's ``lookup``; counts a hit."""
+        """The block's bytes found by ``lookup``; counts a hit."""
         payload = self._staged[block_hash]
+        self._loaded.add(block_hash)
         self.counters.hits += 1
         self.counters.read_bytes += payload.numel()
         return payload
 
     def end_step(self) -> None:
-        """Forget the payloads staged by lookups (the blocks they filled now hold them)."""
-        self._staged.clear()
+        """Drop the payloads loaded this step (their KV blocks hold them now). Payloads of lookups whose request was
+        not admitted stay, so a request waiting at the head of the queue does not read its files every step, up to
+        MAX_STAGED_BYTES."""
+        for block_hash in self._loaded:
+            self._staged.pop(block_hash, None)
+        self._loaded.clear()
+        if len(self._staged) * self.bytes_per_block > MAX_STAGED_BYTES:
+            self._staged.clear()
 
     def put(self, block_hash: int, payload: torch.Tensor) -> None:
         """Queue a block for writing unless it is stored or queued already; ``payload`` must not change after."""
