@@ -186,6 +186,8 @@ class AsyncEngine:
             with self._lock:
                 self._closed = True
             self._fail_all(EngineDeadError(self.unavailable_reason))
+            with contextlib.suppress(Exception):  # blocks queued for the disk tier are written before the thread ends
+                self.engine.close()
 
     def _abort_unfinished(self) -> None:
         """Free what is still running when the loop is stopped or its drain expires, leaving the engine clean.

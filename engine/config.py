@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shutil
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from engine.kv_cache import KV_CACHE_BITS
 from engine.kv_policy import EvictionPolicy, PageSelectionPolicy, build_eviction_policy, build_page_selection
 from kernels.kv_codecs import CodecSettings
 from scheduler.config import SchedulerConfig
+from scheduler.preemption import PREEMPTION_MODES
 
 ENV_PREFIX = "SPINDLE_"
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -90,9 +92,20 @@ class CacheConfig:
     kv_gear_rank: int = 2  # gear: rank of the quantization error's approximation, per block and KV head
     kv_gear_outlier_fraction: float = 0.02  # gear: share of each block's entries kept exactly
     kv_key_channel_keep: float = 1.0  # ThinK: fraction of key channels kept per block and KV head (1: all)
+    preemption_mode: str = "recompute"  # recompute | swap | auto: what a preempted request's KV blocks become
+    swap_space: str = "1GiB"  # the swap file's size (swap, auto), as kv_cache_memory
+    swap_dir: str | None = None  # directory of the swap file; None: the system's temporary directory
+    kv_disk_dir: str | None = None  # persistent prefix-cache tier (engine/kv_offload); None: off
+    kv_disk_space: str = "8GiB"  # bound of the blocks stored there; least recently used go first
 
     def __post_init__(self) -> None:
         parse_memory(self.kv_cache_memory, 1)  # validates the syntax now; a fraction is resolved when used
+        parse_memory(self.swap_space, 1, "swap_space")
+        parse_memory(self.kv_disk_space, 1, "kv_disk_space")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(
+                f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption_mode!r}"
+            )
         if self.kv_cache_dtype not in ("auto", "int8", "int4"):
             raise ValueError(f"kv_cache_dtype must be auto, int8 or int4, got {self.kv_cache_dtype!r}")
         if self.kv_observation_window < 1:
@@ -131,6 +144,12 @@ class CacheConfig:
 
     def kv_cache_bytes(self) -> int:
         return parse_memory(self.kv_cache_memory, psutil.virtual_memory().total)
+
+    def swap_space_bytes(self) -> int:
+        return parse_memory(self.swap_space, psutil.virtual_memory().total, "swap_space")
+
+    def kv_disk_space_bytes(self) -> int:
+        return parse_memory(self.kv_disk_space, shutil.disk_usage(self.kv_disk_dir or ".").total, "kv_disk_space")
 
 
 @dataclass
@@ -258,17 +277,18 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(EngineConfig)}
 SERVING_SECTIONS = tuple(name for name in SECTIONS if name != "router")  # what `spindle serve` and the engine read
 
 
-def parse_memory(text: str | int | float, total_bytes: int) -> int:
-    """'2GiB' / '500MB' / 1073741824 -> bytes; a number below 1 ('0.1') is a fraction of ``total_bytes``."""
+def parse_memory(text: str | int | float, total_bytes: int, name: str = "kv_cache_memory") -> int:
+    """'2GiB' / '500MB' / 1073741824 -> bytes; a number below 1 ('0.1') is a fraction of ``total_bytes``.
+    ``name`` is the setting's, for the error message."""
     value = str(text).strip().upper().replace(" ", "")
     number = value.rstrip("KMGIB")
     unit = value[len(number) :]
     try:
         amount = float(number)
     except ValueError:
-        raise ConfigError(f"kv_cache_memory: cannot read {text!r} as a size (e.g. '2GiB', '0.1')") from None
+        raise ConfigError(f"{name}: cannot read {text!r} as a size (e.g. '2GiB', '0.1')") from None
     if unit not in _SIZE_UNITS or not math.isfinite(amount) or amount <= 0:
-        raise ConfigError(f"kv_cache_memory: cannot read {text!r} as a size (e.g. '2GiB', '0.1')")
+        raise ConfigError(f"{name}: cannot read {text!r} as a size (e.g. '2GiB', '0.1')")
     if not unit and amount < 1:
         return int(amount * total_bytes)
     return int(amount * _SIZE_UNITS[unit])

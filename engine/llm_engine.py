@@ -12,6 +12,7 @@ import torch
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError, WorkerGroupError
+from engine.kv_offload import DiskStoreCounters, SwapCounters, build_offload, check_swap_space
 from engine.kv_policy import EvictionPolicy, KVCompactor, PageSelectionPolicy, QueryRecorder
 from engine.loader import ModelSource, open_model
 from engine.model_setup import build_runner, plan_kv_cache
@@ -30,6 +31,9 @@ from scheduler.request import FinishReason, Request, RequestStatus
 from scheduler.scheduler import Scheduler
 
 logger = logging.getLogger("spindle.engine")
+
+# A step is timed for the preemption policy's prefill rate when at least this many of its tokens are prefill.
+_MIN_PREFILL_TOKENS_TIMED = 64
 
 
 @dataclass
@@ -61,6 +65,8 @@ class EngineCounters:
     spec_drafts: int = 0  # request steps that verified drafts
     spec_draft_tokens: int = 0  # draft tokens verified
     spec_accepted_tokens: int = 0  # of those, accepted
+    swap: SwapCounters = field(default_factory=SwapCounters)  # bytes moved by swap preemption
+    disk: DiskStoreCounters = field(default_factory=DiskStoreCounters)  # the prefix-cache disk tier
 
 
 class LLMEngine:
@@ -75,6 +81,14 @@ class LLMEngine:
         if policy is not None and runtime.tensor_parallel_size > 1:
             # The compactor rewrites every KV head's rows on one rank, from that rank's queries.
             raise ConfigError("a kv_policy cannot be combined with tensor_parallel_size > 1")
+        offload = config.cache.preemption_mode != "recompute" or config.cache.kv_disk_dir is not None
+        if offload and (runtime.tensor_parallel_size > 1 or config.cache.codec_settings().active):
+            # The offloader copies rank 0's blocks as stored; codec blocks keep state outside them (residuals).
+            raise ConfigError(
+                "preemption_mode swap/auto and kv_disk_dir need tensor_parallel_size 1 and no block codec"
+            )
+        if offload and config.cache.page_selection() is not None:
+            raise ConfigError("preemption_mode swap/auto and kv_disk_dir cannot be combined with kv_policy quest")
         if config.cache.codec_settings().active and runtime.tensor_parallel_size > 1:
             raise ConfigError(
                 "block codecs (kv_codec, kv_key_channel_keep) cannot be combined with tensor_parallel_size > 1"
@@ -94,6 +108,7 @@ class LLMEngine:
         kv_plan = plan_kv_cache(config, spec, self.ranks.tp.shard)
         layout, num_blocks = kv_plan.layout, kv_plan.num_blocks
         codecs, num_slots = kv_plan.codecs, kv_plan.num_residual_slots
+        check_swap_space(config.cache, layout)  # a configuration error before the slow model load
         page_selection = config.cache.page_selection()
         max_model_len = self._resolve_max_model_len(
             config.scheduler.max_model_len, num_blocks * layout.block_size if policy is None else None
@@ -129,8 +144,14 @@ class LLMEngine:
         if self.drafter is not None and codecs.active:
             # Drafts that fill a block seal it; rejecting them would need the block's rows back in full precision.
             raise ConfigError(f"speculative decoding cannot be combined with block codecs ({codecs.describe()})")
-        self.kv_manager = KVCacheManager(num_blocks, layout.block_size, prefix_caching)
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, None if policy is None else policy.budget)
+        if config.cache.kv_disk_dir is not None and not prefix_caching:
+            logger.info("prefix-cache disk tier off: it needs prefix caching")
+        self.preemption, self.offloader = build_offload(config.cache, layout, kv_caches, self.source, prefix_caching)
+        disk_store = self.offloader.disk_store if self.offloader is not None else None
+        self.kv_manager = KVCacheManager(num_blocks, layout.block_size, prefix_caching, disk_store)
+        self.scheduler = Scheduler(
+            self.scheduler_config, self.kv_manager, None if policy is None else policy.budget, self.preemption
+        )
         if self.scheduler.max_kv_tokens(max_model_len) > num_blocks * layout.block_size:  # only under a policy
             raise ConfigError(
                 f"kv_budget {config.cache.kv_budget} plus one step's tokens does not fit the KV cache "
@@ -138,12 +159,17 @@ class LLMEngine:
                 "max_num_batched_tokens"
             )
         self.counters = EngineCounters()
+        if self.offloader is not None:
+            self.counters.swap = self.offloader.counters
+        if disk_store is not None:
+            self.counters.disk = disk_store.counters
         self._states: dict[str, _RequestState] = {}
         int4_rows = config.model.int4_rows(self.source.linear_weights_are_q4_1, self.device)
         logger.info(
             "model %s loaded in %.1fs (%s, %s, %d tensor-parallel rank(s); 4-bit weight copies: %s); KV cache (%s, "
             "codec %s): %d blocks of %d tokens = %d tokens, %.1f MiB per rank (%.1f bytes per token) + %.1f MiB of "
-            "full-precision residual; attention backend: %s; kv policy: %s; speculative decoding: %s",
+            "full-precision residual; attention backend: %s; kv policy: %s; speculative decoding: %s; "
+            "preemption: %s; disk tier: %s",
             self.model_name,
             self.load_seconds,
             config.model.dtype,
@@ -161,6 +187,8 @@ class LLMEngine:
             backend.name,
             self._policy_description(policy, page_selection),
             "off" if self.drafter is None else f"{self.drafter.name}, k={config.speculative.num_speculative_tokens}",
+            config.cache.preemption_mode,
+            "off" if disk_store is None else f"{disk_store.directory} ({disk_store.num_blocks} blocks stored)",
         )
 
     def check_health(self) -> None:
@@ -168,7 +196,10 @@ class LLMEngine:
         self.ranks.check()
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any; the engine runs no more steps."""
+        """Finish writing the prefix-cache disk tier and stop the tensor-parallel workers, if any; the engine runs no
+        more steps."""
+        if getattr(self, "offloader", None) is not None:  # None too when start-up failed before it was built
+            self.offloader.close()
         self.ranks.close()
 
     @staticmethod
@@ -268,8 +299,11 @@ class LLMEngine:
         self.check_health()
         self._propose_drafts()
         scheduled = self.scheduler.schedule()
+        if self.offloader is not None:
+            self.offloader.before_step(scheduled)
         if not scheduled.scheduled:
             self.scheduler.update(scheduled, {})
+            self._offload_after_step()
             return []
         now = time.monotonic()
         for item in scheduled.scheduled:
@@ -283,15 +317,18 @@ class LLMEngine:
             rid: len(s.prompt_logprobs) for rid, s in self._states.items() if s.params.prompt_logprobs is not None
         }
         rows = {rid: s.row for rid, s in self._states.items()}
+        started = time.perf_counter()
         sampled, prompt_logprobs, failures = self._execute_isolating(
             scheduled, scheduled.scheduled, rows, prompt_logprobs_from
         )
+        self._observe_prefill(scheduled, time.perf_counter() - started)
         for rid in failures:
             self.scheduler.finish_request(rid, FinishReason.ERROR)
         for rid, entries in prompt_logprobs.items():
             self._states[rid].prompt_logprobs.extend(entries)
         self._count_drafts(scheduled, sampled)
         updates = self.scheduler.update(scheduled, {rid: [t.token_id for t in toks] for rid, toks in sampled.items()})
+        self._offload_after_step()
         if self.compactor is not None:
             self.compactor.run(self.scheduler, scheduled)
             self.counters.kv_compactions = self.compactor.num_compactions
@@ -342,6 +379,16 @@ class LLMEngine:
         first = self._execute_isolating(scheduled, items[:half], rows, prompt_logprobs_from)
         second = self._execute_isolating(scheduled, items[half:], rows, prompt_logprobs_from)
         return first[0] | second[0], first[1] | second[1], first[2] | second[2]
+
+    def _observe_prefill(self, scheduled: SchedulerOutput, seconds: float) -> None:
+        """Feed the preemption policy's recompute estimate from steps that were mostly prefill."""
+        prefill_tokens = sum(len(item.token_ids) for item in scheduled.scheduled if len(item.token_ids) > 1)
+        if prefill_tokens >= _MIN_PREFILL_TOKENS_TIMED and prefill_tokens * 2 >= scheduled.num_batched_tokens:
+            self.preemption.observe_prefill(scheduled.num_batched_tokens, seconds)
+
+    def _offload_after_step(self) -> None:
+        if self.offloader is not None:
+            self.offloader.after_step(self.kv_manager.take_registered())
 
     def _propose_drafts(self) -> None:
         """Ask the drafter for the next tokens of every speculating request that is decoding."""

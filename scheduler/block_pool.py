@@ -92,8 +92,8 @@ class BlockPool:
     def get_cached_block(self, block_hash: int) -> int | None:
         return self._hash_to_block.get(block_hash)
 
-    def cache_full_block(self, block_id: int, block_hash: int) -> None:
-        """Make a used, fully written block findable by its hash.
+    def cache_full_block(self, block_id: int, block_hash: int) -> bool:
+        """Make a used, fully written block findable by its hash; True if it was not findable before.
 
         No-op if the block is already cached or another block holds the same hash (two requests computed the same
         prefix at once): the duplicate stays uncached and is recycled first once freed.
@@ -101,9 +101,10 @@ class BlockPool:
         if self._ref_counts[block_id] == 0:
             raise ValueError(f"block {block_id} is free; only blocks in use can be cached")
         if not self.enable_prefix_caching or self._hashes[block_id] is not None or block_hash in self._hash_to_block:
-            return
+            return False
         self._hashes[block_id] = block_hash
         self._hash_to_block[block_hash] = block_id
+        return True
 
     def reset_prefix_cache(self) -> None:
         """Forget every hash. Blocks in use keep their contents but can no longer be shared."""

@@ -1,6 +1,8 @@
 """Maps requests to KV-cache blocks: block tables, prefix-cache lookups and registration of computed blocks."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from scheduler.block_hash import extend_block_hashes
 from scheduler.block_pool import BlockPool
@@ -15,16 +17,38 @@ class PrefixCacheStats:
     hits: int = 0
 
 
-class KVCacheManager:
-    """Per-request block tables over a BlockPool, with prefix-cache lookup and registration of computed blocks."""
+class PrefixStore(Protocol):
+    """A lower prefix-cache tier (engine/kv_offload: files on disk) keyed by chained block hash."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def lookup(self, block_hash: int) -> bool:
+        """True if the block's KV can be loaded now: found and intact. The engine loads it before the next step."""
+        ...
+
+
+class KVCacheManager:
+    """Per-request block tables over a BlockPool, with prefix-cache lookup and registration of computed blocks.
+
+    With a ``prefix_store``, a lookup continues past the blocks cached in memory into the store; blocks found there
+    are allocated fresh and listed by ``take_loads()`` for the engine to fill, and every block registered in memory
+    is listed by ``take_registered()`` for the engine to write to the store.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        prefix_store: PrefixStore | None = None,
+    ) -> None:
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self.block_size = block_size
         self.prefix_cache_stats = PrefixCacheStats()
+        self.prefix_store = prefix_store if enable_prefix_caching else None
         self._tables: dict[str, list[int]] = {}
         # Leading blocks of each table already registered in the prefix cache.
         self._num_cached_blocks: dict[str, int] = {}
+        self._loads: list[tuple[int, int]] = []  # (block hash, block id) to fill from the prefix store
+        self._registered: list[tuple[int, int]] = []  # (block id, block hash) newly cached in memory
 
     @property
     def num_blocks(self) -> int:
@@ -63,10 +87,28 @@ class KVCacheManager:
             blocks.append(block_id)
         return blocks, len(blocks) * self.block_size
 
+    def get_stored_blocks(self, request: Request, num_cached_blocks: int) -> list[int]:
+        """Hashes of the request's full blocks that follow its ``num_cached_blocks`` memory hits and are in the prefix
+        store, up to the first one missing (and, as in memory, never the block of its last token)."""
+        if self.prefix_store is None:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        found = []
+        for block_hash in request.block_hashes[num_cached_blocks:max_blocks]:
+            if not self.prefix_store.lookup(block_hash):
+                break
+            found.append(block_hash)
+        return found
+
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, computed_blocks: list[int] | None = None
+        self,
+        request: Request,
+        num_new_tokens: int,
+        computed_blocks: list[int] | None = None,
+        stored_hashes: Sequence[int] = (),
     ) -> list[int] | None:
-        """Grow the request's table to hold its computed tokens, ``computed_blocks`` and ``num_new_tokens`` more.
+        """Grow the request's table to hold its computed tokens, ``computed_blocks``, the blocks of ``stored_hashes``
+        (loaded from the prefix store before the step) and ``num_new_tokens`` more.
 
         When admitting a request that holds no blocks, pass ``get_computed_blocks``' blocks, even if empty: the hits
         are referenced and the lookup is counted in ``prefix_cache_stats``. Counting here, once the admission succeeds,
@@ -76,7 +118,8 @@ class KVCacheManager:
         hits = computed_blocks or []
         table = self._tables.get(request.request_id, [])
         assert computed_blocks is None or not table, "prefix-cache hits only apply to a request without blocks"
-        num_tokens = request.num_kv_tokens + len(hits) * self.block_size + num_new_tokens
+        assert not stored_hashes or computed_blocks is not None, "stored blocks follow a request's memory hits"
+        num_tokens = request.num_kv_tokens + (len(hits) + len(stored_hashes)) * self.block_size + num_new_tokens
         num_required = max(0, self.num_blocks_needed(num_tokens) - len(table) - len(hits))
         # Cached hits sitting in the free queue stop being allocatable once touched.
         num_revived = sum(1 for block_id in hits if self.pool.ref_count(block_id) == 0)
@@ -89,6 +132,7 @@ class KVCacheManager:
         table.extend(hits)
         table.extend(new_blocks)
         self._num_cached_blocks.setdefault(request.request_id, len(hits))
+        self._loads.extend(zip(stored_hashes, new_blocks))
         if computed_blocks is not None and self.pool.enable_prefix_caching:
             self.prefix_cache_stats.queries += request.num_tokens
             self.prefix_cache_stats.hits += len(hits) * self.block_size
@@ -105,8 +149,19 @@ class KVCacheManager:
         extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
         table = self._tables[request.request_id]
         for i in range(num_cached, num_full):
-            self.pool.cache_full_block(table[i], request.block_hashes[i])
+            if self.pool.cache_full_block(table[i], request.block_hashes[i]) and self.prefix_store is not None:
+                self._registered.append((table[i], request.block_hashes[i]))
         self._num_cached_blocks[request.request_id] = num_full
+
+    def take_loads(self) -> list[tuple[int, int]]:
+        """(block hash, block id) pairs allocated for prefix-store hits since the last call, to fill before the step."""
+        loads, self._loads = self._loads, []
+        return loads
+
+    def take_registered(self) -> list[tuple[int, int]]:
+        """(block id, block hash) pairs newly cached in memory since the last call (tracked with a prefix store)."""
+        registered, self._registered = self._registered, []
+        return registered
 
     def trim(self, request: Request, num_tokens: int) -> None:
         """Free the blocks past the first ``num_tokens`` rows of the request's table (after a KV policy compacted it).

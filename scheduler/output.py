@@ -1,6 +1,6 @@
 """Plain data exchanged between the scheduler, the model runner and the engine."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scheduler.request import FinishReason
 
@@ -23,6 +23,12 @@ class SchedulerOutput:
     num_batched_tokens: int
     preempted_request_ids: list[str]
     finished_request_ids: list[str]  # finished or aborted since the previous schedule(): drop their runner state
+    # KV moves the runner makes before the step's forward, in this order (the blocks of a swapped-out request may be
+    # reallocated in the same step): (block id, swap slot) to copy out, (swap slot, block id) to copy back in,
+    # (block hash, block id) to fill from the prefix store.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
+    load_blocks: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -46,3 +52,6 @@ class SchedulerStats:
     num_preemptions: int
     num_free_blocks: int
     num_blocks: int
+    num_swap_preemptions: int = 0  # of num_preemptions, those swapped out rather than recomputed
+    num_swap_slots: int = 0
+    num_free_swap_slots: int = 0

@@ -47,6 +47,8 @@ class Request:
     finish_reason: FinishReason | None = field(default=None, init=False)
     num_cached_prompt_tokens: int = field(default=0, init=False)
     num_preemptions: int = field(default=0, init=False)
+    # Swap slots holding the KV of a request preempted by swapping, block by block; empty otherwise.
+    swap_slots: list[int] = field(default_factory=list, init=False, repr=False)
     # Guessed next tokens for the next step to verify (speculative decoding); the scheduler consumes them.
     draft_token_ids: list[int] = field(default_factory=list, init=False)
     # Chained hashes of the full blocks of all_token_ids, extended by the KV-cache manager as tokens arrive.

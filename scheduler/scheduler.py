@@ -6,6 +6,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.errors import RequestRejected
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.output import RequestUpdate, ScheduledRequest, SchedulerOutput, SchedulerStats
+from scheduler.preemption import PreemptionPolicy
 from scheduler.request import FinishReason, Request, RequestStatus
 from scheduler.waiting_queue import WaitingQueue
 
@@ -19,20 +20,29 @@ class Scheduler:
     """
 
     def __init__(
-        self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, kv_token_budget: int | None = None
+        self,
+        config: SchedulerConfig,
+        kv_cache_manager: KVCacheManager,
+        kv_token_budget: int | None = None,
+        preemption: PreemptionPolicy | None = None,
     ) -> None:
-        """``kv_token_budget``: with a KV policy that evicts, the rows it keeps per request after each compaction."""
+        """``kv_token_budget``: with a KV policy that evicts, the rows it keeps per request after each compaction.
+        ``preemption``: whether preempted requests are swapped out or recomputed (None: always recomputed)."""
         if config.max_model_len is None:
             raise ValueError("SchedulerConfig.max_model_len must be resolved (to the model's context) before use")
         self.config = config
         self.max_model_len: int = config.max_model_len
         self.kv_cache_manager = kv_cache_manager
         self.kv_token_budget = kv_token_budget
+        self.preemption = preemption
         self.waiting = WaitingQueue()
         self.running: list[Request] = []  # admission order; the last one is preempted first
         self._requests: dict[str, Request] = {}  # waiting and running
         self._finished_ids: list[str] = []  # since the previous schedule()
         self._num_preemptions = 0
+        self._num_swap_preemptions = 0
+        self._swap_out: list[tuple[int, int]] = []  # (block, slot) pairs of this schedule()'s swapped-out requests
+        self._swap_in: list[tuple[int, int]] = []  # (slot, block) pairs of its swapped-in ones
 
     def add_request(self, request: Request) -> None:
         """Queue a request, or raise RequestRejected if it could never be served."""
@@ -65,26 +75,40 @@ class Scheduler:
         budget -= self._attach_drafts(scheduled, 0 if preempted else budget)
 
         # Admit waiting requests in queue order; never preempt for them, and skip admission after a preemption.
+        # (So a step never swaps in a slot that a swap-out of the same step could take.)
         while not preempted and self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             request = self.waiting.peek()
-            computed_blocks, num_cached = (
-                ([], 0) if request.skip_prefix_cache else self.kv_cache_manager.get_computed_blocks(request)
-            )
+            computed_blocks, stored_hashes, num_cached = self._lookup_prefix(request)
             num_new = self._cap(request.num_tokens - num_cached)
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks) is None:
+            if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks, stored_hashes) is None:
                 break
             self.waiting.pop()
             request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = request.num_cached_prompt_tokens = num_cached
+            if request.swap_slots:
+                table = self.kv_cache_manager.block_table(request.request_id)
+                self._swap_in.extend(zip(request.swap_slots, table))
+                request.swap_slots = []  # the slots are freed in update(), once the runner has read them
+            else:
+                request.num_computed_tokens = request.num_cached_prompt_tokens = num_cached
             self.running.append(request)
             scheduled.append(self._commit(request, num_new))
             budget -= num_new
 
         finished, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(scheduled, self.config.max_num_batched_tokens - budget, preempted, finished)
+        swap_out, self._swap_out = self._swap_out, []
+        swap_in, self._swap_in = self._swap_in, []
+        return SchedulerOutput(
+            scheduled,
+            self.config.max_num_batched_tokens - budget,
+            preempted,
+            finished,
+            swap_out=swap_out,
+            swap_in=swap_in,
+            load_blocks=self.kv_cache_manager.take_loads(),
+        )
 
     def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, list[int]]) -> list[RequestUpdate]:
         """Apply a computed step: sampled tokens for requests with ``sample``, stop checks, prefix-cache registration.
@@ -93,6 +117,9 @@ class Scheduler:
         decoding: the accepted drafts, then the target's own token). Requests finished since ``schedule()`` are
         skipped, so a runner failing one request reports it with ``finish_request(..., FinishReason.ERROR)`` first.
         """
+        if output.swap_in:
+            assert self.preemption is not None and self.preemption.swap_space is not None
+            self.preemption.swap_space.free([slot for slot, _ in output.swap_in])
         updates = []
         for item in output.scheduled:
             request = self._requests.get(item.request_id)
@@ -161,6 +188,7 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         kv = self.kv_cache_manager
+        swap = self.preemption.swap_space if self.preemption is not None else None
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
@@ -170,6 +198,9 @@ class Scheduler:
             num_preemptions=self._num_preemptions,
             num_free_blocks=kv.num_free_blocks,
             num_blocks=kv.num_blocks,
+            num_swap_preemptions=self._num_swap_preemptions,
+            num_swap_slots=swap.num_slots if swap is not None else 0,
+            num_free_swap_slots=swap.num_free_slots if swap is not None else 0,
         )
 
     def _validate(self, request: Request) -> None:
@@ -251,10 +282,33 @@ class Scheduler:
         self.kv_cache_manager.free_unused(request)
         self.kv_cache_manager.cache_full_blocks(request)
 
+    def _lookup_prefix(self, request: Request) -> tuple[list[int] | None, list[int], int]:
+        """What a waiting request already has: cached blocks in memory, hashes of the blocks after them found in the
+        prefix store, and the tokens both cover. A swapped-out request has its own blocks to swap back in instead."""
+        kv = self.kv_cache_manager
+        if request.swap_slots:
+            return None, [], request.num_computed_tokens
+        if request.skip_prefix_cache:
+            return [], [], 0
+        computed_blocks, num_cached = kv.get_computed_blocks(request)
+        stored_hashes = kv.get_stored_blocks(request, len(computed_blocks))
+        return computed_blocks, stored_hashes, num_cached + len(stored_hashes) * kv.block_size
+
     def _preempt(self, request: Request) -> None:
-        """Drop the request's KV and requeue it; on readmission it recomputes all its tokens, minus prefix hits."""
-        self.kv_cache_manager.free(request)
-        request.num_computed_tokens = request.num_evicted_tokens = 0
+        """Take the request's blocks and requeue it. Swapped out, it resumes where it stopped once its blocks are
+        swapped back in; otherwise it recomputes all its tokens on readmission, minus prefix hits."""
+        kv = self.kv_cache_manager
+        num_blocks = kv.num_blocks_needed(request.num_kv_tokens)
+        slots = None
+        if self.preemption is not None:
+            slots = self.preemption.swap_slots(request.num_computed_tokens, num_blocks)
+        if slots is not None:
+            self._swap_out.extend(zip(kv.block_table(request.request_id), slots))
+            request.swap_slots = slots
+            self._num_swap_preemptions += 1
+        else:
+            request.num_computed_tokens = request.num_evicted_tokens = 0
+        kv.free(request)
         request.draft_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
@@ -280,5 +334,9 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         self.kv_cache_manager.free(request)
+        if request.swap_slots:
+            assert self.preemption is not None and self.preemption.swap_space is not None
+            self.preemption.swap_space.free(request.swap_slots)
+            request.swap_slots = []
         del self._requests[request.request_id]
         self._finished_ids.append(request.request_id)

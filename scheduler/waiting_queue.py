@@ -1,6 +1,7 @@
 """Admission order of waiting requests."""
 
 from bisect import insort_left, insort_right
+from collections.abc import Iterator
 
 from scheduler.request import Request
 
@@ -21,6 +22,10 @@ class WaitingQueue:
 
     def __len__(self) -> int:
         return len(self._requests)
+
+    def __iter__(self) -> Iterator[Request]:
+        """The waiting requests in admission order."""
+        return iter(self._requests)
 
     def push(self, request: Request) -> None:
         """Queue a new arrival behind requests of the same order."""

@@ -80,6 +80,20 @@ class EngineMetrics:
         self.spec_drafts = counter("spec_decode_num_drafts", "Request steps that verified draft tokens.")
         self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens verified.")
         self.spec_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.swap_preemptions = counter("kv_swap_preemptions", "Preemptions that swapped the request's KV out.")
+        self.recompute_preemptions = counter(
+            "kv_recompute_preemptions", "Preemptions that dropped the request's KV, to recompute it."
+        )
+        self.swapped_out = counter("kv_swapped_out_bytes", "KV bytes copied to the swap space.")
+        self.swapped_in = counter("kv_swapped_in_bytes", "KV bytes copied back from the swap space.")
+        self.swap_usage = gauge("kv_swap_usage_perc", "Fraction of the swap space's block slots in use.")
+        self.disk_hits = counter("kv_disk_hits", "KV blocks loaded from the prefix-cache disk tier.")
+        self.disk_misses = counter("kv_disk_misses", "Disk-tier lookups that found no usable block.")
+        self.disk_read = counter("kv_disk_read_bytes", "Bytes of KV blocks loaded from the disk tier.")
+        self.disk_written = counter("kv_disk_written_bytes", "Bytes of KV block files written to the disk tier.")
+        self.disk_corrupt = counter("kv_disk_corrupt_files", "Disk-tier files rejected as corrupt (and deleted).")
+        self.disk_dropped = counter("kv_disk_dropped_writes", "KV blocks not stored because the writer was behind.")
+        self.disk_stored = gauge("kv_disk_stored_bytes", "Bytes of KV block files in the disk tier.")
         self.success = Counter(
             "spindle:request_success",
             "Finished requests by finish reason.",
@@ -112,6 +126,20 @@ class EngineMetrics:
         self._advance(self.spec_drafts, counters.spec_drafts)
         self._advance(self.spec_draft_tokens, counters.spec_draft_tokens)
         self._advance(self.spec_accepted_tokens, counters.spec_accepted_tokens)
+        self._advance(self.swap_preemptions, stats.num_swap_preemptions)
+        self._advance(self.recompute_preemptions, stats.num_preemptions - stats.num_swap_preemptions)
+        self._advance(self.swapped_out, counters.swap.swapped_out_bytes)
+        self._advance(self.swapped_in, counters.swap.swapped_in_bytes)
+        if stats.num_swap_slots:
+            self.swap_usage.set(1 - stats.num_free_swap_slots / stats.num_swap_slots)
+        disk = counters.disk
+        self._advance(self.disk_hits, disk.hits)
+        self._advance(self.disk_misses, disk.misses)
+        self._advance(self.disk_read, disk.read_bytes)
+        self._advance(self.disk_written, disk.written_bytes)
+        self._advance(self.disk_corrupt, disk.corrupt_files)
+        self._advance(self.disk_dropped, disk.dropped_writes)
+        self.disk_stored.set(disk.stored_bytes)
         for reason, count in counters.finished.items():
             self._advance(self.success.labels(self.model_name, reason), count)
         for output in outputs:

@@ -14,6 +14,7 @@ from scheduler import (
     SchedulerConfig,
     SchedulerOutput,
 )
+from scheduler.preemption import PreemptionPolicy, SwapSpace
 from tests.test_block_pool import assert_invariants as assert_pool_invariants
 
 VOCAB = 64
@@ -39,17 +40,41 @@ def reference_output(request: Request) -> tuple[list[int], FinishReason]:
             return output, FinishReason.LENGTH
 
 
+class FakeStore:
+    """A prefix store in a dict: block hash -> the block's fake KV slots, as ``FakeRunner.persist`` wrote them."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, list[tuple[int, int] | None]] = {}
+
+    def lookup(self, block_hash: int) -> bool:
+        return block_hash in self.blocks
+
+
 class FakeRunner:
     """Plays the model runner: writes each scheduled token into its KV slot through the block table and samples
     ``next_token`` of the context read back the same way, so a wrong table or a clobbered block changes the output.
+    Swaps and prefix-store loads copy the slots, so a block moved to the wrong place changes the output too.
     """
 
     def __init__(self, manager: KVCacheManager) -> None:
+        self.manager = manager
         self.pool = manager.pool
         self.block_size = manager.block_size
         self.kv: dict[int, list[tuple[int, int] | None]] = {}  # block -> slots of (position, token)
+        self.swap: dict[int, list[tuple[int, int] | None]] = {}  # swap slot -> a block's slots
+        self.num_loaded_blocks = 0
 
     def execute(self, output: SchedulerOutput) -> dict[str, list[int]]:
+        for block, slot in output.swap_out:
+            assert slot not in self.swap, f"swap slot {slot} is still in use"
+            self.swap[slot] = list(self.kv[block])
+        for slot, block in output.swap_in:
+            self.kv[block] = self.swap.pop(slot)
+        store = self.manager.prefix_store
+        for block_hash, block in output.load_blocks:
+            assert isinstance(store, FakeStore) and self.pool.ref_count(block) == 1
+            self.kv[block] = list(store.blocks[block_hash])
+            self.num_loaded_blocks += 1
         sampled = {}
         for item in output.scheduled:
             for position, token in enumerate(item.token_ids, start=item.start_position):
@@ -63,10 +88,26 @@ class FakeRunner:
                 sampled[item.request_id] = [next_token([slot[1] for slot in slots if slot is not None])]
         return sampled
 
+    def persist(self) -> None:
+        """Write the blocks the step registered in the prefix cache to the prefix store, as the engine does."""
+        for block, block_hash in self.manager.take_registered():
+            assert isinstance(self.manager.prefix_store, FakeStore)
+            self.manager.prefix_store.blocks.setdefault(block_hash, list(self.kv[block]))
 
-def make_scheduler(num_blocks: int = 64, block_size: int = 4, prefix_caching: bool = True, **config) -> Scheduler:
+
+def make_scheduler(
+    num_blocks: int = 64,
+    block_size: int = 4,
+    prefix_caching: bool = True,
+    preemption_mode: str = "recompute",
+    swap_slots: int = 0,
+    prefix_store: bool = False,
+    **config,
+) -> Scheduler:
     config.setdefault("max_model_len", 64)
-    return Scheduler(SchedulerConfig(**config), KVCacheManager(num_blocks, block_size, prefix_caching))
+    manager = KVCacheManager(num_blocks, block_size, prefix_caching, FakeStore() if prefix_store else None)
+    preemption = PreemptionPolicy(preemption_mode, SwapSpace(swap_slots) if swap_slots else None)
+    return Scheduler(SchedulerConfig(**config), manager, preemption=preemption)
 
 
 def check_step(scheduler: Scheduler, output: SchedulerOutput) -> None:
@@ -106,11 +147,24 @@ def check_blocks(scheduler: Scheduler) -> None:
     assert_pool_invariants(pool)
 
 
+def check_swap_space(scheduler: Scheduler) -> None:
+    """Each swap slot is free or held by exactly one preempted request."""
+    policy = scheduler.preemption
+    if policy is None or policy.swap_space is None:
+        return
+    held = [slot for request in scheduler.waiting for slot in request.swap_slots]
+    assert len(held) == len(set(held))
+    assert all(not request.swap_slots for request in scheduler.running)
+    assert len(held) + policy.swap_space.num_free_slots == policy.swap_space.num_slots
+
+
 def step(scheduler: Scheduler, runner: FakeRunner) -> SchedulerOutput:
     output = scheduler.schedule()
     check_step(scheduler, output)
     scheduler.update(output, runner.execute(output))
+    runner.persist()
     check_blocks(scheduler)
+    check_swap_space(scheduler)
     return output
 
 

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scheduler import FinishReason, Request, RequestRejected, Scheduler
+from scheduler.preemption import PREEMPTION_MODES
 from tests.test_scheduler import VOCAB, FakeRunner, make_scheduler, reference_output, step
 
 PREFIXES = [[(7 * i + 3) % VOCAB for i in range(40)], [(5 * i + 1) % VOCAB for i in range(40)]]
@@ -56,10 +57,16 @@ def programs(draw: st.DrawFn) -> tuple[dict[str, Any], list[Add | Step | Abort]]
     block_size = draw(st.integers(1, 6))
     blocks_per_seq = -(-max_model_len // block_size)
     chunked = draw(st.booleans())
+    prefix_caching = draw(st.booleans())
+    preemption_mode = draw(st.sampled_from(PREEMPTION_MODES))
     limits = dict(
         num_blocks=draw(st.integers(max(1, blocks_per_seq - 2), blocks_per_seq * 3)),
         block_size=block_size,
-        prefix_caching=draw(st.booleans()),
+        prefix_caching=prefix_caching,
+        # Swap space from one block (mostly full: recompute fallbacks) to several sequences' worth.
+        preemption_mode=preemption_mode,
+        swap_slots=0 if preemption_mode == "recompute" else draw(st.integers(1, blocks_per_seq * 3)),
+        prefix_store=prefix_caching and draw(st.booleans()),
         max_model_len=max_model_len,
         max_num_seqs=draw(st.integers(1, 5)),
         max_num_batched_tokens=draw(st.integers(1, 48) if chunked else st.integers(max_model_len, 64)),
@@ -128,6 +135,8 @@ def run_program(scheduler: Scheduler, program: list[Add | Step | Abort], run_ste
         assert budget > 0, "scheduler stopped making progress"
     kv = scheduler.kv_cache_manager
     assert kv.num_free_blocks == kv.num_blocks, "blocks leaked"
+    stats = scheduler.stats()
+    assert stats.num_free_swap_slots == stats.num_swap_slots, "swap slots leaked"
     return added
 
 

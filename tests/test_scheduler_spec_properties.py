@@ -13,6 +13,7 @@ from tests.test_scheduler import (
     FakeRunner,
     check_blocks,
     check_step,
+    check_swap_space,
     make_scheduler,
     next_token,
 )
@@ -90,7 +91,9 @@ def test_speculative_programs_keep_exact_kv_accounting(
         for item in output.scheduled:
             assert not scheduler.get_request(item.request_id).draft_token_ids  # consumed
         scheduler.update(output, runner.execute(output))
+        runner.persist()
         check_blocks(scheduler)
+        check_swap_space(scheduler)
         check_exact_tables(scheduler)
 
     check_against_reference(run_program(scheduler, program, run_step))
