@@ -1,6 +1,7 @@
 """Load time, resident memory after load, and single-sequence decode speed of the engine.
 
 .venv/bin/python benchmarks/single_stream.py [--dtype bfloat16|float32] [--tokens 128] [--model PATH]
+    [--weight-quantization auto|none|int4]
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--prompt", default="Write a short story about a lighthouse keeper.")
+    parser.add_argument("--weight-quantization", default="auto", help="4-bit weight copies for small steps")
     args = parser.parse_args()
 
     process = psutil.Process()
     rss_before = process.memory_info().rss
     started = time.perf_counter()
-    llm = LLM(model=args.model, dtype=args.dtype)
+    llm = LLM(model=args.model, dtype=args.dtype, weight_quantization=args.weight_quantization)
     load_seconds = time.perf_counter() - started
     rss_after = process.memory_info().rss
-    engine = llm.engine
     engine = llm.engine
 
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
@@ -41,7 +42,10 @@ def main() -> None:
         engine.step()
         step_times.append(time.perf_counter() - t0)
     prefill, decode = step_times[0], sorted(step_times[1:])
-    print(f"model: {engine.model_name}  dtype: {args.dtype}  threads: {torch.get_num_threads()}")
+    print(
+        f"model: {engine.model_name}  dtype: {args.dtype}  weight quantization: {args.weight_quantization}  "
+        f"threads: {torch.get_num_threads()}"
+    )
     print(f"load time: {load_seconds:.2f} s")
     kv_mib = engine.num_kv_blocks * engine.kv_layout.bytes_per_block / 2**20
     grew_mib = (rss_after - rss_before) / 2**20
