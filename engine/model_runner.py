@@ -47,8 +47,9 @@ class ModelRunner:
         ``prompt_logprobs_from`` maps requests that want prompt logprobs to the first prompt position not yet recorded;
         the second result holds, per such request, the entries of the chunk's positions from there on (in order).
         """
-        # Decodes (one token) first: the attention backend handles them as one batched computation.
-        batch = sorted(output.scheduled, key=lambda s: len(s.token_ids) != 1)
+        # Fewest query tokens first: decodes (one token), then verifications (a few), which attention backends can
+        # handle as one batched decode computation, then prefill chunks.
+        batch = sorted(output.scheduled, key=lambda s: len(s.token_ids))
         layout, input_ids, positions = self._flatten(batch)
         plain = [s for s in batch if s.sample and not s.num_draft_tokens]
         masks = self.grammar_masks.start([rows[s.request_id].matcher for s in plain])  # beside the forward
