@@ -46,11 +46,13 @@ class KVCacheLayout:
     def bytes_per_block(self) -> int:
         return self.bytes_per_token * self.block_size
 
-    def num_blocks_for(self, budget_bytes: int) -> int:
-        blocks = budget_bytes // self.bytes_per_block
+    def num_blocks_for(self, budget_bytes: int, extra_bytes_per_block: int = 0) -> int:
+        """Blocks in ``budget_bytes``; ``extra_bytes_per_block``: what else each block holds (a draft model's rows)."""
+        per_block = self.bytes_per_block + extra_bytes_per_block
+        blocks = budget_bytes // per_block
         if blocks < 1:
             raise ConfigError(
-                f"kv_cache_memory of {budget_bytes} bytes holds no block (one block takes {self.bytes_per_block} bytes)"
+                f"kv_cache_memory of {budget_bytes} bytes holds no block (one block takes {per_block} bytes)"
             )
         return int(blocks)
 

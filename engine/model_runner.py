@@ -50,7 +50,7 @@ class ModelRunner:
         # Fewest query tokens first: decodes (one token), then verifications (a few), which attention backends can
         # handle as one batched decode computation, then prefill chunks.
         batch = sorted(output.scheduled, key=lambda s: len(s.token_ids))
-        layout, input_ids, positions = self._flatten(batch)
+        layout, input_ids, positions = flatten(batch, self.block_size, self.device)
         plain = [s for s in batch if s.sample and not s.num_draft_tokens]
         masks = self.grammar_masks.start([rows[s.request_id].matcher for s in plain])  # beside the forward
         ctx = AttentionContext(self.backend, self.backend.prepare(layout, self.dtype), self.kv_caches)
@@ -102,24 +102,27 @@ class ModelRunner:
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[lo - start : hi - start]), dim=-1)
         return logprob_tokens(logprobs, list(prompt[lo + 1 : hi + 1]), row.params.prompt_logprobs or 0)
 
-    def _flatten(self, batch: list[ScheduledRequest]) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
-        block_size = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        for scheduled in batch:
-            table = scheduled.block_table
-            start, row = scheduled.start_position, scheduled.cache_position
-            count = len(scheduled.token_ids)
-            input_ids.extend(scheduled.token_ids)
-            positions.extend(range(start, start + count))
-            slots.extend(table[r // block_size] * block_size + r % block_size for r in range(row, row + count))
-        layout = BatchLayout(
-            query_lens=[len(s.token_ids) for s in batch],
-            context_lens=[s.cache_position + len(s.token_ids) for s in batch],
-            block_tables=[s.block_table for s in batch],
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_size=block_size,
-        )
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        return layout, as_tensor(input_ids), as_tensor(positions)
+
+def flatten(
+    batch: list[ScheduledRequest], block_size: int, device: torch.device
+) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
+    """One step's flat token ids and positions, and the attention layout with each token's cache slot."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    for scheduled in batch:
+        table = scheduled.block_table
+        start, row = scheduled.start_position, scheduled.cache_position
+        count = len(scheduled.token_ids)
+        input_ids.extend(scheduled.token_ids)
+        positions.extend(range(start, start + count))
+        slots.extend(table[r // block_size] * block_size + r % block_size for r in range(row, row + count))
+    layout = BatchLayout(
+        query_lens=[len(s.token_ids) for s in batch],
+        context_lens=[s.cache_position + len(s.token_ids) for s in batch],
+        block_tables=[s.block_table for s in batch],
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        block_size=block_size,
+    )
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return layout, as_tensor(input_ids), as_tensor(positions)
