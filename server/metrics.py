@@ -56,6 +56,10 @@ class EngineMetrics:
         self.spec_drafts = counter("spec_decode_num_drafts", "Request steps that verified draft tokens.")
         self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens verified.")
         self.spec_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.spec_acceptance = gauge("spec_decode_acceptance_rate", "Draft tokens accepted / verified, since start.")
+        self.spec_accepted_length = gauge(
+            "spec_decode_mean_accepted_length", "Draft tokens accepted per request step with drafts, since start."
+        )
         self.success = Counter(
             "spindle:request_success",
             "Finished requests by finish reason.",
@@ -85,6 +89,9 @@ class EngineMetrics:
         self._advance(self.spec_drafts, counters.spec_drafts)
         self._advance(self.spec_draft_tokens, counters.spec_draft_tokens)
         self._advance(self.spec_accepted_tokens, counters.spec_accepted_tokens)
+        if counters.spec_drafts:
+            self.spec_acceptance.set(counters.spec_accepted_tokens / counters.spec_draft_tokens)
+            self.spec_accepted_length.set(counters.spec_accepted_tokens / counters.spec_drafts)
         for reason, count in counters.finished.items():
             self._advance(self.success.labels(self.model_name, reason), count)
         for output in outputs:
