@@ -4,6 +4,7 @@ chat prompts.
 
 .venv/bin/python benchmarks/spec_decode.py [--dtype bfloat16|float32] [--tokens 128] [--model PATH]
     [--methods ngram,layer_skip,draft_model] [--concurrency 1,8] [--workloads grounded,open] [--num-threads N]
+    [--rounds R]
 
 The draft model is the target's first --draft-model-layers layers, written to a temporary directory; layer_skip
 runs --draft-layers. Speculation runs at every batch size here (speculative_max_batch_size off), so the
@@ -16,6 +17,8 @@ counts the requests that did).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -107,6 +110,7 @@ def main() -> None:
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--draft-layers", default="0-14")
     parser.add_argument("--draft-model-layers", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every run; the median time counts")
     args = parser.parse_args()
 
     source = open_model(args.model)
@@ -134,11 +138,17 @@ def main() -> None:
         config = build_config(None, overrides | fields[method])
         engines[method] = LLMEngine(config, source=source, progress=False)
         run(engines[method], prompts[names[0]][:1], 1, SamplingParams(temperature=0.0, max_tokens=16))  # warm-up
-    # All engines run each workload back to back, so a slow phase of a shared machine hits them alike.
+    # All engines run each workload back to back, round after round, so a slow phase of a shared machine hits them
+    # alike; each run's time is the median over the rounds.
     results: dict[str, dict[tuple[str, int], Result]] = {method: {} for method in engines}
     for name, c in runs:
-        for method, engine in engines.items():
-            results[method][(name, c)] = run(engine, prompts[name][: count[c]], c, params)
+        rounds: dict[str, list[Result]] = {method: [] for method in engines}
+        for _ in range(args.rounds):
+            for method, engine in engines.items():
+                rounds[method].append(run(engine, prompts[name][: count[c]], c, params))
+        for method, repeats in rounds.items():
+            median = statistics.median(result.seconds for result in repeats)
+            results[method][(name, c)] = dataclasses.replace(repeats[0], seconds=median)
 
     print(f"model: {source.name}  dtype: {args.dtype}  max {args.tokens} tokens per request")
     print("drafter      workload   conc  tok/step  accept  tok/s plain  tok/s spec  speedup  same output")
