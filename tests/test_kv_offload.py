@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import llm_engine
+from engine import model_setup
 from engine.config import build_config
 from engine.errors import ConfigError
 from engine.kv_cache import KVCacheLayout
@@ -45,13 +45,13 @@ def shared_model() -> Iterator[None]:
     KV cache and offload tiers, which is all a restart here has to lose."""
     models: dict[torch.dtype, torch.nn.Module] = {}
 
-    def build_once(source, dtype, device, progress=True):
+    def build_once(source, dtype, device, *args, **kwargs):
         if dtype not in models:
-            models[dtype] = build_model(source, dtype, device, progress)
+            models[dtype] = build_model(source, dtype, device, *args, **kwargs)
         return models[dtype]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(llm_engine, "build_model", build_once)
+        patch.setattr(model_setup, "build_model", build_once)
         yield
 
 

@@ -42,8 +42,6 @@ def build_offload(
 
     The disk tier needs prefix caching (its blocks are found by prefix hash): without it none is opened.
     """
-    blocks = BlockBytes(kv_caches)
-    assert blocks.bytes_per_block == layout.bytes_per_block
     swap_file = None
     swap_space = None
     if cache.preemption_mode != "recompute":
@@ -76,6 +74,8 @@ def build_offload(
             raise ConfigError(f"cannot use kv_disk_dir {cache.kv_disk_dir}: {exc}") from exc
     if swap_file is None and disk_store is None:
         return policy, None
+    blocks = BlockBytes(kv_caches)
+    assert blocks.bytes_per_block == layout.bytes_per_block
     return policy, KVOffloader(blocks, policy, swap_file, disk_store)
 
 
