@@ -322,13 +322,14 @@ NUM_SAMPLING_REQUESTS = 240
 
 @pytest.mark.parametrize("drafter", list(MODEL_DRAFTERS))
 def test_sampling_with_a_model_drafter_keeps_the_target_distribution(source, draft_dir, drafter) -> None:
-    """Many requests sample two tokens (top-k 3) with one draft each: the second token, given the most frequent
-    first one, is distributed as the target's next-token probabilities read from an engine without drafts."""
+    """Many requests sample three tokens (top-k 3), the last two in one step that verifies one draft (a draft past
+    max_tokens less one is never made): the second token, given the most frequent first one, is distributed as the
+    target's next-token probabilities read from an engine without drafts."""
     prompt = source.tokenizer.encode("The three primary colours are")
     fields = drafter_fields(drafter, draft_dir)
     method = fields.pop("speculative_method")
     engine = make_engine(source, method, adaptive_draft_length=False, max_num_seqs=256, **fields)
-    params = SamplingParams(temperature=1.0, top_k=3, max_tokens=2, ignore_eos=True)
+    params = SamplingParams(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True)
     torch.manual_seed(4321)
     outputs = run(engine, [prompt] * NUM_SAMPLING_REQUESTS, [params] * NUM_SAMPLING_REQUESTS)
     assert engine.counters.spec_draft_tokens >= 0.9 * NUM_SAMPLING_REQUESTS, "most requests verified a draft"
