@@ -1,7 +1,14 @@
-"""Speculative decoding against plain decoding: tokens per target step, acceptance rate and wall-clock speedup at
-concurrency 1 and 8, on input-grounded prompts (rewrite / extract from a long text) and open-ended chat prompts.
+"""Speculative decoding against plain decoding: tokens per target step, acceptance rate and wall-clock speedup of
+every drafter at concurrency 1 and 8, on input-grounded prompts (rewrite / extract from a long text) and open-ended
+chat prompts.
 
-.venv/bin/python benchmarks/spec_decode.py [--dtype bfloat16|float32] [--tokens 128] [--method ngram] [--model PATH]
+.venv/bin/python benchmarks/spec_decode.py [--dtype bfloat16|float32] [--tokens 128] [--model PATH]
+    [--methods ngram,layer_skip,draft_model] [--concurrency 1,8] [--workloads grounded,open] [--num-threads N]
+    [--rounds R]
+
+The draft model is the target's first --draft-model-layers layers, written to a temporary directory; layer_skip
+runs --draft-layers. Speculation runs at every batch size here (speculative_max_batch_size off), so the
+concurrency-8 rows show what the cutoff avoids.
 
 Greedy decoding, so both runs should produce the same tokens (exactly so in float32; the "same output" column
 counts the requests that did).
@@ -10,6 +17,9 @@ counts the requests that did).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +28,7 @@ from engine.config import build_config
 from engine.llm_engine import LLMEngine
 from engine.loader import ModelSource, open_model
 from engine.sampling_params import SamplingParams
+from engine.spec.draft_model import write_truncated
 
 TEXT = Path("/usr/share/common-licenses/GPL-3").read_text()
 GROUNDED = [
@@ -91,39 +102,66 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--method", default="ngram")
+    parser.add_argument("--methods", default="ngram,layer_skip,draft_model")
+    parser.add_argument("--concurrency", default="1,8")
+    parser.add_argument("--workloads", default="grounded,open")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--num-prompts", type=int, default=8, help="per run; at least the run's concurrency")
+    parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument("--draft-layers", default="0-14")
+    parser.add_argument("--draft-model-layers", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every run; the median time counts")
     args = parser.parse_args()
 
     source = open_model(args.model)
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens)
-    runs = [(name, c) for name in ("grounded", "open") for c in (1, 8)]
-    prompts = {name: workload(source, name, max(args.num_prompts, 8)) for name in ("grounded", "open")}
-    count = {c: max(args.num_prompts, c) for c in (1, 8)}
+    levels = [int(c) for c in args.concurrency.split(",")]
+    names = args.workloads.split(",")
+    runs = [(name, c) for name in names for c in levels]
+    prompts = {name: workload(source, name, max(args.num_prompts, *levels)) for name in names}
+    count = {c: max(args.num_prompts, c) for c in levels}
+    draft_dir = tempfile.mkdtemp(prefix="spindle-draft-")
+    methods = ["none", *args.methods.split(",")]
+    if "draft_model" in methods:
+        write_truncated(source, Path(draft_dir), args.draft_model_layers)
+    fields = {
+        "none": {},
+        "ngram": {},
+        "layer_skip": {"draft_layers": args.draft_layers},
+        "draft_model": {"draft_model": draft_dir},
+    }
     engines = {}
-    for method in ("none", args.method):
-        config = build_config(None, {"dtype": args.dtype, "speculative_method": method})
+    for method in methods:
+        overrides = {"dtype": args.dtype, "speculative_method": method, "speculative_max_batch_size": None}
+        if args.num_threads:
+            overrides["num_threads"] = args.num_threads
+        config = build_config(None, overrides | fields[method])
         engines[method] = LLMEngine(config, source=source, progress=False)
-        run(engines[method], prompts["grounded"][:1], 1, SamplingParams(temperature=0.0, max_tokens=16))  # warm-up
-    # Both engines run each workload back to back, so a slow phase of a shared machine hits both alike.
+        run(engines[method], prompts[names[0]][:1], 1, SamplingParams(temperature=0.0, max_tokens=16))  # warm-up
+    # All engines run each workload back to back, round after round, so a slow phase of a shared machine hits them
+    # alike; each run's time is the median over the rounds.
     results: dict[str, dict[tuple[str, int], Result]] = {method: {} for method in engines}
     for name, c in runs:
-        for method, engine in engines.items():
-            results[method][(name, c)] = run(engine, prompts[name][: count[c]], c, params)
+        rounds: dict[str, list[Result]] = {method: [] for method in engines}
+        for _ in range(args.rounds):
+            for method, engine in engines.items():
+                rounds[method].append(run(engine, prompts[name][: count[c]], c, params))
+        for method, repeats in rounds.items():
+            median = statistics.median(result.seconds for result in repeats)
+            results[method][(name, c)] = dataclasses.replace(repeats[0], seconds=median)
 
-    print(f"model: {source.name}  dtype: {args.dtype}  drafter: {args.method}  max {args.tokens} tokens per request")
-    header = "workload   conc  tok/step  accept  tok/s plain  tok/s spec  speedup  same output"
-    print(header)
-    for name, c in runs:
-        plain, spec = results["none"][(name, c)], results[args.method][(name, c)]
-        same = sum(plain.outputs[rid] == spec.outputs[rid] for rid in plain.outputs)
-        acceptance = spec.accepted_tokens / spec.draft_tokens if spec.draft_tokens else 0.0
-        print(
-            f"{name:<10} {c:>4}  {spec.tokens / spec.request_steps:>8.2f}  {acceptance:>6.1%}"
-            f"  {plain.tokens / plain.seconds:>11.1f}  {spec.tokens / spec.seconds:>10.1f}"
-            f"  {plain.seconds * spec.tokens / (spec.seconds * plain.tokens):>6.2f}x  {same}/{len(plain.outputs)}"
-        )
+    print(f"model: {source.name}  dtype: {args.dtype}  max {args.tokens} tokens per request")
+    print("drafter      workload   conc  tok/step  accept  tok/s plain  tok/s spec  speedup  same output")
+    for method in methods[1:]:
+        for name, c in runs:
+            plain, spec = results["none"][(name, c)], results[method][(name, c)]
+            same = sum(plain.outputs[rid] == spec.outputs[rid] for rid in plain.outputs)
+            acceptance = spec.accepted_tokens / spec.draft_tokens if spec.draft_tokens else 0.0
+            print(
+                f"{method:<12} {name:<10} {c:>4}  {spec.tokens / spec.request_steps:>8.2f}  {acceptance:>6.1%}"
+                f"  {plain.tokens / plain.seconds:>11.1f}  {spec.tokens / spec.seconds:>10.1f}"
+                f"  {plain.seconds * spec.tokens / (spec.seconds * plain.tokens):>6.2f}x  {same}/{len(plain.outputs)}"
+            )
 
 
 if __name__ == "__main__":

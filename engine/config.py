@@ -171,25 +171,47 @@ class RuntimeConfig:
             raise ValueError(f"tensor_parallel_timeout must be > 0, got {self.tensor_parallel_timeout}")
 
 
-SPECULATIVE_METHODS = ("none", "ngram")
+SPECULATIVE_METHODS = ("none", "ngram", "layer_skip", "draft_model")
 
 
 @dataclass
 class SpeculativeConfig:
-    speculative_method: str = "none"  # none | ngram (engine/spec): propose tokens, verify them in one target step
-    num_speculative_tokens: int = 4  # the most draft tokens proposed per request and step (k)
+    # none | ngram | layer_skip | draft_model (engine/spec): propose tokens, verify them in one target step
+    speculative_method: str = "none"
+    num_speculative_tokens: int = 4  # draft tokens a request starts with per step (k)
+    max_speculative_tokens: int = 8  # adaptive length: full acceptances lengthen a request's drafts up to this
+    adaptive_draft_length: bool = True  # false: always k drafts (when the drafter has them)
+    # Stop a request's draft where the estimated acceptance of the next token, 1 - sqrt(draft_entropy_scale *
+    # entropy of the drafter's distribution), falls below this; the n-gram drafter has no distribution, so a request
+    # whose recent acceptance rate is below it pauses drafting instead.
+    draft_min_acceptance: float = 0.3
+    draft_entropy_scale: float = 0.5
+    speculative_max_batch_size: int | None = 4  # speculation is off while more requests run; null: at any batch size
     ngram_min: int = 2  # the shortest suffix n-gram the n-gram drafter looks up
     ngram_max: int = 4  # the longest; longer matches are tried first
+    # layer_skip: the target's layers the draft runs, then the final norm and LM head: "0-9" exits early after layer
+    # 9, "0-5,8,11-29" skips layers; spindle-draft-layers searches a set for a model
+    draft_layers: str = "0-14"
+    draft_model: str | None = None  # draft_model: a smaller model with the same tokenizer (GGUF file or HF directory)
 
     def __post_init__(self) -> None:
         if self.speculative_method not in SPECULATIVE_METHODS:
             raise ValueError(
                 f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative_method!r}"
             )
-        if self.num_speculative_tokens < 1:
-            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.num_speculative_tokens <= self.max_speculative_tokens:
+            raise ValueError(
+                f"need 1 <= num_speculative_tokens <= max_speculative_tokens, got {self.num_speculative_tokens} and "
+                f"{self.max_speculative_tokens}"
+            )
+        if not 0.0 <= self.draft_min_acceptance < 1.0 or self.draft_entropy_scale <= 0.0:
+            raise ValueError("need 0 <= draft_min_acceptance < 1 and draft_entropy_scale > 0")
+        if self.speculative_max_batch_size is not None and self.speculative_max_batch_size < 1:
+            raise ValueError(f"speculative_max_batch_size must be >= 1 or null, got {self.speculative_max_batch_size}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+        if (self.speculative_method == "draft_model") != (self.draft_model is not None):
+            raise ValueError("draft_model (a model path) is needed by, and only by, speculative_method draft_model")
 
 
 @dataclass

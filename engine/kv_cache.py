@@ -80,14 +80,16 @@ class KVCacheLayout:
         energy = self.num_layers * num_slots * self.num_kv_heads * self.head_dim * 4 if self.codecs.prunes_keys else 0
         return rows * self.dtype.itemsize + energy
 
-    def num_blocks_for(self, budget_bytes: int, num_slots: int = 0) -> int:
+    def num_blocks_for(self, budget_bytes: int, num_slots: int = 0, extra_bytes_per_block: int = 0) -> int:
+        """Blocks in ``budget_bytes`` after the residual reserve of ``num_slots``; ``extra_bytes_per_block``: what
+        else each block holds (a draft model's rows)."""
         reserve = self.residual_bytes(num_slots)
-        blocks = (budget_bytes - reserve) // self.bytes_per_block
+        per_block = self.bytes_per_block + extra_bytes_per_block
+        blocks = (budget_bytes - reserve) // per_block
         if blocks < 1:
             residual = f", after {reserve} bytes of residual for {num_slots} sequences" if reserve else ""
             raise ConfigError(
-                f"kv_cache_memory of {budget_bytes} bytes holds no block (one block takes {self.bytes_per_block} "
-                f"bytes{residual})"
+                f"kv_cache_memory of {budget_bytes} bytes holds no block (one block takes {per_block} bytes{residual})"
             )
         return int(blocks)
 

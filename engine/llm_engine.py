@@ -12,6 +12,7 @@ import torch
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError, WorkerGroupError
+from engine.kv_cache import KVCacheLayout, allocate_kv_cache
 from engine.kv_offload import DiskStoreCounters, SwapCounters, build_offload, check_swap_space
 from engine.kv_policy import EvictionPolicy, KVCompactor, PageSelectionPolicy, QueryRecorder
 from engine.loader import ModelSource, open_model
@@ -22,6 +23,8 @@ from engine.parallel.launch import start_engine_rank
 from engine.sampler import SampledToken, SamplingRow
 from engine.sampling_params import InvalidParameter, SamplingParams
 from engine.spec import DraftRequest
+from engine.spec.draft_length import DraftLengthController
+from engine.spec.draft_model import open_draft_model
 from engine.spec.registry import build_drafter
 from engine.structured.compiler import GrammarCompiler
 from kernels.page_selecting_backend import PageSelectingBackend
@@ -87,6 +90,12 @@ class LLMEngine:
             raise ConfigError(
                 "preemption_mode swap/auto and kv_disk_dir need tensor_parallel_size 1 and no block codec"
             )
+        method = config.speculative.speculative_method
+        if method in ("layer_skip", "draft_model") and runtime.tensor_parallel_size > 1:
+            # The drafter runs on rank 0 alone, over the target's layers or a model of its own.
+            raise ConfigError(f"speculative_method {method} needs tensor_parallel_size 1")
+        if offload and method == "draft_model":
+            raise ConfigError("preemption_mode swap/auto and kv_disk_dir cannot be combined with a draft model")
         if offload and config.cache.page_selection() is not None:
             raise ConfigError("preemption_mode swap/auto and kv_disk_dir cannot be combined with kv_policy quest")
         if config.cache.codec_settings().active and runtime.tensor_parallel_size > 1:
@@ -105,7 +114,16 @@ class LLMEngine:
         self.device = self.ranks.device
         self.grammars = GrammarCompiler(self.tokenizer, spec.vocab_size)
         dtype = config.model.torch_dtype
-        kv_plan = plan_kv_cache(config, spec, self.ranks.tp.shard)
+        speculative = config.speculative
+        draft_source = draft_layout = None
+        if speculative.draft_model is not None:
+            if config.cache.kv_cache_dtype != "auto":
+                raise ConfigError("speculative_method draft_model needs kv_cache_dtype auto")
+            draft_source = open_draft_model(speculative.draft_model, self.source)
+            draft_layout = KVCacheLayout.for_model(draft_source.spec, config.cache.block_size, dtype)
+        # A draft model's KV rows live in the same blocks as the target's: each block pays for both.
+        draft_bytes = 0 if draft_layout is None else draft_layout.bytes_per_block
+        kv_plan = plan_kv_cache(config, spec, self.ranks.tp.shard, draft_bytes)
         layout, num_blocks = kv_plan.layout, kv_plan.num_blocks
         codecs, num_slots = kv_plan.codecs, kv_plan.num_residual_slots
         check_swap_space(config.cache, layout)  # a configuration error before the slow model load
@@ -137,7 +155,29 @@ class LLMEngine:
             if prefix_caching:
                 logger.info("prefix caching off: kv_policy %s rewrites each request's blocks in place", policy.name)
                 prefix_caching = False
-        self.drafter = build_drafter(config.speculative)
+        if draft_source is not None and draft_source.spec.max_position_embeddings < max_model_len:
+            raise ConfigError(
+                f"draft_model {speculative.draft_model}: context of "
+                f"{draft_source.spec.max_position_embeddings} tokens, "
+                f"shorter than max_model_len {max_model_len}: lower max_model_len"
+            )
+        self.drafter = build_drafter(
+            speculative,
+            self.runner.model,
+            backend,
+            kv_caches,
+            layout.block_size,
+            self.device,
+            draft_source,
+            None if draft_layout is None else allocate_kv_cache(draft_layout, num_blocks, self.device),
+        )
+        self.draft_lengths = DraftLengthController(
+            speculative.num_speculative_tokens,
+            speculative.max_speculative_tokens,
+            speculative.adaptive_draft_length,
+            speculative.draft_min_acceptance,
+            pause_on_low_acceptance=self.drafter is not None and not self.drafter.stops_on_entropy,
+        )
         if self.drafter is not None and policy is not None:
             # A compaction moves KV rows that rejected drafts would then have to give back.
             raise ConfigError("speculative decoding cannot be combined with a kv_policy")
@@ -186,7 +226,7 @@ class LLMEngine:
             layout.residual_bytes(num_slots) / 2**20,
             backend.name,
             self._policy_description(policy, page_selection),
-            "off" if self.drafter is None else f"{self.drafter.name}, k={config.speculative.num_speculative_tokens}",
+            "off" if self.drafter is None else f"{self.drafter.name}, k={speculative.num_speculative_tokens}",
             config.cache.preemption_mode,
             "off" if disk_store is None else f"{disk_store.directory} ({disk_store.num_blocks} blocks stored)",
         )
@@ -297,8 +337,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one model step over the scheduled batch; report every request that got tokens or finished."""
         self.check_health()
-        self._propose_drafts()
-        scheduled = self.scheduler.schedule()
+        self._reserve_draft_rows()
+        scheduled = self._fill_drafts(self.scheduler.schedule())
         if self.offloader is not None:
             self.offloader.before_step(scheduled)
         if not scheduled.scheduled:
@@ -390,31 +430,53 @@ class LLMEngine:
         if self.offloader is not None:
             self.offloader.after_step(self.kv_manager.take_registered())
 
-    def _propose_drafts(self) -> None:
-        """Ask the drafter for the next tokens of every speculating request that is decoding."""
+    def _reserve_draft_rows(self) -> None:
+        """Ask the scheduler for draft rows for every speculating request that is decoding, unless the batch is
+        large enough that verifying drafts costs more than it saves (speculative_max_batch_size)."""
         if self.drafter is None:
             return
-        k = self.config.speculative.num_speculative_tokens
+        cutoff = self.config.speculative.speculative_max_batch_size
+        if cutoff is not None and self.scheduler.num_running > cutoff:
+            return
+        for rid, state in self._states.items():
+            request = state.request
+            if (
+                state.speculate
+                and request.status is RequestStatus.RUNNING
+                and request.num_computed_tokens == request.num_tokens - 1
+            ):
+                request.num_draft_slots = self.draft_lengths.length(rid)
+
+    def _fill_drafts(self, scheduled: SchedulerOutput) -> SchedulerOutput:
+        """Draft the tokens for the rows ``schedule()`` reserved, and put them in."""
+        if self.drafter is None:
+            return scheduled
+        gone = [*scheduled.preempted_request_ids, *scheduled.finished_request_ids]
+        self.drafter.forget(gone)
+        for rid in gone:
+            self.draft_lengths.forget(rid)
         wanted = [
-            DraftRequest(rid, state.request.all_token_ids, k)
-            for rid, state in self._states.items()
-            if state.speculate
-            and state.request.status is RequestStatus.RUNNING
-            and state.request.num_computed_tokens == state.request.num_tokens - 1
+            DraftRequest(
+                item.request_id,
+                self._states[item.request_id].request.all_token_ids,
+                item.num_draft_slots,
+                item.block_table,
+            )
+            for item in scheduled.scheduled
+            if item.num_draft_slots
         ]
-        if wanted:
-            proposed = self.drafter.propose(wanted)
-            for draft_request in wanted:
-                self._states[draft_request.request_id].request.draft_token_ids = proposed.get(
-                    draft_request.request_id, []
-                )
+        if not wanted:
+            return scheduled
+        return self.scheduler.fill_drafts(scheduled, self.drafter.propose(wanted))
 
     def _count_drafts(self, scheduled: SchedulerOutput, sampled: dict[str, list[SampledToken]]) -> None:
         for item in scheduled.scheduled:
             if item.num_draft_tokens and item.request_id in sampled:
+                accepted = len(sampled[item.request_id]) - 1
                 self.counters.spec_drafts += 1
                 self.counters.spec_draft_tokens += item.num_draft_tokens
-                self.counters.spec_accepted_tokens += len(sampled[item.request_id]) - 1
+                self.counters.spec_accepted_tokens += accepted
+                self.draft_lengths.observe(item.request_id, item.num_draft_tokens, accepted)
 
     def _make_output(self, update: RequestUpdate, tokens: list[SampledToken], now: float) -> RequestOutput:
         state = self._states[update.request_id]

@@ -73,8 +73,9 @@ class ModelRunner:
         """
         if self.residuals is not None:
             self.residuals.release([*output.finished_request_ids, *output.preempted_request_ids])
-        # Decodes (one token) first: the attention backend handles them as one batched computation.
-        batch = sorted(output.scheduled, key=lambda s: len(s.token_ids) != 1)
+        # Fewest query tokens first: decodes (one token), then verifications (a few), which attention backends can
+        # handle as one batched decode computation, then prefill chunks.
+        batch = sorted(output.scheduled, key=lambda s: len(s.token_ids))
         plain = [s for s in batch if s.sample and not s.num_draft_tokens]
         speculating = [s for s in batch if s.num_draft_tokens]
         # Every row that needs logits, in one LM-head pass: the plain rows' last tokens, then every draft row, then
@@ -132,17 +133,9 @@ class ModelRunner:
     def forward(self, plan: StepPlan, query_observer: QueryRecorder | None = None) -> torch.Tensor | None:
         """Run the model over the plan's batch (writing its K/V) and return the logits of its ``logit_rows``
         (gathered over the vocabulary shards: None on ranks other than 0). Every rank runs this for every step."""
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        layout = BatchLayout(
-            query_lens=plan.query_lens,
-            context_lens=plan.context_lens,
-            block_tables=plan.block_tables,
-            slot_mapping=as_tensor(plan.slots),
-            block_size=self.block_size,
-            residual_buffers=plan.residual_buffers,
-        )
+        layout, input_ids, positions = layout_of(plan, self.block_size, self.device)
         ctx = AttentionContext(self.backend, self.backend.prepare(layout, self.dtype), self.kv_caches, query_observer)
-        hidden = self.model(as_tensor(plan.input_ids), as_tensor(plan.positions), ctx)
+        hidden = self.model(input_ids, positions, ctx)
         if not plan.logit_rows:
             return None
         return self.model.compute_logits(hidden[plan.logit_rows])
@@ -156,26 +149,57 @@ class ModelRunner:
         return lo, hi
 
     def _plan(self, batch: list[ScheduledRequest], logit_rows: list[int]) -> StepPlan:
-        block_size = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        for scheduled in batch:
-            table = scheduled.block_table
-            start, row = scheduled.start_position, scheduled.cache_position
-            count = len(scheduled.token_ids)
-            input_ids.extend(scheduled.token_ids)
-            positions.extend(range(start, start + count))
-            slots.extend(table[r // block_size] * block_size + r % block_size for r in range(row, row + count))
-        return StepPlan(
-            input_ids=input_ids,
-            positions=positions,
-            slots=slots,
-            query_lens=[len(s.token_ids) for s in batch],
-            context_lens=[s.cache_position + len(s.token_ids) for s in batch],
-            block_tables=[list(s.block_table) for s in batch],
-            logit_rows=logit_rows,
-            residual_buffers=None
-            if self.residuals is None
-            else [self.residuals.plan(s.request_id, s.cache_position, len(s.token_ids)) for s in batch],
-        )
+        residuals = None
+        if self.residuals is not None:
+            residuals = [self.residuals.plan(s.request_id, s.cache_position, len(s.token_ids)) for s in batch]
+        return plan_step(batch, self.block_size, logit_rows, residuals)
+
+
+def plan_step(
+    batch: list[ScheduledRequest],
+    block_size: int,
+    logit_rows: list[int],
+    residual_buffers: list[tuple[int, int]] | None = None,
+) -> StepPlan:
+    """One step's flat token ids and positions, each token's cache slot, and the rows that need logits."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    for scheduled in batch:
+        table = scheduled.block_table
+        start, row = scheduled.start_position, scheduled.cache_position
+        count = len(scheduled.token_ids)
+        input_ids.extend(scheduled.token_ids)
+        positions.extend(range(start, start + count))
+        slots.extend(table[r // block_size] * block_size + r % block_size for r in range(row, row + count))
+    return StepPlan(
+        input_ids=input_ids,
+        positions=positions,
+        slots=slots,
+        query_lens=[len(s.token_ids) for s in batch],
+        context_lens=[s.cache_position + len(s.token_ids) for s in batch],
+        block_tables=[list(s.block_table) for s in batch],
+        logit_rows=logit_rows,
+        residual_buffers=residual_buffers,
+    )
+
+
+def layout_of(plan: StepPlan, block_size: int, device: torch.device) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
+    """The attention layout of a plan, and its flat token ids and positions as tensors."""
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    layout = BatchLayout(
+        query_lens=plan.query_lens,
+        context_lens=plan.context_lens,
+        block_tables=plan.block_tables,
+        slot_mapping=as_tensor(plan.slots),
+        block_size=block_size,
+        residual_buffers=plan.residual_buffers,
+    )
+    return layout, as_tensor(plan.input_ids), as_tensor(plan.positions)
+
+
+def flatten(
+    batch: list[ScheduledRequest], block_size: int, device: torch.device
+) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
+    """One step's attention layout and flat token ids and positions, for a forward pass outside the runner."""
+    return layout_of(plan_step(batch, block_size, []), block_size, device)

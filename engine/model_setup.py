@@ -30,8 +30,11 @@ class KVCachePlan:
     num_residual_slots: int  # under block codecs, each running sequence's filling block sits in a full-precision slot
 
 
-def plan_kv_cache(config: EngineConfig, spec: ModelSpec, shard: TensorShard) -> KVCachePlan:
-    """``kv_cache_memory`` is each rank's budget; the rank with the most KV heads decides how many blocks fit."""
+def plan_kv_cache(
+    config: EngineConfig, spec: ModelSpec, shard: TensorShard, extra_bytes_per_block: int = 0
+) -> KVCachePlan:
+    """``kv_cache_memory`` is each rank's budget; the rank with the most KV heads decides how many blocks fit.
+    ``extra_bytes_per_block``: what else each block holds (a draft model's rows)."""
     cache = config.cache
     codecs = cache.codec_settings()
     num_slots = config.scheduler.max_num_seqs if codecs.active else 0
@@ -46,7 +49,7 @@ def plan_kv_cache(config: EngineConfig, spec: ModelSpec, shard: TensorShard) -> 
         for rank in range(shard.world_size)
     ]
     largest = max(layouts, key=lambda layout: layout.bytes_per_block)
-    num_blocks = largest.num_blocks_for(cache.kv_cache_bytes(), num_slots)
+    num_blocks = largest.num_blocks_for(cache.kv_cache_bytes(), num_slots, extra_bytes_per_block)
     return KVCachePlan(layouts[shard.rank], num_blocks, codecs, num_slots)
 
 

@@ -330,6 +330,10 @@ class Tokenizer:
         """Number of token ids, including added tokens."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every token's text and id, added tokens included."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
     @property
     def bos_token_id(self) -> int | None:
         return self._bos_token_id

@@ -71,8 +71,8 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
-        # Blocks are short after a preemption: then the drafts are dropped.
-        budget -= self._attach_drafts(scheduled, 0 if preempted else budget)
+        # Blocks are short after a preemption: then no rows are reserved for drafts.
+        budget -= self._reserve_draft_slots(scheduled, 0 if preempted else budget)
 
         # Admit waiting requests in queue order; never preempt for them, and skip admission after a preemption.
         # (So a step never swaps in a slot that a swap-out of the same step could take.)
@@ -125,6 +125,7 @@ class Scheduler:
             request = self._requests.get(item.request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # finished from outside after schedule()
+            assert not item.num_draft_slots, "fill_drafts() must fill the reserved draft rows before the step runs"
             # Drafts' KV rows count only once accepted: drop them all here, and keep the accepted ones below.
             request.num_computed_tokens -= item.num_draft_tokens
             self.kv_cache_manager.cache_full_blocks(request)
@@ -248,30 +249,56 @@ class Scheduler:
             sample=request.num_computed_tokens == request.num_tokens,
         )
 
-    def _attach_drafts(self, scheduled: list[ScheduledRequest], budget: int) -> int:
-        """Add their draft tokens to the scheduled decodes, within ``budget`` tokens and only into free blocks (so
-        speculation never preempts a request); every scheduled request's drafts are consumed. Returns tokens added."""
+    def _reserve_draft_slots(self, scheduled: list[ScheduledRequest], budget: int) -> int:
+        """Reserve rows for the scheduled decodes' draft tokens, within ``budget`` tokens and only from free blocks
+        (so speculation never preempts a request); every scheduled request's ``num_draft_slots`` is consumed.
+        Returns the rows reserved."""
         added = 0
         for index, item in enumerate(scheduled):
             request = self._requests[item.request_id]
-            drafts, request.draft_token_ids = request.draft_token_ids, []
-            if not (drafts and item.sample and len(item.token_ids) == 1 and added < budget):
+            wanted, request.num_draft_slots = request.num_draft_slots, 0
+            if not (wanted and item.sample and len(item.token_ids) == 1 and added < budget):
                 continue
             # Drafts past max_tokens less one could never be kept (the target adds a token after the accepted
             # ones); the cut also keeps every position inside the context and the blocks _validate accounted for.
             room = min(self._cap(budget - added + 1), request.max_tokens - request.num_output_tokens) - 1
-            drafts = drafts[:room]
-            if not drafts or self.kv_cache_manager.allocate_slots(request, len(drafts)) is None:
+            slots = min(wanted, room)
+            if slots < 1 or self.kv_cache_manager.allocate_slots(request, slots) is None:
                 continue
-            request.num_computed_tokens += len(drafts)
-            added += len(drafts)
+            request.num_computed_tokens += slots
+            added += slots
             scheduled[index] = dataclasses.replace(
-                item,
-                token_ids=item.token_ids + drafts,
-                block_table=self.kv_cache_manager.block_table(request.request_id),
-                num_draft_tokens=len(drafts),
+                item, block_table=self.kv_cache_manager.block_table(request.request_id), num_draft_slots=slots
             )
         return added
+
+    def fill_drafts(self, output: SchedulerOutput, drafts: dict[str, list[int]]) -> SchedulerOutput:
+        """Put the drafter's tokens into the rows ``schedule()`` reserved (at most that many per request; none for
+        a request left out) and give back the rows and blocks left unused. Call before running the step."""
+        scheduled, num_unused = [], 0
+        for item in output.scheduled:
+            if not item.num_draft_slots:
+                scheduled.append(item)
+                continue
+            request = self._requests[item.request_id]
+            draft = list(drafts.get(item.request_id, ()))[: item.num_draft_slots]
+            unused = item.num_draft_slots - len(draft)
+            num_unused += unused
+            if unused:
+                request.num_computed_tokens -= unused
+                self.kv_cache_manager.free_unused(request)
+            scheduled.append(
+                dataclasses.replace(
+                    item,
+                    token_ids=item.token_ids + draft,
+                    block_table=self.kv_cache_manager.block_table(request.request_id),
+                    num_draft_tokens=len(draft),
+                    num_draft_slots=0,
+                )
+            )
+        return dataclasses.replace(
+            output, scheduled=scheduled, num_batched_tokens=output.num_batched_tokens - num_unused
+        )
 
     def _keep_accepted_drafts(self, request: Request, item: ScheduledRequest, new_token_ids: list[int]) -> None:
         """Count the accepted drafts' KV rows as computed again and free the blocks only rejected ones used."""
@@ -309,7 +336,7 @@ class Scheduler:
         else:
             request.num_computed_tokens = request.num_evicted_tokens = 0
         kv.free(request)
-        request.draft_token_ids = []
+        request.num_draft_slots = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self._num_preemptions += 1

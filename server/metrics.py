@@ -94,6 +94,10 @@ class EngineMetrics:
         self.disk_corrupt = counter("kv_disk_corrupt_files", "Disk-tier files rejected as corrupt (and deleted).")
         self.disk_dropped = counter("kv_disk_dropped_writes", "KV blocks not stored because the writer was behind.")
         self.disk_stored = gauge("kv_disk_stored_bytes", "Bytes of KV block files in the disk tier.")
+        self.spec_acceptance = gauge("spec_decode_acceptance_rate", "Draft tokens accepted / verified, since start.")
+        self.spec_accepted_length = gauge(
+            "spec_decode_mean_accepted_length", "Draft tokens accepted per request step with drafts, since start."
+        )
         self.success = Counter(
             "spindle:request_success",
             "Finished requests by finish reason.",
@@ -140,6 +144,9 @@ class EngineMetrics:
         self._advance(self.disk_corrupt, disk.corrupt_files)
         self._advance(self.disk_dropped, disk.dropped_writes)
         self.disk_stored.set(disk.stored_bytes)
+        if counters.spec_drafts:
+            self.spec_acceptance.set(counters.spec_accepted_tokens / counters.spec_draft_tokens)
+            self.spec_accepted_length.set(counters.spec_accepted_tokens / counters.spec_drafts)
         for reason, count in counters.finished.items():
             self._advance(self.success.labels(self.model_name, reason), count)
         for output in outputs:

@@ -72,8 +72,9 @@ def test_mixed_batch_matches_reference(
         ([(i * 37) % 200 + 1 for i in range(40)], [(5, 9)]),  # more decodes than one decode group holds
         ([3000, 1100, 5], []),  # contexts split into several partitions whose partial results are merged
         ([200], []),  # one sequence: split so that both threads work
+        ([90, 12], [(400, 5), (33, 2), (70, 16), (20, 17)]),  # verifications as decode rows, then a prefill
     ],
-    ids=["decodes", "one-prompt", "prefills", "long", "many-decodes", "partitioned", "single"],
+    ids=["decodes", "one-prompt", "prefills", "long", "many-decodes", "partitioned", "single", "few-query-tokens"],
 )
 @DTYPES
 def test_batch_shapes(

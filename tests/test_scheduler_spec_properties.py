@@ -50,20 +50,28 @@ class VerifyingRunner(FakeRunner):
         return sampled
 
 
-def propose(scheduler: Scheduler, rng: random.Random) -> None:
-    """Give each decoding request up to 5 drafts: its true continuation for a random length, then a wrong token."""
+def reserve(scheduler: Scheduler, rng: random.Random) -> None:
+    """Ask for up to 5 draft rows for each decoding request."""
     for request in scheduler.running:
-        if request.num_computed_tokens != request.num_tokens - 1:
-            continue
-        tokens, drafts = list(request.all_token_ids), []
-        num_right, num_drafts = rng.randint(0, 5), rng.randint(0, 5)
+        if request.num_computed_tokens == request.num_tokens - 1:
+            request.num_draft_slots = rng.randint(0, 5)
+
+
+def fill(scheduler: Scheduler, output: SchedulerOutput, rng: random.Random) -> SchedulerOutput:
+    """Drafts for the reserved rows, sometimes fewer than reserved: the true continuation for a random length, then
+    wrong tokens."""
+    drafts = {}
+    for item in output.scheduled:
+        tokens, draft = list(scheduler.get_request(item.request_id).all_token_ids), []
+        num_right, num_drafts = rng.randint(0, 5), rng.randint(0, item.num_draft_slots)
         for i in range(num_drafts):
             token = next_token(tokens)
             if i >= num_right:
                 token = (token + rng.randint(1, VOCAB - 1)) % VOCAB
             tokens.append(token)
-            drafts.append(token)
-        request.draft_token_ids = drafts
+            draft.append(token)
+        drafts[item.request_id] = draft
+    return scheduler.fill_drafts(output, drafts)
 
 
 def check_exact_tables(scheduler: Scheduler) -> None:
@@ -85,11 +93,12 @@ def test_speculative_programs_keep_exact_kv_accounting(
     runner = VerifyingRunner(scheduler.kv_cache_manager)
 
     def run_step() -> None:
-        propose(scheduler, rng)
+        reserve(scheduler, rng)
         output = scheduler.schedule()
-        check_step(scheduler, output)
         for item in output.scheduled:
-            assert not scheduler.get_request(item.request_id).draft_token_ids  # consumed
+            assert not scheduler.get_request(item.request_id).num_draft_slots  # consumed
+        output = fill(scheduler, output, rng)
+        check_step(scheduler, output)
         scheduler.update(output, runner.execute(output))
         runner.persist()
         check_blocks(scheduler)
@@ -100,7 +109,8 @@ def test_speculative_programs_keep_exact_kv_accounting(
 
 
 def test_drafts_are_verified_and_rejected_rows_rolled_back() -> None:
-    """A hand-checked case: 4 drafts, 2 right; 3 tokens kept and the block the rejected rows took is freed."""
+    """A hand-checked case: 6 rows reserved, 4 drafts filled in, 2 right; 3 tokens kept and the block the rejected
+    rows took is freed."""
     scheduler = make_scheduler(num_blocks=16, block_size=4, prefix_caching=True)
     runner = VerifyingRunner(scheduler.kv_cache_manager)
     request = Request("a", list(range(5)), max_tokens=20)
@@ -108,8 +118,10 @@ def test_drafts_are_verified_and_rejected_rows_rolled_back() -> None:
     scheduler.update(output := scheduler.schedule(), runner.execute(output))  # prefill: 5 rows, 2 blocks
     tokens = list(request.all_token_ids)
     right = [next_token(tokens), next_token([*tokens, next_token(tokens)])]
-    request.draft_token_ids = [*right, (right[1] + 1) % VOCAB, 5]
-    output = scheduler.schedule()
+    request.num_draft_slots = 6
+    reserved = scheduler.schedule()
+    assert reserved.scheduled[0].num_draft_slots == 6 and len(reserved.scheduled[0].block_table) == 3  # rows 0..11
+    output = scheduler.fill_drafts(reserved, {"a": [*right, (right[1] + 1) % VOCAB, 5]})
     (item,) = output.scheduled
     assert item.num_draft_tokens == 4 and len(item.token_ids) == 5
     assert len(item.block_table) == 3  # rows 0..9

@@ -1,20 +1,27 @@
-"""Speculative decoding: the n-gram drafter, the verifier's acceptance rules, and greedy output token-identical to
-decoding without drafts under batching and preemption (fp32)."""
+"""Speculative decoding: the drafters (n-gram, layer skipping, a draft model), the verifier's acceptance rules, the
+adaptive draft length, and greedy output token-identical to decoding without drafts under batching and preemption
+(fp32) with each drafter."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from engine.config import build_config
+from engine.errors import ConfigError
 from engine.kv_cache import KVCacheLayout
 from engine.llm_engine import EngineCounters, LLMEngine
 from engine.loader import ModelSource, open_model
+from engine.models import build_model
 from engine.sampler import SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.spec import NgramDrafter, verifier
+from engine.spec.draft_length import PAUSE_STEPS, DraftLengthController
+from engine.spec.draft_model import write_truncated
+from engine.spec.layer_skip import format_layers, parse_layers, search_layers
 from scheduler.output import SchedulerStats
 from server.metrics import EngineMetrics
 from server.protocol import CompletionRequest
@@ -52,11 +59,41 @@ def params_for(i: int, stop_token: int | None = None) -> SamplingParams:
     )
 
 
+@pytest.fixture(scope="module")
+def draft_dir(source: ModelSource, tmp_path_factory) -> str:
+    """A draft model: the default model's first 8 layers as a Hugging Face directory, with its tokenizer."""
+    out = tmp_path_factory.mktemp("draft")
+    write_truncated(source, out, 8)
+    return str(out)
+
+
+# The drafters beside n-gram, as config fields; the draft model's path is filled in from the fixture.
+MODEL_DRAFTERS = {
+    "layer_skip": {"speculative_method": "layer_skip", "draft_layers": "0-19,25-29"},
+    "draft_model": {"speculative_method": "draft_model"},
+}
+DRAFTERS = ["ngram", *MODEL_DRAFTERS]
+
+
+def drafter_fields(name: str, draft_dir: str) -> dict:
+    if name == "ngram":
+        return {"speculative_method": "ngram"}
+    fields = dict(MODEL_DRAFTERS[name])
+    if name == "draft_model":
+        fields["draft_model"] = draft_dir
+    return fields
+
+
 def make_engine(source: ModelSource, method: str, block_size: int = 16, num_blocks: int | None = None, **fields):
-    config = build_config("fp32", {"speculative_method": method, "block_size": block_size, **fields})
+    fields = {"speculative_method": method, **fields}
+    config = build_config("fp32", {"block_size": block_size, "speculative_max_batch_size": None, **fields})
     if num_blocks is not None:
         layout = KVCacheLayout.for_model(source.spec, block_size, config.model.torch_dtype)
-        config.cache = dataclasses.replace(config.cache, kv_cache_memory=str(num_blocks * layout.bytes_per_block))
+        per_block = layout.bytes_per_block
+        if fields.get("draft_model"):  # the draft model's rows share each block
+            draft_spec = open_model(fields["draft_model"]).spec
+            per_block += KVCacheLayout.for_model(draft_spec, block_size, config.model.torch_dtype).bytes_per_block
+        config.cache = dataclasses.replace(config.cache, kv_cache_memory=str(num_blocks * per_block))
     return LLMEngine(config, source=source, progress=False)
 
 
@@ -87,27 +124,37 @@ def references(source, prompts, stop_token) -> list[list[int]]:
     return run(make_engine(source, "none"), prompts, params)
 
 
-def test_greedy_batch_matches_decoding_without_drafts(source, prompts, stop_token, references) -> None:
-    engine = make_engine(source, "ngram")
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_greedy_batch_matches_decoding_without_drafts(
+    source, prompts, stop_token, references, draft_dir, drafter
+) -> None:
+    fields = drafter_fields(drafter, draft_dir)
+    engine = make_engine(source, **{"method": fields.pop("speculative_method"), **fields})
     params = [params_for(i, stop_token) for i in range(len(prompts))]
     tokens = run(engine, prompts, params)
     assert tokens == references
     assert len(tokens[4]) < NEW_TOKENS and len(tokens[1]) == 5
     counters = engine.counters
-    assert counters.spec_accepted_tokens > 0, "the input-grounded prompts had drafts accepted"
     assert 0 < counters.spec_drafts <= counters.spec_draft_tokens
+    if drafter != "draft_model":  # the 8-layer truncated draft agrees with the target too rarely to count on it
+        assert counters.spec_accepted_tokens > 0, "drafts were accepted"
     assert counters.generation_tokens == sum(len(t) for t in tokens)
 
 
-def test_greedy_matches_under_preemption(source, prompts, stop_token, references) -> None:
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_greedy_matches_under_preemption(source, prompts, stop_token, references, draft_dir, drafter) -> None:
     """Room for the first prompt's whole sequence and three blocks more: the short prompts, admitted beside it, take
     the rest, and growing they preempt one another (the long second prompt comes last, so it does not block them)."""
     order = [0, 2, 3, 4, 1]
     num_blocks = -(-(len(prompts[0]) + NEW_TOKENS) // 8) + 3
-    engine = make_engine(source, "ngram", block_size=8, num_blocks=num_blocks, enable_prefix_caching=False)
+    fields = drafter_fields(drafter, draft_dir)
+    method = fields.pop("speculative_method")
+    engine = make_engine(source, method, block_size=8, num_blocks=num_blocks, enable_prefix_caching=False, **fields)
     tokens = run(engine, [prompts[i] for i in order], [params_for(i, stop_token) for i in order])
     assert engine.stats().num_preemptions > 0
-    assert engine.counters.spec_accepted_tokens > 0
+    assert engine.counters.spec_draft_tokens > 0
+    if drafter != "draft_model":
+        assert engine.counters.spec_accepted_tokens > 0
     assert tokens == [references[i] for i in order]
 
 
@@ -145,6 +192,8 @@ def test_request_field_and_metrics() -> None:
     assert value("spec_decode_num_drafts_total") == 2
     assert value("spec_decode_num_draft_tokens_total") == 7
     assert value("spec_decode_num_accepted_tokens_total") == 5
+    assert value("spec_decode_acceptance_rate") == pytest.approx(5 / 7)
+    assert value("spec_decode_mean_accepted_length") == pytest.approx(5 / 2)
 
 
 # ---------------------------------------------------------------- the n-gram drafter
@@ -263,3 +312,149 @@ def test_a_wrong_rule_fails_the_same_test(one_thread, monkeypatch, wrong_rule, d
     monkeypatch.setattr(verifier, "rejection_sample", wrong_rule)
     statistic = chi_square(emitted_first_tokens(draft, **params), target_probs(params))
     assert statistic > CHI2_CRITICAL_DF5_P001
+
+
+# ---------------------------------------------------------------- sampling through each model drafter
+
+CHI2_CRITICAL_DF2_P001 = 13.816
+NUM_SAMPLING_REQUESTS = 240
+
+
+@pytest.mark.parametrize("drafter", list(MODEL_DRAFTERS))
+def test_sampling_with_a_model_drafter_keeps_the_target_distribution(source, draft_dir, drafter) -> None:
+    """Many requests sample three tokens (top-k 3), the last two in one step that verifies one draft (a draft past
+    max_tokens less one is never made): the second token, given the most frequent first one, is distributed as the
+    target's next-token probabilities read from an engine without drafts."""
+    prompt = source.tokenizer.encode("The three primary colours are")
+    fields = drafter_fields(drafter, draft_dir)
+    method = fields.pop("speculative_method")
+    engine = make_engine(source, method, adaptive_draft_length=False, max_num_seqs=256, **fields)
+    params = SamplingParams(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True)
+    torch.manual_seed(4321)
+    outputs = run(engine, [prompt] * NUM_SAMPLING_REQUESTS, [params] * NUM_SAMPLING_REQUESTS)
+    assert engine.counters.spec_draft_tokens >= 0.9 * NUM_SAMPLING_REQUESTS, "most requests verified a draft"
+    firsts = [tokens[0] for tokens in outputs]
+    first = max(set(firsts), key=firsts.count)
+    seconds = [tokens[1] for tokens in outputs if tokens[0] == first]
+
+    reference = make_engine(source, "none")
+    reference.add_request("r", [*prompt, first], SamplingParams(temperature=0.0, max_tokens=1, logprobs=3))
+    (entry,) = next(o for o in reference.step() if o.new_logprobs).new_logprobs
+    top = sorted(entry.top_logprobs, key=lambda item: -item[1])[:3]
+    support = [token for token, _ in top]
+    probs = torch.softmax(torch.tensor([logprob for _, logprob in top]), dim=0)
+    assert set(seconds) <= set(support), "a token outside the target's top-k was emitted"
+    counts = torch.tensor([float(seconds.count(token)) for token in support])
+    assert chi_square(counts, probs) < CHI2_CRITICAL_DF2_P001
+
+
+# ---------------------------------------------------------------- adaptive draft length and the batch cutoff
+
+
+def test_draft_length_grows_on_full_acceptance_and_resets_on_rejection() -> None:
+    lengths = DraftLengthController(
+        initial=2, maximum=4, adaptive=True, min_acceptance=0.3, pause_on_low_acceptance=False
+    )
+    assert lengths.length("a") == 2
+    lengths.observe("a", 2, 2)
+    assert lengths.length("a") == 3
+    lengths.observe("a", 3, 3)
+    lengths.observe("a", 4, 4)
+    assert lengths.length("a") == 4  # capped at the maximum
+    lengths.observe("a", 4, 1)
+    assert lengths.length("a") == 2
+    for _ in range(5):
+        lengths.observe("a", 2, 0)
+    assert lengths.length("a") == 2, "a drafter that stops on entropy is never paused"
+
+
+def test_low_acceptance_pauses_drafting_for_a_while() -> None:
+    lengths = DraftLengthController(
+        initial=3, maximum=6, adaptive=True, min_acceptance=0.3, pause_on_low_acceptance=True
+    )
+    lengths.length("a")
+    observed = 0
+    while lengths.length("a"):
+        lengths.observe("a", 3, 0)
+        observed += 1
+    assert observed == 4  # 1.0 decays by 0.7 per rejected step: 0.7, 0.49, 0.34, 0.24 < 0.3
+    paused = 1 + sum(1 for _ in range(PAUSE_STEPS) if lengths.length("a") == 0)
+    assert paused == PAUSE_STEPS
+    assert lengths.length("a") == 3
+    lengths.observe("a", 3, 0)  # restarted at the threshold: one more poor draft pauses again
+    assert lengths.length("a") == 0
+    fixed = DraftLengthController(3, 6, adaptive=False, min_acceptance=0.3, pause_on_low_acceptance=True)
+    fixed.length("b")
+    fixed.observe("b", 3, 3)
+    assert fixed.length("b") == 3
+
+
+def test_no_drafts_while_the_batch_is_over_the_cutoff(source, prompts, references) -> None:
+    engine = make_engine(source, "ngram", speculative_max_batch_size=1)
+    for i in (0, 1):
+        engine.add_request(str(i), prompts[i], params_for(i))
+    tokens: dict[str, list[int]] = {"0": [], "1": []}
+    drafted_alone = 0
+    while engine.has_unfinished_requests():
+        running, before = engine.scheduler.num_running, engine.counters.spec_drafts
+        for output in engine.step():
+            tokens[output.request_id].extend(output.new_token_ids)
+        if running > 1:
+            assert engine.counters.spec_drafts == before
+        else:
+            drafted_alone += engine.counters.spec_drafts - before
+    assert drafted_alone > 0, "the copying request speculated once it ran alone"
+    assert tokens["0"] == references[0] and tokens["1"] == references[1]
+
+
+# ---------------------------------------------------------------- layer choice and start-up errors
+
+
+def test_draft_layers_parse_and_format() -> None:
+    assert parse_layers("0-3, 7,9-10", 12) == [0, 1, 2, 3, 7, 9, 10]
+    assert format_layers([0, 1, 2, 3, 7, 9, 10]) == "0-3,7,9-10"
+    for bad, message in [("0-12", "not a range"), ("3-1", "not a range"), ("a", "expected"), ("0-11", "every")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_layers(bad, 12)
+
+
+def test_layer_search_ranks_candidate_sets(source) -> None:
+    model = build_model(source, torch.float32, torch.device("cpu"), progress=False)
+    prompt = source.tokenizer.encode("The quick brown fox jumps over the lazy dog. The quick brown fox")
+    ranked = search_layers(model, [prompt], keep=27)
+    assert {name for name, _, _ in ranked} == {"early exit", "layer skipping"}
+    assert [agreement for *_, agreement in ranked] == sorted((a for *_, a in ranked), reverse=True)
+    for name, layers, _ in ranked:
+        assert len(layers) == 27 and (name != "layer skipping" or {0, 29} <= set(layers))
+    assert all(0.0 <= agreement <= 1.0 for *_, agreement in ranked)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"speculative_method": "draft_model"}, "draft_model"),
+        ({"speculative_method": "ngram", "draft_model": "/x"}, "draft_model"),
+        ({"num_speculative_tokens": 9}, "max_speculative_tokens"),
+        ({"speculative_max_batch_size": 0}, "speculative_max_batch_size"),
+        ({"draft_min_acceptance": 1.0}, "draft_min_acceptance"),
+    ],
+)
+def test_bad_speculative_settings_are_config_errors(fields: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(None, fields)
+
+
+def test_start_up_refuses_bad_draft_layers_and_a_foreign_tokenizer(source, draft_dir, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="draft_layers"):
+        make_engine(source, "layer_skip", draft_layers="0-30")
+    foreign = tmp_path / "foreign"
+    write_truncated(source, foreign, 2)
+    tokenizer = json.loads((foreign / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = list(vocab)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (foreign / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ConfigError, match="tokenizer differs"):
+        make_engine(source, "draft_model", draft_model=str(foreign))
+    with pytest.raises(ConfigError, match="draft_model"):
+        make_engine(source, "draft_model", draft_model=str(tmp_path / "missing"))

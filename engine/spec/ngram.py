@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -14,6 +14,7 @@ SEARCH_WINDOW = 4096
 
 class NgramDrafter:
     name = "ngram"
+    stops_on_entropy = False
 
     def __init__(self, ngram_min: int, ngram_max: int) -> None:
         self.ngram_min = ngram_min
@@ -21,6 +22,9 @@ class NgramDrafter:
 
     def propose(self, requests: Sequence[DraftRequest]) -> dict[str, list[int]]:
         return {r.request_id: self.propose_one(r.token_ids, r.max_draft_tokens) for r in requests}
+
+    def forget(self, request_ids: Iterable[str]) -> None:
+        pass  # keeps nothing between steps
 
     def propose_one(self, token_ids: Sequence[int], max_tokens: int) -> list[int]:
         """Up to ``max_tokens`` tokens after the latest earlier match of the longest suffix n-gram (n from
