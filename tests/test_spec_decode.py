@@ -73,6 +73,8 @@ MODEL_DRAFTERS = {
     "draft_model": {"speculative_method": "draft_model"},
 }
 DRAFTERS = ["ngram", *MODEL_DRAFTERS]
+# The model drafters' longest runs go to the slow suite (scripts/test-slow.sh); n-gram keeps the case in the default.
+SLOW_MODEL_DRAFTERS = ["ngram", *(pytest.param(name, marks=pytest.mark.slow) for name in MODEL_DRAFTERS)]
 
 
 def drafter_fields(name: str, draft_dir: str) -> dict:
@@ -141,7 +143,7 @@ def test_greedy_batch_matches_decoding_without_drafts(
     assert counters.generation_tokens == sum(len(t) for t in tokens)
 
 
-@pytest.mark.parametrize("drafter", DRAFTERS)
+@pytest.mark.parametrize("drafter", SLOW_MODEL_DRAFTERS)
 def test_greedy_matches_under_preemption(source, prompts, stop_token, references, draft_dir, drafter) -> None:
     """Room for the first prompt's whole sequence and three blocks more: the short prompts, admitted beside it, take
     the rest, and growing they preempt one another (the long second prompt comes last, so it does not block them)."""
@@ -320,7 +322,7 @@ CHI2_CRITICAL_DF2_P001 = 13.816
 NUM_SAMPLING_REQUESTS = 240
 
 
-@pytest.mark.parametrize("drafter", list(MODEL_DRAFTERS))
+@pytest.mark.parametrize("drafter", [pytest.param("layer_skip", marks=pytest.mark.slow), "draft_model"])
 def test_sampling_with_a_model_drafter_keeps_the_target_distribution(source, draft_dir, drafter) -> None:
     """Many requests sample three tokens (top-k 3), the last two in one step that verifies one draft (a draft past
     max_tokens less one is never made): the second token, given the most frequent first one, is distributed as the
