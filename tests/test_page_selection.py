@@ -196,7 +196,7 @@ def test_a_small_budget_attends_to_exactly_the_chosen_blocks(name: str, dtype: t
     torch.testing.assert_close(got.float(), expected, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("name", ["cpu", "triton"])
+@pytest.mark.parametrize("name", ["cpu", pytest.param("triton", marks=pytest.mark.slow)])  # the interpreter is slow
 def test_a_budget_covering_every_block_is_full_attention(name: str) -> None:
     """In a step where no decode exceeds the budget, the output is the plain backend's, bit for bit; in one where a
     single decode does, every other row still equals the plain backend's (to fp32 rounding: the kernel splits
