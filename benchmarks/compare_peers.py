@@ -82,7 +82,7 @@ def spindle_peer(args: argparse.Namespace) -> Peer:
     return Peer(
         "spindle",
         f"Spindle {version('spindle')}",
-        "GGUF dequantized to bf16, 1 GiB KV cache",
+        "GGUF dequantized to bf16 (4-bit copies for small steps), 1 GiB KV cache",
         lambda port: (
             [
                 sys.executable,
