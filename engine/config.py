@@ -190,7 +190,7 @@ class SpeculativeConfig:
     ngram_min: int = 2  # the shortest suffix n-gram the n-gram drafter looks up
     ngram_max: int = 4  # the longest; longer matches are tried first
     # layer_skip: the target's layers the draft runs, then the final norm and LM head: "0-9" exits early after layer
-    # 9, "0-5,8,11-29" skips layers; spindle-draft-layers searches a set for a model
+    # 9, "0-5,8,11-29" skips layers; `python -m engine.spec.layer_skip --keep N` searches a set for a model
     draft_layers: str = "0-14"
     draft_model: str | None = None  # draft_model: a smaller model with the same tokenizer (GGUF file or HF directory)
 
