@@ -21,7 +21,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from server import openapi
-from server.allocator import limit_malloc_arenas
+from server.allocator import limit_malloc_arenas, start_heap_trimming
 from server.errors import APIError, error_response, install_error_handlers
 from server.limits import RequestLimits
 from server.metrics import EngineMetrics
@@ -176,6 +176,7 @@ def exit_cleanly(signum: int, frame: FrameType | None) -> None:
 def run_server(config: EngineConfig) -> None:
     limit_malloc_arenas()  # before the engine and HTTP threads start
     app, engine = build_server(config)
+    start_heap_trimming()
     server = config.server
     uvicorn_config = uvicorn.Config(
         app,
