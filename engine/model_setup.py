@@ -18,6 +18,7 @@ from engine.model_spec import ModelSpec
 from engine.models import build_model
 from engine.parallel.group import TensorParallelGroup
 from engine.parallel.shard import TensorShard
+from kernels.cpu_attention import warm_up_prefill_attention
 from kernels.kv_codecs import CodecSettings
 from kernels.registry import get_attention_backend, with_page_selection
 
@@ -79,6 +80,15 @@ def build_runner(
     int4_rows = config.model.int4_rows(source.linear_weights_are_q4_1, device)
     model = build_model(source, config.model.torch_dtype, device, progress, tp, int4_rows)
     model.warm_up(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
+    if device.type == "cpu":
+        spec = model.spec
+        warm_up_prefill_attention(
+            spec.num_heads,
+            spec.num_kv_heads,
+            spec.head_dim,
+            config.model.torch_dtype,
+            config.scheduler.max_num_batched_tokens,
+        )
     kv_caches = allocate_kv_cache(layout, kv_plan.num_blocks, device, kv_plan.num_residual_slots)
     if page_selection is not None:
         backend = with_page_selection(backend, page_selection, [keys for keys, _ in kv_caches])

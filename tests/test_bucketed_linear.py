@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from engine.models.bucketed_linear import BucketedLinear, bucket_rows
+from engine.models.bucketed_linear import BucketedLinear
+from kernels.shape_buckets import bucket_rows
 
 
 def test_buckets_are_few_cover_every_row_count_and_pad_little() -> None:

@@ -1,12 +1,11 @@
 """A linear layer that rounds its row count up to one of a few sizes on the CPU in reduced precision.
 
-PyTorch runs bf16/fp16 matmuls on the CPU through oneDNN, which compiles one kernel ("primitive") per input shape and
-keeps up to 1024 of them, each taking about a megabyte. A serving engine's steps have every row count from 1 to
-``max_num_batched_tokens``, so resident memory grew by more than a gigabyte over a long run until the cache filled.
-Padding the rows to a bucket bounds the shapes to about fifty per weight (a few hundred kernels, within the cache's
-capacity, so none is compiled twice). Steps of up to 64 rows (decodes) are bound by reading the weights more than by
-their rows, so they pad to a multiple of 8; longer ones pad by at most an eighth, and a step that fills a power-of-two
-token budget exactly not at all. fp32 goes through MKL, which compiles nothing per shape, so it is left alone.
+oneDNN, which runs PyTorch's bf16/fp16 matmuls on the CPU, compiles and keeps one kernel per input shape; a serving
+engine's steps have every row count from 1 to ``max_num_batched_tokens``, so resident memory grew by more than a
+gigabyte over a long run. Rows are padded to a bucket (kernels/shape_buckets.py): about fifty shapes per weight, all
+compiled at start-up. Steps of up to 64 rows (decodes) are bound by reading the weights more than by their rows, so
+they pad to a multiple of 8; longer ones pad by at most an eighth, and a step that fills a power-of-two token budget
+exactly not at all.
 
 A layer may also hold a 4-bit copy of its weight (``Int4Weight``) that steps of up to ``int4_max_rows`` rows use.
 """
@@ -18,16 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.models.int4_weights import Int4Weight
-
-_BUCKETED_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def bucket_rows(rows: int) -> int:
-    """The padded row count: powers of two up to 8, multiples of 8 up to 64, then eight sizes per power of two."""
-    if rows <= 8:
-        return 1 << max(rows - 1, 0).bit_length()
-    step = 8 if rows <= 64 else 1 << ((rows - 1).bit_length() - 4)
-    return -(-rows // step) * step
+from kernels.shape_buckets import BUCKETED_DTYPES, bucket_rows, bucket_sizes
 
 
 class BucketedLinear(nn.Linear):
@@ -39,7 +29,7 @@ class BucketedLinear(nn.Linear):
 
     @property
     def bucketed(self) -> bool:
-        return self.weight.device.type == "cpu" and self.weight.dtype in _BUCKETED_DTYPES
+        return self.weight.device.type == "cpu" and self.weight.dtype in BUCKETED_DTYPES
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
@@ -58,5 +48,5 @@ class BucketedLinear(nn.Linear):
         """Run every bucket up to ``max_rows`` rows once, so its kernel is compiled now rather than during serving."""
         if not self.bucketed:
             return
-        for rows in sorted({bucket_rows(r) for r in range(1, max_rows + 1)}):
+        for rows in bucket_sizes(max_rows):
             self(torch.zeros(rows, self.in_features, dtype=self.weight.dtype))
