@@ -64,23 +64,22 @@ class NativeKernels:
             raise ValueError("block tables and context lengths must be int32")
         output = torch.empty_like(query)
         entry = getattr(self.library, _ENTRY_POINTS[query.dtype])
-        with torch.profiler.record_function("spindle::native_decode_attention"):  # visible in step profiles
-            handled = entry(
-                ctypes.c_void_p(query.data_ptr()),
-                ctypes.c_void_p(key_cache.data_ptr()),
-                ctypes.c_void_p(value_cache.data_ptr()),
-                ctypes.c_void_p(block_tables.data_ptr()),
-                ctypes.c_void_p(context_lens.data_ptr()),
-                ctypes.c_void_p(output.data_ptr()),
-                batch,
-                num_heads,
-                num_kv_heads,
-                head_dim,
-                block_size,
-                block_tables.shape[1],
-                ctypes.c_float(scale),
-                torch.get_num_threads(),
-            )
+        handled = entry(
+            ctypes.c_void_p(query.data_ptr()),
+            ctypes.c_void_p(key_cache.data_ptr()),
+            ctypes.c_void_p(value_cache.data_ptr()),
+            ctypes.c_void_p(block_tables.data_ptr()),
+            ctypes.c_void_p(context_lens.data_ptr()),
+            ctypes.c_void_p(output.data_ptr()),
+            batch,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            block_tables.shape[1],
+            ctypes.c_float(scale),
+            torch.get_num_threads(),
+        )
         if not handled:
             raise ValueError(f"the native kernel has no instantiation for head_dim {head_dim}")
         return output

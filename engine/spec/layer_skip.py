@@ -56,8 +56,9 @@ class LayerSubset:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        rotary = self.model.rotary.angles(positions, x.dtype)
         for index in self.layers:
-            x = self.model.layers[index](positions, x, ctx)
+            x = self.model.layers[index](rotary, x, ctx)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
