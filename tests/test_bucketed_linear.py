@@ -37,3 +37,21 @@ def test_outputs_match_a_plain_linear_layer(dtype: torch.dtype, rows: int) -> No
     assert out.shape == (rows, 96) and out.dtype == dtype and out.is_contiguous()
     tolerance = 0.0 if dtype == torch.float32 else 0.05
     torch.testing.assert_close(out.float(), expected, atol=tolerance * expected.abs().max().item() + 1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("rows", [1, 3, 13, 33, 70, 300])
+def test_the_onednn_packed_copy_gives_the_plain_layers_results_bit_for_bit(rows: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    layer = BucketedLinear(576, 960, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(960, 576, generator=generator))
+    x = torch.randn(rows, 576, generator=generator).to(torch.bfloat16)
+    plain = layer(x)
+    layer.pack()
+    assert torch.equal(layer(x), plain)
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    assert torch.equal(layer(x), plain)  # the packed copy is what computes, until packed again
+    layer.pack()
+    assert torch.equal(layer(x), F.linear(x, layer.weight))

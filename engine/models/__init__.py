@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.loader import ModelSource
+from engine.models.bucketed_linear import BucketedLinear
 from engine.models.llama import AttentionContext, LlamaForCausalLM, RotaryEmbedding
 from engine.parallel.group import TensorParallelGroup
 
@@ -34,4 +35,7 @@ def build_model(
             module.reset_tables()
     load_dtype = torch.float32 if int4_max_rows else dtype
     model.load_weights(source.iter_weights(load_dtype, progress), int4_max_rows)
+    for module in model.modules():
+        if isinstance(module, BucketedLinear):
+            module.pack()
     return model.eval().requires_grad_(False)

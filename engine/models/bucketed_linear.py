@@ -7,6 +7,10 @@ compiled at start-up. Steps of up to 64 rows (decodes) are bound by reading the 
 they pad to a multiple of 8; longer ones pad by at most an eighth, and a step that fills a power-of-two token budget
 exactly not at all.
 
+In bf16, ``pack`` keeps a second copy of the weight in oneDNN's blocked layout, which its matmuls otherwise rebuild
+from the plain one on every call: the same results bit for bit, 5-10% off a whole decode step at 1 and 32 sequences
+and a prefill (measured in one process, alternating). The plain weight stays for everything else that reads it.
+
 A layer may also hold a 4-bit copy of its weight (``Int4Weight``) that steps of up to ``int4_max_rows`` rows use.
 """
 
@@ -23,9 +27,17 @@ from kernels.shape_buckets import BUCKETED_DTYPES, bucket_rows, bucket_sizes
 class BucketedLinear(nn.Linear):
     int4: Int4Weight | None = None
     int4_max_rows: int = 0
+    packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout
 
     def use_int4(self, weight: Int4Weight, max_rows: int) -> None:
         self.int4, self.int4_max_rows = weight, max_rows
+
+    @torch.inference_mode()
+    def pack(self) -> None:
+        """Keep the oneDNN-blocked copy of the weight (bf16 on the CPU only; a no-op elsewhere). Call it again after
+        changing the weight."""
+        if self.bucketed and self.weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
 
     @property
     def bucketed(self) -> bool:
@@ -40,8 +52,13 @@ class BucketedLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         padded = bucket_rows(rows)
         if padded == rows:
+            return self._dense(x)
+        return self._dense(F.pad(x, (0, 0, 0, padded - rows)))[:rows]
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        return F.linear(F.pad(x, (0, 0, 0, padded - rows)), self.weight, self.bias)[:rows]
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     @torch.inference_mode()
     def warm_up(self, max_rows: int) -> None:
