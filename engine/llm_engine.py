@@ -186,7 +186,10 @@ class LLMEngine:
             raise ConfigError(f"speculative decoding cannot be combined with block codecs ({codecs.describe()})")
         if config.cache.kv_disk_dir is not None and not prefix_caching:
             logger.info("prefix-cache disk tier off: it needs prefix caching")
-        self.preemption, self.offloader = build_offload(config.cache, layout, kv_caches, self.source, prefix_caching)
+        int4_rows = config.model.int4_rows(self.source.linear_weights_are_q4_1, self.device)
+        self.preemption, self.offloader = build_offload(
+            config.cache, layout, kv_caches, self.source, prefix_caching, int4_rows
+        )
         disk_store = self.offloader.disk_store if self.offloader is not None else None
         self.kv_manager = KVCacheManager(num_blocks, layout.block_size, prefix_caching, disk_store)
         self.scheduler = Scheduler(
@@ -204,7 +207,6 @@ class LLMEngine:
         if disk_store is not None:
             self.counters.disk = disk_store.counters
         self._states: dict[str, _RequestState] = {}
-        int4_rows = config.model.int4_rows(self.source.linear_weights_are_q4_1, self.device)
         logger.info(
             "model %s loaded in %.1fs (%s, %s, %d tensor-parallel rank(s); 4-bit weight copies: %s); KV cache (%s, "
             "codec %s): %d blocks of %d tokens = %d tokens, %.1f MiB per rank (%.1f bytes per token) + %.1f MiB of "

@@ -161,12 +161,16 @@ def test_disk_tier_survives_a_restart_byte_for_byte(source, prompts, tmp_path) -
     assert torch.equal(stored_blocks(second, hashes), original)
     second.close()
 
-    # Another KV codec over the same directory has its own subdirectory and never reads these blocks.
-    other = make_engine(source, 64, kv_disk_dir=str(tmp_path), kv_cache_dtype="int8")
-    run(other, [prompt])
-    assert other.offloader.disk_store.counters.hits == 0
-    assert other.offloader.disk_store.directory != store.directory
-    other.close()
+    # Another KV codec, or 4-bit weights computing the short chunks, over the same directory: a subdirectory of
+    # their own, never reading these blocks.
+    directories = {store.directory}
+    for overrides in ({"kv_cache_dtype": "int8"}, {"weight_quantization": "int4"}):
+        other = make_engine(source, 64, kv_disk_dir=str(tmp_path), **overrides)
+        run(other, [prompt])
+        assert other.offloader.disk_store.counters.hits == 0
+        directories.add(other.offloader.disk_store.directory)
+        other.close()
+    assert len(directories) == 3
 
 
 def test_blocks_evicted_from_memory_come_back_from_disk(source, prompts, tmp_path) -> None:

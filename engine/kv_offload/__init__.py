@@ -37,10 +37,13 @@ def build_offload(
     kv_caches: list[tuple[PagedCache, PagedCache]],
     source: ModelSource,
     prefix_caching: bool,
+    int4_rows: int,
 ) -> tuple[PreemptionPolicy, KVOffloader | None]:
     """The preemption policy for the scheduler, and the offloader when a tier is configured (else None).
 
-    The disk tier needs prefix caching (its blocks are found by prefix hash): without it none is opened.
+    The disk tier needs prefix caching (its blocks are found by prefix hash): without it none is opened. Its
+    identity covers what decides the stored K/V bits, including ``int4_rows`` (steps of up to that many tokens run
+    on the 4-bit weight copies; 0: none), since short prefill chunks then compute their K/V from other weights.
     """
     swap_file = None
     swap_space = None
@@ -64,6 +67,7 @@ def build_offload(
                     "dtype": str(layout.dtype),
                     "kv_cache_dtype": layout.kv_cache_dtype,
                     "block_size": layout.block_size,
+                    "int4_rows": int4_rows,
                 },
                 _model_files(source),
             )

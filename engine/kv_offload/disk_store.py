@@ -1,8 +1,9 @@
 """The persistent prefix-cache tier: one file per full KV block, keyed by its chained block hash (LMCache style).
 
 Layout: ``<directory>/<identity>/<block hash>.kvb``. The identity digests the file format version, the model (its
-architecture and a fingerprint of its weight files), the dtype, the KV-cache codec and the block size, so another
-model or codec never reads these blocks. Each file is a header then the block's bytes::
+architecture and a fingerprint of its weight files), the dtype, the KV-cache codec, the block size and which steps
+run on 4-bit weight copies, so another model, codec or weight format never reads these blocks. Each file is a
+header then the block's bytes::
 
     magic "SPKV" | format version u16 | reserved u16 | identity 16 B | block hash u64 | payload length u64 |
     CRC-32 of the payload u32 | payload
