@@ -132,7 +132,7 @@ def warm_up_prefill_attention(
     """Compile now the fused-attention kernels of every padded shape, so that resident memory stops growing after
     start-up (measured: 400 random prompt/prefix lengths afterwards added 4 MiB) and no prompt waits for a
     compilation: each query bucket up to ``max_query_len``, alone and after cached prefixes whose padded lengths
-    cover every remainder of the kernel's 512-key blocks. About 2 s and 70 MiB; nothing to do outside bf16/fp16."""
+    cover every remainder of the kernel's 512-key blocks. About 3 s and 100 MiB; nothing to do outside bf16/fp16."""
     if dtype not in BUCKETED_DTYPES:
         return
     for rows in bucket_sizes(max_query_len):

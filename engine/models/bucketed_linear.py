@@ -8,8 +8,9 @@ they pad to a multiple of 8; longer ones pad by at most an eighth, and a step th
 exactly not at all.
 
 In bf16, ``pack`` keeps a second copy of the weight in oneDNN's blocked layout, which its matmuls otherwise rebuild
-from the plain one on every call: the same results bit for bit, 5-10% off a whole decode step at 1 and 32 sequences
-and a prefill (measured in one process, alternating). The plain weight stays for everything else that reads it.
+from the plain one on every call: the same results bit for bit, 5-10% off a whole decode step at 1 and 8 sequences
+and 4% off a prefill (measured in one process, alternating). The plain weight stays for everything else that reads
+it.
 
 A layer may also hold a 4-bit copy of its weight (``Int4Weight``) that steps of up to ``int4_max_rows`` rows use.
 """
