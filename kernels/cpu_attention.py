@@ -122,8 +122,10 @@ def prefill_attention(
 
 
 def _padded_heads_first(rows: torch.Tensor, length: int) -> torch.Tensor:
-    """[L, heads, D] -> [1, heads, length, D], zero rows appended."""
-    return F.pad(rows, (0, 0, 0, 0, 0, length - rows.shape[0])).transpose(0, 1).unsqueeze(0)
+    """[L, heads, D] -> [1, heads, length, D], zero rows appended (a view when there are none to append)."""
+    if length > rows.shape[0]:
+        rows = F.pad(rows, (0, 0, 0, 0, 0, length - rows.shape[0]))
+    return rows.transpose(0, 1).unsqueeze(0)
 
 
 def warm_up_prefill_attention(
