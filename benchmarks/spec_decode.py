@@ -3,11 +3,11 @@ every drafter at concurrency 1 and 8, on input-grounded prompts (rewrite / extra
 chat prompts.
 
 .venv/bin/python benchmarks/spec_decode.py [--dtype bfloat16|float32] [--tokens 128] [--model PATH]
-    [--methods ngram,layer_skip,draft_model] [--concurrency 1,8] [--workloads grounded,open] [--num-threads N]
+    [--methods ngram,layer_skip,sparse_mlp,draft_model] [--concurrency 1,8] [--workloads grounded,open] [--num-threads N]
     [--rounds R]
 
 The draft model is the target's first --draft-model-layers layers, written to a temporary directory; layer_skip
-runs --draft-layers. Speculation runs at every batch size here (speculative_max_batch_size off), so the
+runs --draft-layers, sparse_mlp --draft-mlp-density. Speculation runs at every batch size here (speculative_max_batch_size off), so the
 concurrency-8 rows show what the cutoff avoids.
 
 Greedy decoding, so both runs should produce the same tokens (exactly so in float32; the "same output" column
@@ -102,13 +102,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--methods", default="ngram,layer_skip,draft_model")
+    parser.add_argument("--methods", default="ngram,layer_skip,sparse_mlp,draft_model")
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--workloads", default="grounded,open")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--num-prompts", type=int, default=8, help="per run; at least the run's concurrency")
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--draft-layers", default="0-14")
+    parser.add_argument("--draft-mlp-density", type=float, default=0.5)
     parser.add_argument("--draft-model-layers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1, help="repeat every run; the median time counts")
     args = parser.parse_args()
@@ -128,6 +129,7 @@ def main() -> None:
         "none": {},
         "ngram": {},
         "layer_skip": {"draft_layers": args.draft_layers},
+        "sparse_mlp": {"draft_mlp_density": args.draft_mlp_density},
         "draft_model": {"draft_model": draft_dir},
     }
     engines = {}

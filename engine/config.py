@@ -171,12 +171,12 @@ class RuntimeConfig:
             raise ValueError(f"tensor_parallel_timeout must be > 0, got {self.tensor_parallel_timeout}")
 
 
-SPECULATIVE_METHODS = ("none", "ngram", "layer_skip", "draft_model")
+SPECULATIVE_METHODS = ("none", "ngram", "layer_skip", "sparse_mlp", "draft_model")
 
 
 @dataclass
 class SpeculativeConfig:
-    # none | ngram | layer_skip | draft_model (engine/spec): propose tokens, verify them in one target step
+    # none | ngram | layer_skip | sparse_mlp | draft_model (engine/spec): propose tokens, verify them in one target step
     speculative_method: str = "none"
     num_speculative_tokens: int = 4  # draft tokens a request starts with per step (k)
     max_speculative_tokens: int = 8  # adaptive length: full acceptances lengthen a request's drafts up to this
@@ -192,6 +192,9 @@ class SpeculativeConfig:
     # layer_skip: the target's layers the draft runs, then the final norm and LM head: "0-9" exits early after layer
     # 9, "0-5,8,11-29" skips layers; `python -m engine.spec.layer_skip --keep N` searches a set for a model
     draft_layers: str = "0-14"
+    # sparse_mlp: the share of each MLP's input channels the draft computes (WINA's highest activation x weight norm);
+    # `python -m engine.spec.sparse_mlp` prints the agreement with the full model at several densities
+    draft_mlp_density: float = 0.5
     draft_model: str | None = None  # draft_model: a smaller model with the same tokenizer (GGUF file or HF directory)
 
     def __post_init__(self) -> None:
@@ -210,6 +213,8 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_max_batch_size must be >= 1 or null, got {self.speculative_max_batch_size}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+        if not 0.0 < self.draft_mlp_density < 1.0:
+            raise ValueError(f"draft_mlp_density must be in (0, 1), got {self.draft_mlp_density}")
         if (self.speculative_method == "draft_model") != (self.draft_model is not None):
             raise ValueError("draft_model (a model path) is needed by, and only by, speculative_method draft_model")
 

@@ -91,7 +91,7 @@ class LLMEngine:
                 "preemption_mode swap/auto and kv_disk_dir need tensor_parallel_size 1 and no block codec"
             )
         method = config.speculative.speculative_method
-        if method in ("layer_skip", "draft_model") and runtime.tensor_parallel_size > 1:
+        if method in ("layer_skip", "sparse_mlp", "draft_model") and runtime.tensor_parallel_size > 1:
             # The drafter runs on rank 0 alone, over the target's layers or a model of its own.
             raise ConfigError(f"speculative_method {method} needs tensor_parallel_size 1")
         if offload and method == "draft_model":

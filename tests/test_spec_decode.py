@@ -22,6 +22,7 @@ from engine.spec import NgramDrafter, verifier
 from engine.spec.draft_length import PAUSE_STEPS, DraftLengthController
 from engine.spec.draft_model import write_truncated
 from engine.spec.layer_skip import format_layers, parse_layers, search_layers
+from engine.spec.sparse_mlp import ChannelRows, SparseMlp, sparse_matmul
 from scheduler.output import SchedulerStats
 from server.metrics import EngineMetrics
 from server.protocol import CompletionRequest
@@ -70,6 +71,7 @@ def draft_dir(source: ModelSource, tmp_path_factory) -> str:
 # The drafters beside n-gram, as config fields; the draft model's path is filled in from the fixture.
 MODEL_DRAFTERS = {
     "layer_skip": {"speculative_method": "layer_skip", "draft_layers": "0-19,25-29"},
+    "sparse_mlp": {"speculative_method": "sparse_mlp", "draft_mlp_density": 0.5},
     "draft_model": {"speculative_method": "draft_model"},
 }
 DRAFTERS = ["ngram", *MODEL_DRAFTERS]
@@ -322,7 +324,14 @@ CHI2_CRITICAL_DF2_P001 = 13.816
 NUM_SAMPLING_REQUESTS = 240
 
 
-@pytest.mark.parametrize("drafter", [pytest.param("layer_skip", marks=pytest.mark.slow), "draft_model"])
+@pytest.mark.parametrize(
+    "drafter",
+    [
+        pytest.param("layer_skip", marks=pytest.mark.slow),
+        pytest.param("sparse_mlp", marks=pytest.mark.slow),
+        "draft_model",
+    ],
+)
 def test_sampling_with_a_model_drafter_keeps_the_target_distribution(source, draft_dir, drafter) -> None:
     """Many requests sample three tokens (top-k 3), the last two in one step that verifies one draft (a draft past
     max_tokens less one is never made): the second token, given the most frequent first one, is distributed as the
@@ -431,6 +440,51 @@ def test_layer_search_ranks_candidate_sets(source) -> None:
     assert all(0.0 <= agreement <= 1.0 for *_, agreement in ranked)
 
 
+def test_sparse_matmul_keeps_each_tokens_top_weighted_channels() -> None:
+    """Against a naive reference: per token, zero every input channel outside the ``keep`` largest
+    ``|x_i| * ||W[:, i]||`` (ranked with a Python sort), then multiply densely."""
+    torch.manual_seed(0)
+    weight = torch.randn(24, 40) * torch.linspace(0.1, 3.0, 40)  # [out, in], column norms spread out
+    x = torch.randn(5, 40)
+    keep = 11
+    column_norms = weight.norm(dim=0)
+    masked = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        ranked = sorted(range(40), key=lambda i: float(x[t, i].abs() * column_norms[i]), reverse=True)
+        masked[t, ranked[:keep]] = x[t, ranked[:keep]]
+    expected = masked @ weight.t()
+    torch.testing.assert_close(sparse_matmul(x, ChannelRows(weight, int8=False), keep), expected)
+    torch.testing.assert_close(sparse_matmul(x, ChannelRows(weight, int8=False), 40), x @ weight.t())
+    # 8-bit rows: the same channels, each row rounded to 255 levels of its own range.
+    int8 = sparse_matmul(x, ChannelRows(weight, int8=True), keep)
+    assert float((int8 - expected).norm() / expected.norm()) < 0.02
+
+
+def test_sparse_mlp_is_closer_to_the_dense_mlp_than_random_channels(source) -> None:
+    """On the model's own hidden states, WINA's choice of half the channels approximates the dense MLP better than
+    half the channels chosen at random; with every channel it is the dense MLP."""
+    model = build_model(source, torch.float32, torch.device("cpu"), progress=False)
+    ids = torch.tensor(source.tokenizer.encode("The quick brown fox jumps over the lazy dog near the river bank."))
+    layer = model.layers[10]
+    hidden = layer.post_attention_layernorm(model.embed_tokens(ids) * 4.0)
+    dense = layer.mlp(hidden)
+    torch.testing.assert_close(SparseMlp(layer.mlp, 1.0, int8=False)(hidden), dense, rtol=1e-4, atol=1e-4)
+
+    def error(output: torch.Tensor) -> float:
+        return float((output - dense).norm() / dense.norm())
+
+    generator = torch.Generator().manual_seed(0)
+
+    def random_half(n: int) -> torch.Tensor:
+        return (torch.rand(hidden.shape[0], n, generator=generator) < 0.5).float()
+
+    gate, up = layer.mlp.gate_up_proj(hidden * random_half(hidden.shape[1])).chunk(2, dim=-1)
+    units = torch.nn.functional.silu(gate) * up
+    random_channels = layer.mlp.down_proj(units * random_half(units.shape[1]))
+    for int8 in (False, True):
+        assert error(SparseMlp(layer.mlp, 0.5, int8)(hidden)) < 0.5 * error(random_channels)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -439,6 +493,8 @@ def test_layer_search_ranks_candidate_sets(source) -> None:
         ({"num_speculative_tokens": 9}, "max_speculative_tokens"),
         ({"speculative_max_batch_size": 0}, "speculative_max_batch_size"),
         ({"draft_min_acceptance": 1.0}, "draft_min_acceptance"),
+        ({"draft_mlp_density": 1.0}, "draft_mlp_density"),
+        ({"draft_mlp_density": 0.0}, "draft_mlp_density"),
     ],
 )
 def test_bad_speculative_settings_are_config_errors(fields: dict, message: str) -> None:

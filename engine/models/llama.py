@@ -139,9 +139,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec, tp)
 
-    def forward(self, rotary: RotaryAngles, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(
+        self,
+        rotary: RotaryAngles,
+        x: torch.Tensor,
+        ctx: AttentionContext,
+        mlp: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``mlp`` stands in for the layer's own MLP (a sparse draft's, engine/spec/sparse_mlp.py)."""
         x = x + self.self_attn(rotary, self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + (mlp or self.mlp)(self.post_attention_layernorm(x))
 
 
 class VocabParallelEmbedding(nn.Embedding):

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from engine.errors import ConfigError
 from engine.model_runner import flatten
 from engine.models import AttentionContext, LlamaForCausalLM
+from engine.spec.model_drafter import DraftNetwork
+from engine.tokenizer import Tokenizer
 from kernels.cpu_attention import CpuAttentionBackend
 from scheduler.output import ScheduledRequest
 
@@ -48,17 +50,24 @@ def format_layers(layers: Sequence[int]) -> str:
 
 
 class LayerSubset:
-    """The target's embedding, the given layers in order, its final norm and LM head (a DraftNetwork)."""
+    """The target's embedding, the given layers in order, its final norm and LM head (a DraftNetwork); ``mlps``, one
+    per given layer, replace those layers' MLPs (engine/spec/sparse_mlp.py)."""
 
-    def __init__(self, model: LlamaForCausalLM, layers: Sequence[int]) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        layers: Sequence[int],
+        mlps: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    ) -> None:
         self.model = model
         self.layers = list(layers)
+        self.mlps = list(mlps) if mlps is not None else [None] * len(self.layers)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         rotary = self.model.rotary.angles(positions, x.dtype)
-        for index in self.layers:
-            x = self.model.layers[index](rotary, x, ctx)
+        for index, mlp in zip(self.layers, self.mlps):
+            x = self.model.layers[index](rotary, x, ctx, mlp)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -68,7 +77,7 @@ class LayerSubset:
 # ---------------------------------------------------------------- choosing the layers
 
 
-class _AgreementProbe:
+class AgreementProbe:
     """Teacher-forced top-1 agreement of a layer subset with the full model on sample prompts.
 
     Each prompt runs as one prefill through a scratch paged cache, so the subset here computes its own K/V for the
@@ -93,15 +102,15 @@ class _AgreementProbe:
         self.targets = self._predictions(LayerSubset(model, range(len(model.layers))))
 
     @torch.inference_mode()
-    def _predictions(self, network: LayerSubset) -> list[torch.Tensor]:
+    def _predictions(self, network: DraftNetwork) -> list[torch.Tensor]:
         out = []
         for layout, ids, positions in self.batches:
             ctx = AttentionContext(self.backend, self.backend.prepare(layout, self.dtype), self.kv)
             out.append(network.compute_logits(network(ids, positions, ctx)).argmax(dim=-1))
         return out
 
-    def agreement(self, layers: Sequence[int]) -> float:
-        predictions = self._predictions(LayerSubset(self.model, layers))
+    def agreement(self, network: DraftNetwork) -> float:
+        predictions = self._predictions(network)
         same = sum(int((p == t).sum()) for p, t in zip(predictions, self.targets))
         return same / sum(len(t) for t in self.targets)
 
@@ -111,16 +120,26 @@ def search_layers(
 ) -> list[tuple[str, list[int], float]]:
     """Candidate sets of ``keep`` layers with their agreement, best first: the early exit (the first ``keep``
     layers), and layer skipping that leaves out the layers whose removal alone costs the least agreement."""
-    probe = _AgreementProbe(model, prompts)
+    probe = AgreementProbe(model, prompts)
     num_layers = len(model.layers)
     every = list(range(num_layers))
     # The first and last layers are always kept: dropping either alone wrecks the output of small models.
-    alone = {i: probe.agreement([j for j in every if j != i]) for i in every[1:-1]}
+    alone = {i: probe.agreement(LayerSubset(model, [j for j in every if j != i])) for i in every[1:-1]}
     dropped = sorted(alone, key=alone.get, reverse=True)[: num_layers - keep]
     skipping = [i for i in every if i not in dropped]
     candidates = [("early exit", every[:keep]), ("layer skipping", skipping)]
-    scored = [(name, layers, probe.agreement(layers)) for name, layers in candidates]
+    scored = [(name, layers, probe.agreement(LayerSubset(model, layers))) for name, layers in candidates]
     return sorted(scored, key=lambda entry: entry[2], reverse=True)
+
+
+def sample_prompts(tokenizer: Tokenizer) -> list[list[int]]:
+    """A few short chat prompts of different kinds, to compare a draft network with the full model on."""
+    texts = [
+        "Summarise: the committee met on Tuesday and agreed to extend the library's opening hours to nine.",
+        "Write a Python function that returns the squares of a list of numbers.",
+        "Explain why the sky is blue in two sentences.",
+    ]
+    return [tokenizer.encode_chat([{"role": "user", "content": text}]) for text in texts]
 
 
 def main() -> None:
@@ -134,14 +153,7 @@ def main() -> None:
     args = parser.parse_args()
     source = open_model(args.model)
     model = build_model(source, getattr(torch, args.dtype), torch.device("cpu"), progress=False)
-    tokenizer = source.tokenizer
-    texts = [
-        "Summarise: the committee met on Tuesday and agreed to extend the library's opening hours to nine.",
-        "Write a Python function that returns the squares of a list of numbers.",
-        "Explain why the sky is blue in two sentences.",
-    ]
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": text}]) for text in texts]
-    for name, layers, agreement in search_layers(model, prompts, args.keep):
+    for name, layers, agreement in search_layers(model, sample_prompts(source.tokenizer), args.keep):
         print(f"{name:<15} draft_layers={format_layers(layers):<30} top-1 agreement {agreement:.1%}")
 
 

@@ -11,6 +11,7 @@ from engine.spec.drafter import Drafter
 from engine.spec.layer_skip import LayerSubset, parse_layers
 from engine.spec.model_drafter import ModelDrafter
 from engine.spec.ngram import NgramDrafter
+from engine.spec.sparse_mlp import sparse_network
 from kernels.backend import AttentionBackend
 from kernels.quantized_cache import PagedCache
 
@@ -38,6 +39,8 @@ def build_drafter(
         layers = parse_layers(config.draft_layers, len(target.layers))
         network = LayerSubset(target, layers)
         caches, shares = kv_caches, True
+    elif method == "sparse_mlp":
+        network, caches, shares = sparse_network(target, config.draft_mlp_density), kv_caches, True
     else:
         assert draft_source is not None and draft_kv_caches is not None
         network = build_model(draft_source, dtype, device, progress=False)
