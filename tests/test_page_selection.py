@@ -9,11 +9,9 @@ import random
 import pytest
 import torch
 
-from engine.config import build_config
 from engine.errors import ConfigError
-from engine.llm_engine import EngineCounters, LLMEngine
+from engine.llm_engine import EngineCounters
 from engine.loader import ModelSource, open_model
-from engine.sampling_params import SamplingParams
 from kernels.backend import BatchLayout
 from kernels.cpu_attention import CpuAttentionBackend
 from kernels.native import load_native_kernels
@@ -24,6 +22,7 @@ from scheduler.output import SchedulerStats
 from server.metrics import EngineMetrics
 from tests.attention_reference import TOLERANCE, make_case, mixed_batch, reference_attention, reference_write
 from tests.conftest import hf_greedy, long_text
+from tests.test_kv_policy import generate, make_engine
 
 CPU = torch.device("cpu")
 BLOCK = 16
@@ -242,21 +241,6 @@ def test_triton_block_scores_match_pytorch(dtype: torch.dtype, head_dim: int) ->
 @pytest.fixture(scope="module")
 def source() -> ModelSource:
     return open_model()
-
-
-def make_engine(source: ModelSource, **overrides) -> LLMEngine:
-    return LLMEngine(build_config("fp32", {"block_size": BLOCK, **overrides}), source=source, progress=False)
-
-
-def generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
-    tokens: list[list[int]] = [[] for _ in prompts]
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            tokens[int(output.request_id)].extend(output.new_token_ids)
-    return tokens
 
 
 def test_a_budget_covering_every_block_decodes_as_the_reference(source, hf_model) -> None:
