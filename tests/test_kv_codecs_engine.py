@@ -20,7 +20,8 @@ MAX_TOKENS = 16
 
 # Per setting: how many of the reference prompts must keep their greedy continuation identical to no codec, and how
 # many of the continuations' 64 tokens must match before each first diverges (a broken codec diverges at once).
-# Measured under this setup: gear-int2 0 of 4 identical and 31 tokens, gear-int4 2 and 40, kivi-int2 0 and 26.
+# Measured under this setup: gear-int2 0 of 4 identical and 31 tokens, gear-int4 2 and 40, kivi-int2 0 and 26,
+# kivi-int4 2 and 45, think-0.5 1 and 24, think-0.5+int4 1 and 31.
 SETTINGS = {
     "kivi-int4": ({"kv_codec": "kivi", "kv_codec_bits": 4}, 1, 32),
     "kivi-int2": ({"kv_codec": "kivi", "kv_codec_bits": 2}, 0, 16),
