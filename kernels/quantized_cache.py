@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.packed_levels import pack_levels, unpack_levels
+
 SUPPORTED_BITS = (8, 4)
 
 
@@ -69,9 +71,7 @@ class QuantizedCache:
         # A constant row has step 0: every level is 0 and its value is the zero point.
         inverse = torch.where(step > 0, 1 / torch.where(step > 0, step, 1), 0)
         levels = ((x - low[..., None]) * inverse[..., None] + 0.5).floor_().clamp_(0, self.max_level).to(torch.uint8)
-        if self.bits == 4:
-            levels = levels[..., 0::2] | (levels[..., 1::2] << 4)
-        self.data.view(-1, *self.data.shape[2:]).index_copy_(0, slots, levels)
+        self.data.view(-1, *self.data.shape[2:]).index_copy_(0, slots, pack_levels(levels, self.bits))
         self.scale.view(-1, self.num_kv_heads).index_copy_(0, slots, step)
         self.zero.view(-1, self.num_kv_heads).index_copy_(0, slots, low)
 
@@ -92,8 +92,8 @@ class QuantizedCache:
         )
 
     def _dequantize(self, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype):
-        levels = data if self.bits == 8 else torch.stack((data & 0xF, data >> 4), dim=-1).flatten(-2)
-        return (levels.float() * scale[..., None] + zero[..., None]).to(dtype)
+        # Multiply, then add (not one fused multiply-add): the rounding the Triton kernels and the format specify.
+        return (unpack_levels(data, self.bits) * scale[..., None] + zero[..., None]).to(dtype)
 
 
 PagedCache = torch.Tensor | QuantizedCache  # [num_blocks, block_size, kv_heads, head_dim] dense, or quantized
