@@ -3,12 +3,12 @@ every drafter at concurrency 1 and 8, on input-grounded prompts (rewrite / extra
 chat prompts.
 
 .venv/bin/python benchmarks/spec_decode.py [--dtype bfloat16|float32] [--tokens 128] [--model PATH]
-    [--methods ngram,layer_skip,sparse_mlp,draft_model] [--concurrency 1,8] [--workloads grounded,open] [--num-threads N]
-    [--rounds R]
+    [--methods ngram,layer_skip,sparse_mlp,draft_model] [--concurrency 1,8] [--workloads grounded,open]
+    [--num-threads N] [--rounds R]
 
 The draft model is the target's first --draft-model-layers layers, written to a temporary directory; layer_skip
-runs --draft-layers, sparse_mlp --draft-mlp-density. Speculation runs at every batch size here (speculative_max_batch_size off), so the
-concurrency-8 rows show what the cutoff avoids.
+runs --draft-layers, sparse_mlp --draft-mlp-density. Speculation runs at every batch size here
+(speculative_max_batch_size off), so the concurrency-8 rows show what the cutoff avoids.
 
 Greedy decoding, so both runs should produce the same tokens (exactly so in float32; the "same output" column
 counts the requests that did).
