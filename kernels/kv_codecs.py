@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.packed_levels import pack_levels, unpack_levels
+from kernels.packed_levels import pack_levels, quantize_levels, unpack_levels
 
 FieldSpec = tuple[tuple[int, ...], torch.dtype]  # the shape one block takes, and the dtype
 CODEC_BITS = (2, 4, 8)
@@ -79,20 +79,9 @@ class GroupQuantizer(BlockCodec):
             "zero": (groups, torch.float16),
         }
 
-    @property
-    def max_level(self) -> int:
-        return (1 << self.bits) - 1
-
     def encode(self, blocks: torch.Tensor, query_energy: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        x = blocks.float()
         dim = 1 if self.per_channel else -1
-        low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-        scale = ((high - low) / self.max_level).half()
-        zero = low.half()
-        step = scale.float()
-        # A constant group has scale 0: every level is 0 and its value is the zero point.
-        inverse = torch.where(step > 0, 1 / torch.where(step > 0, step, 1), 0)
-        levels = ((x - zero.float()) * inverse + 0.5).floor_().clamp_(0, self.max_level).to(torch.uint8)
+        levels, scale, zero = quantize_levels(blocks.float(), dim, self.bits, torch.float16)
         return {"levels": pack_levels(levels, self.bits), "scale": scale, "zero": zero}
 
     def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:

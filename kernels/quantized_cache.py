@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.packed_levels import pack_levels, unpack_levels
+from kernels.packed_levels import pack_levels, quantize_levels, unpack_levels
 
 SUPPORTED_BITS = (8, 4)
 
@@ -54,10 +54,6 @@ class QuantizedCache:
         return self.data.shape[2]
 
     @property
-    def max_level(self) -> int:
-        return (1 << self.bits) - 1
-
-    @property
     def bytes_per_token(self) -> int:
         """Bytes one token takes in this cache (all KV heads): packed levels plus an fp32 scale and zero per head."""
         return self.num_kv_heads * (self.data.shape[-1] + 8)
@@ -65,15 +61,10 @@ class QuantizedCache:
     def write_rows(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Quantize rows [T, KVH, D] into flat slots [T] (block * block_size + offset), exactly as the Triton write
         kernel does: ``level = floor((x - zero) / scale + 0.5)`` clamped to the level range."""
-        x = rows.float()
-        low, high = x.amin(-1), x.amax(-1)
-        step = (high - low) / self.max_level
-        # A constant row has step 0: every level is 0 and its value is the zero point.
-        inverse = torch.where(step > 0, 1 / torch.where(step > 0, step, 1), 0)
-        levels = ((x - low[..., None]) * inverse[..., None] + 0.5).floor_().clamp_(0, self.max_level).to(torch.uint8)
+        levels, scale, zero = quantize_levels(rows.float(), -1, self.bits, torch.float32)
         self.data.view(-1, *self.data.shape[2:]).index_copy_(0, slots, pack_levels(levels, self.bits))
-        self.scale.view(-1, self.num_kv_heads).index_copy_(0, slots, step)
-        self.zero.view(-1, self.num_kv_heads).index_copy_(0, slots, low)
+        self.scale.view(-1, self.num_kv_heads).index_copy_(0, slots, scale.squeeze(-1))
+        self.zero.view(-1, self.num_kv_heads).index_copy_(0, slots, zero.squeeze(-1))
 
     def read_rows(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized rows [len(slots), KVH, D] at flat slots."""
