@@ -71,7 +71,7 @@ def build_runner(
             device,
             layout.head_dim,
             quantized_cache=layout.bits is not None,
-            block_codec=kv_plan.codecs.active,
+            block_codec=kv_plan.codecs,
             query_decay=1 - 1 / config.cache.kv_observation_window,
             page_selection=page_selection is not None,
         )

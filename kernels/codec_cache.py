@@ -37,7 +37,7 @@ class CodecStep:
     sealed_slots: torch.Tensor  # ... and their sequence's residual slot (for the query energy)
     partial_staged: torch.Tensor  # staged blocks still filling after the step ...
     partial_buffers: torch.Tensor  # ... the residual buffer they go to ...
-    partial_working: torch.Tensor  # ... and their index in the step's working set
+    partial_working: torch.Tensor  # ... and their index in the step's working set (if any)
     token_slots: torch.Tensor  # [T]: each new row's sequence's residual slot
     token_decay: torch.Tensor  # [T]: decay^(rows after it in its sequence this step)
     sequence_slots: torch.Tensor  # [S]: each sequence's residual slot ...
@@ -45,9 +45,11 @@ class CodecStep:
 
 
 def codec_step(
-    layout: BatchLayout, residual_buffers: list[tuple[int, int]], working_index: dict[int, int], decay: float
+    layout: BatchLayout, residual_buffers: list[tuple[int, int]], working_index: dict[int, int] | None, decay: float
 ) -> CodecStep:
-    """``residual_buffers``: per sequence, the buffer its partial block is read from and the one it goes to."""
+    """``residual_buffers``: per sequence, the buffer its partial block is read from and the one it goes to;
+    ``working_index``: each cache block's index in the working set ``read_blocks`` decodes (None: no working set,
+    as when the Triton kernels read the blocks in place)."""
     block_size = layout.block_size
     staging_rows, seed_staged, seed_buffers = [], [], []
     sealed_staged, sealed_blocks, sealed_slots = [], [], []
@@ -71,7 +73,8 @@ def codec_step(
             else:
                 partial_staged.append(staged)
                 partial_buffers.append(write)
-                partial_working.append(working_index[table[index]])
+                if working_index is not None:
+                    partial_working.append(working_index[table[index]])
             staged += 1
         token_slots.extend([read // 2] * query_len)
         token_decay.extend(decay ** (query_len - 1 - i) for i in range(query_len))

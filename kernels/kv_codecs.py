@@ -217,6 +217,12 @@ class CodecSettings:
         return self.codec != "none" or self.key_channel_keep < 1
 
     @property
+    def read_in_kernels(self) -> bool:
+        """Whether attention kernels can read the sealed blocks as stored: KIVI's group quantization alone. GEAR's
+        low-rank and sparse terms and ThinK's per-block channel choice are decoded into a working set first."""
+        return self.codec == "kivi" and not self.prunes_keys
+
+    @property
     def prunes_keys(self) -> bool:
         return self.key_channel_keep < 1
 

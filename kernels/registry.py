@@ -22,6 +22,7 @@ import torch
 from kernels.backend import AttentionBackend
 from kernels.cpu_attention import CpuAttentionBackend
 from kernels.dequantizing_backend import DequantizingBackend
+from kernels.kv_codecs import CodecSettings
 from kernels.native import SUPPORTED_HEAD_DIMS, NativeKernelsUnavailable, load_native_kernels
 from kernels.page_selecting_backend import PageSelectingBackend
 from kernels.page_selection import PageSelectionPolicy
@@ -38,7 +39,7 @@ def get_attention_backend(
     device: torch.device,
     head_dim: int,
     quantized_cache: bool = False,
-    block_codec: bool = False,
+    block_codec: CodecSettings | None = None,
     query_decay: float = 0.0,
     page_selection: bool = False,
 ) -> AttentionBackend:
@@ -47,8 +48,9 @@ def get_attention_backend(
     ``quantized_cache``: the KV cache is a QuantizedCache. Triton reads it in its kernels; the CPU backends through
     a dequantized working set (kernels/dequantizing_backend.py); xFormers cannot.
     ``page_selection``: the backend will be wrapped by ``with_page_selection``; refuses what that cannot wrap.
-    ``block_codec``: the cache is a CodecCache (KIVI, GEAR, ThinK), which only the CPU backends read, through the
-    same working set; ``query_decay`` is then ThinK's per-token decay of the query energy.
+    ``block_codec``: the cache is a CodecCache of these settings (KIVI, GEAR, ThinK). Triton's kernels read KIVI's
+    blocks in place; GEAR's and ThinK's blocks, and every codec on the CPU backends, are read through the same
+    working set; ``query_decay`` is then ThinK's per-token decay of the query energy. xFormers reads none.
     """
     backend = _backend(name, device, head_dim)
     if page_selection:
@@ -58,13 +60,14 @@ def get_attention_backend(
             raise ValueError(
                 f"kv_policy quest needs attention backend 'cpu' (the native kernel) or 'triton', not {backend.name!r}"
             )
-    if block_codec and backend.name in ("triton", "xformers"):
-        raise ValueError(
-            f"attention backend {backend.name!r} cannot read a block-compressed KV cache (kv_codec, "
-            "kv_key_channel_keep): its kernels read dense, int8 and int4 caches; use kv_cache_dtype int8/int4 on "
-            "CUDA, or the 'cpu' backend"
-        )
-    if block_codec:
+    if block_codec is not None and block_codec.active:
+        if backend.name == "xformers":
+            raise ValueError(
+                "attention backend 'xformers' cannot read a block-compressed KV cache (kv_codec, "
+                "kv_key_channel_keep); use 'triton'"
+            )
+        if backend.name == "triton" and block_codec.read_in_kernels:
+            return backend
         return DequantizingBackend(backend, query_decay)
     if not quantized_cache or backend.name == "triton":
         return backend

@@ -9,6 +9,7 @@ tokens sit after the cached prefix). Needs the ``cuda`` extra (``pip install 'sp
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -65,7 +66,7 @@ class XFormersAttentionBackend(TritonAttentionBackend):
         scale: float,
     ) -> torch.Tensor:
         prefill = metadata.prefill
-        decodes_only = TritonAttentionMetadata(metadata.slot_mapping, metadata.num_decodes, metadata.decode, None)
+        decodes_only = replace(metadata, prefill=None)
         output = super().forward(query, key, value, key_cache, value_cache, decodes_only, scale)
         if prefill is None:
             return output

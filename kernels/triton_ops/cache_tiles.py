@@ -1,8 +1,17 @@
 """What the Triton kernels share: the paged cache's arguments, loading K/V rows from it, and one attention step.
 
-A cache is either a plain tensor [num_blocks, block_size, kv_heads, head_dim] in the model's dtype or a
-``QuantizedCache`` (uint8 levels + per-(token, head) fp32 scale and zero point). Kernels take both through one
-argument list; ``QUANT_BITS`` (0, 8 or 4) is a compile-time constant, so each format gets its own specialised binary.
+A cache is one of three formats, each a compile-time specialisation of every kernel:
+
+- plain: a tensor [num_blocks, block_size, kv_heads, head_dim] in the model's dtype (``QUANT_BITS = 0``);
+- quantized: a ``QuantizedCache``, uint8 levels with an fp32 scale and zero point per (token, KV head)
+  (``QUANT_BITS`` 8 or 4);
+- KIVI blocks: a ``CodecCache`` whose sealed blocks hold 2-, 4- or 8-bit levels with fp16 scales and zero points,
+  per channel for keys and per token for values, and whose filling block of each sequence lives in that sequence's
+  residual buffer in the model's dtype (``CODEC``; see kernels/codec_cache.py). A position at or past the last full
+  block of its context (``context_len // page * page``) is read from the residual buffer the step wrote.
+
+Kernels take all three through one argument list; arguments a format does not use point at its data tensor and are
+never read.
 """
 
 from __future__ import annotations
@@ -14,7 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.codec_cache import CodecCache
+from kernels.kv_codecs import GroupQuantizer
 from kernels.quantized_cache import QuantizedCache
+
+KVCache = torch.Tensor | QuantizedCache | CodecCache
 
 
 @dataclass(frozen=True)
@@ -24,36 +37,72 @@ class CacheArgs:
     data: torch.Tensor
     scale: torch.Tensor  # the data tensor itself for a plain cache: never read there
     zero: torch.Tensor
+    residual: torch.Tensor  # a codec cache's residual buffers; the data tensor otherwise
     stride_block: int
     stride_token: int
     stride_head: int
-    scale_stride_block: int
-    scale_stride_token: int
+    scale_strides: tuple[int, int, int, int]  # block, token, head, channel; 0 along a dimension the scale is shared
+    residual_strides: tuple[int, int, int]  # buffer, token, head
     bits: int  # 0 for a plain cache
+    codec: bool
 
     @classmethod
-    def of(cls, cache: torch.Tensor | QuantizedCache) -> CacheArgs:
+    def of(cls, cache: KVCache) -> CacheArgs:
+        if isinstance(cache, CodecCache):
+            codec = cache.codec
+            if not isinstance(codec, GroupQuantizer):
+                raise ValueError(f"the Triton kernels read KIVI-quantized blocks, not {type(codec).__name__}")
+            levels, scale, residual = cache.sealed["levels"], cache.sealed["scale"], cache.residual
+            shared = [size == 1 for size in scale.shape]
+            scale_strides = tuple(0 if one else stride for one, stride in zip(shared, scale.stride()))
+            return cls(
+                levels,
+                scale,
+                cache.sealed["zero"],
+                residual,
+                *levels.stride()[:3],
+                scale_strides,  # type: ignore[arg-type]
+                residual.stride()[:3],
+                codec.bits,
+                codec=True,
+            )
         if isinstance(cache, QuantizedCache):
             data = cache.data
-            strides = (cache.scale.stride(0), cache.scale.stride(1))
-            return cls(data, cache.scale, cache.zero, *data.stride()[:3], *strides, cache.bits)
-        return cls(cache, cache, cache, *cache.stride()[:3], 0, 0, 0)
+            scale_strides = (cache.scale.stride(0), cache.scale.stride(1), 1, 0)
+            strides = data.stride()[:3]
+            return cls(data, cache.scale, cache.zero, data, *strides, scale_strides, (0, 0, 0), cache.bits, False)
+        return cls(cache, cache, cache, cache, *cache.stride()[:3], (0, 0, 0, 0), (0, 0, 0), 0, False)
 
     @property
     def block_size(self) -> int:
         return self.data.shape[1]
 
-    def pointers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.data, self.scale, self.zero
+    def pointers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.data, self.scale, self.zero, self.residual
 
-    def strides(self) -> tuple[int, int, int, int, int]:
-        return (
-            self.stride_block,
-            self.stride_token,
-            self.stride_head,
-            self.scale_stride_block,
-            self.scale_stride_token,
-        )
+    def strides(self) -> tuple[int, ...]:
+        """The strides keys and values share: the data's (block, token, head), then the residual buffers'."""
+        return (self.stride_block, self.stride_token, self.stride_head, *self.residual_strides)
+
+
+def cache_arguments(key_cache: KVCache, value_cache: KVCache) -> tuple[CacheArgs, list[tuple]]:
+    """Both caches' arguments, and the kernels' cache arguments in order (tuples): key pointers, value pointers, the
+    shared strides, the key scale's strides, the value scale's."""
+    key, value = CacheArgs.of(key_cache), CacheArgs.of(value_cache)
+    if (key.bits, key.codec, key.strides()) != (value.bits, value.codec, value.strides()):
+        raise ValueError("keys and values must be stored in the same format and layout")
+    return key, [key.pointers(), value.pointers(), key.strides(), key.scale_strides, value.scale_strides]
+
+
+def residual_buffers_argument(
+    args: CacheArgs, residual_buffers: torch.Tensor | None, context_lens: torch.Tensor
+) -> torch.Tensor:
+    """The kernels' per-sequence residual buffers: required under a codec, a never-read stand-in otherwise."""
+    if not args.codec:
+        return context_lens
+    if residual_buffers is None:
+        raise ValueError("a codec cache's filling rows are in residual buffers: pass each sequence's buffer")
+    return residual_buffers
 
 
 def head_dim_block(head_dim: int) -> int:
@@ -62,24 +111,93 @@ def head_dim_block(head_dim: int) -> int:
 
 
 @triton.jit
-def load_rows(data, scale, zero, rows, scale_rows, dims, row_mask, HEAD_DIM: tl.constexpr, QUANT_BITS: tl.constexpr):
-    """Rows [N, BLOCK_D] of a cache: ``rows`` [N] are each row's offset in ``data``, ``scale_rows`` [N] in ``scale``.
+def load_rows(
+    data,
+    scale,
+    zero,
+    rows,
+    scale_rows,
+    scale_stride_channel,
+    dims,
+    row_mask,
+    HEAD_DIM: tl.constexpr,
+    QUANT_BITS: tl.constexpr,
+    SCALES_BY_CHANNEL: tl.constexpr,
+):
+    """Rows [N, BLOCK_D] of a cache: ``rows`` [N] are each row's offset in ``data``, ``scale_rows`` [N] in ``scale``
+    (plus ``dims * scale_stride_channel`` where each channel has its own scale).
 
-    Plain caches come back in their own dtype; quantized ones are dequantized to fp32.
+    Plain caches come back in their own dtype; quantized ones are dequantized to fp32, ``8 // QUANT_BITS`` levels a
+    byte along ``head_dim``, the first in the lowest bits.
     """
     mask = row_mask[:, None] & (dims < HEAD_DIM)[None, :]
     if QUANT_BITS == 0:
         tile = tl.load(data + rows[:, None] + dims[None, :], mask=mask, other=0.0)
     else:
-        if QUANT_BITS == 8:
-            levels = tl.load(data + rows[:, None] + dims[None, :], mask=mask, other=0).to(tl.float32)
-        else:  # 4 bits: element 2i in the low nibble of byte i, 2i + 1 in the high one
-            packed = tl.load(data + rows[:, None] + dims[None, :] // 2, mask=mask, other=0).to(tl.int32)
-            levels = ((packed >> ((dims[None, :] % 2) * 4)) & 0xF).to(tl.float32)
-        step = tl.load(scale + scale_rows, mask=row_mask, other=0.0)
-        low = tl.load(zero + scale_rows, mask=row_mask, other=0.0)
-        tile = tl.where(mask, levels * step[:, None] + low[:, None], 0.0)
+        PER_BYTE: tl.constexpr = 8 // QUANT_BITS
+        packed = tl.load(data + rows[:, None] + dims[None, :] // PER_BYTE, mask=mask, other=0).to(tl.int32)
+        shift = (dims[None, :] % PER_BYTE) * QUANT_BITS
+        levels = ((packed >> shift) & ((1 << QUANT_BITS) - 1)).to(tl.float32)
+        if SCALES_BY_CHANNEL:
+            groups = scale_rows[:, None] + dims[None, :] * scale_stride_channel
+            step = tl.load(scale + groups, mask=mask, other=0.0).to(tl.float32)
+            low = tl.load(zero + groups, mask=mask, other=0.0).to(tl.float32)
+        else:
+            step = tl.load(scale + scale_rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+            low = tl.load(zero + scale_rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        tile = tl.where(mask, levels * step + low, 0.0)
     return tile
+
+
+@triton.jit
+def load_kv_rows(
+    cache,
+    scale_strides,
+    tile,
+    HEAD_DIM: tl.constexpr,
+    QUANT_BITS: tl.constexpr,
+    SCALES_BY_CHANNEL: tl.constexpr,
+    CODEC: tl.constexpr,
+):
+    """``load_rows`` of ``cache`` (its pointers: data, scale, zero point, residual buffers) at ``tile`` (each row's
+    block, offset in it, KV head, data offset, residual offset and whether it is a residual row; the channels; which
+    rows are valid), except that under a codec the residual rows come from the residual buffers."""
+    data, scale, zero, residual = cache
+    block, offset, kv_head, rows, residual_rows, in_residual, dims, valid = tile
+    groups = block * scale_strides[0] + offset * scale_strides[1] + kv_head * scale_strides[2]
+    if CODEC:
+        sealed = load_rows(
+            data,
+            scale,
+            zero,
+            rows,
+            groups,
+            scale_strides[3],
+            dims,
+            valid & ~in_residual,
+            HEAD_DIM,
+            QUANT_BITS,
+            SCALES_BY_CHANNEL,
+        )
+        mask = (valid & in_residual)[:, None] & (dims < HEAD_DIM)[None, :]
+        filling = tl.load(residual + residual_rows[:, None] + dims[None, :], mask=mask, other=0.0)
+        loaded = tl.where(in_residual[:, None], filling.to(tl.float32), sealed)
+    else:
+        loaded = load_rows(data, scale, zero, rows, groups, scale_strides[3], dims, valid, HEAD_DIM, QUANT_BITS, False)
+    return loaded
+
+
+@triton.jit
+def residual_window(residual_buffers, seq, context_len, cache_strides, PAGE: tl.constexpr, CODEC: tl.constexpr):
+    """Where sequence ``seq``'s residual rows start in the residual buffers, and the first context position they
+    hold (its filling block's first); without a codec, no position is in them."""
+    if CODEC:
+        base = tl.load(residual_buffers + seq).to(tl.int64) * cache_strides[3]
+        start = context_len // PAGE * PAGE
+    else:
+        base = 0
+        start = context_len
+    return base, start
 
 
 def exact_fp32_dot(dtype: torch.dtype) -> bool:
@@ -103,44 +221,45 @@ def attend_tile(
     running_max,
     running_sum,
     acc,
-    key_data,
-    key_scale,
-    key_zero,
-    value_data,
-    value_scale,
-    value_zero,
+    key_cache,
+    value_cache,
     table,
     positions,
     valid,
     visible,
     kv_head,
     sm_scale,
-    stride_block,
-    stride_token,
-    stride_head,
-    scale_stride_block,
-    scale_stride_token,
+    residual_base,
+    residual_start,
+    cache_strides,
+    key_scale_strides,
+    value_scale_strides,
     dims,
     HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr,
     QUANT_BITS: tl.constexpr,
+    CODEC: tl.constexpr,
     EXACT_FP32: tl.constexpr,
 ):
     """One online-softmax step (FlashAttention-2) of query rows ``q`` [M, BLOCK_D] over the context tokens at
     ``positions`` [N], gathered through the sequence's block ``table``; ``visible`` [M, N] masks scores (padding,
-    causality). Rows must have seen at least one visible key by their first step. Returns the updated running max,
-    running sum and unnormalised output accumulator."""
+    causality). Rows must have seen at least one visible key by their first step. The caches are tuples of pointers
+    (``CacheArgs.pointers``), ``cache_strides`` and the scale strides tuples of ints (``CacheArgs.strides``,
+    ``CacheArgs.scale_strides``); ``residual_base`` and ``residual_start`` come from ``residual_window``. Returns
+    the updated running max, running sum and unnormalised output accumulator."""
     block = tl.load(table + positions // PAGE, mask=valid, other=0).to(tl.int64)
     offset = positions % PAGE
-    rows = block * stride_block + offset * stride_token + kv_head * stride_head
-    scale_rows = block * scale_stride_block + offset * scale_stride_token + kv_head
-    keys = load_rows(key_data, key_scale, key_zero, rows, scale_rows, dims, valid, HEAD_DIM, QUANT_BITS)
+    rows = block * cache_strides[0] + offset * cache_strides[1] + kv_head * cache_strides[2]
+    residual_rows = residual_base + offset * cache_strides[4] + kv_head * cache_strides[5]
+    in_residual = positions >= residual_start
+    tile = (block, offset, kv_head, rows, residual_rows, in_residual, dims, valid)
+    keys = load_kv_rows(key_cache, key_scale_strides, tile, HEAD_DIM, QUANT_BITS, CODEC, CODEC)  # KIVI: per channel
     scores = dot(q, tl.trans(keys.to(q.dtype)), EXACT_FP32) * sm_scale
     scores = tl.where(visible, scores, float("-inf"))
     new_max = tl.maximum(running_max, tl.max(scores, 1))
     alpha = tl.exp(running_max - new_max)
     probs = tl.exp(scores - new_max[:, None])
     running_sum = running_sum * alpha + tl.sum(probs, 1)
-    values = load_rows(value_data, value_scale, value_zero, rows, scale_rows, dims, valid, HEAD_DIM, QUANT_BITS)
+    values = load_kv_rows(value_cache, value_scale_strides, tile, HEAD_DIM, QUANT_BITS, False, CODEC)  # per token
     acc = acc * alpha[:, None] + dot(probs.to(q.dtype), values.to(q.dtype), EXACT_FP32)
     return new_max, running_sum, acc

@@ -139,7 +139,8 @@ def write_kv(
 ) -> None:
     """key/value [T, KVH, D] (last dim contiguous) into the caches at ``slots`` [T] (int64; < 0: skip)."""
     key_args, value_args = CacheArgs.of(key_cache), CacheArgs.of(value_cache)
-    if key_args.strides() != value_args.strides() or key_args.bits != value_args.bits:
+    layout = (key_args.strides(), key_args.scale_strides, key_args.bits)
+    if layout != (value_args.strides(), value_args.scale_strides, value_args.bits):
         raise ValueError("key and value caches must share one layout")
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
@@ -150,12 +151,13 @@ def write_kv(
         key,
         value,
         slots,
-        *key_args.pointers(),
-        *value_args.pointers(),
+        *key_args.pointers()[:3],
+        *value_args.pointers()[:3],
         key.stride(0),
         key.stride(1),
         value.stride(0),
         value.stride(1),
-        *key_args.strides(),
+        *key_args.strides()[:3],
+        *key_args.scale_strides[:2],
         **write_kv_launch(head_dim, key_args.block_size, key_args.bits),
     )

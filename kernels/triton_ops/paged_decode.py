@@ -10,7 +10,9 @@ Launch choices:
   M of a tensor-core ``tl.dot``), so every K/V tile is read from memory once per group rather than once per head.
 - ``BLOCK_N = 64`` context tokens per iteration (four 16-token pages or two 32-token ones; each token's row is
   gathered through the block table): a 64 x 128 fp16 tile is 16 KiB, so K and V tiles double-buffered
-  (``num_stages=2``) fit in the shared memory of every CUDA GPU since Volta. ``num_warps=4``: the tiles are small;
+  (``num_stages=2``) fit in the shared memory of every CUDA GPU since Volta. KIVI block caches in fp32 with
+  head_dim above 64 take 32: their residual rows add a second pair of fp32 tiles, and at 64 tokens the program
+  needs 108 KiB (sm_80), more than Ampere/Ada's 99 KiB per block. ``num_warps=4``: the tiles are small;
   more warps add synchronisation without adding memory parallelism in a bandwidth-bound kernel.
 - Splits: enough programs to fill the device ~4 times over (multiprocessor count x 4), but no split shorter than 256
   tokens, where merging would cost more than it spreads.
@@ -24,8 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quantized_cache import QuantizedCache
-from kernels.triton_ops.cache_tiles import CacheArgs, attend_tile, exact_fp32_dot, head_dim_block
+from kernels.triton_ops.cache_tiles import (
+    KVCache,
+    attend_tile,
+    cache_arguments,
+    exact_fp32_dot,
+    head_dim_block,
+    residual_buffers_argument,
+    residual_window,
+)
 
 BLOCK_N = 64
 MIN_SPLIT_TOKENS = 256
@@ -35,14 +44,14 @@ PROGRAMS_PER_MULTIPROCESSOR = 4
 @triton.jit
 def _decode_split_kernel(
     query,
-    key_data,
-    key_scale,
-    key_zero,
-    value_data,
-    value_scale,
-    value_zero,
+    key_cache,
+    value_cache,
+    cache_strides,
+    key_scale_strides,
+    value_scale_strides,
     block_tables,
     context_lens,
+    residual_buffers,
     partial_out,
     partial_max,
     partial_sum,
@@ -50,11 +59,6 @@ def _decode_split_kernel(
     split_tokens,
     stride_query_token,
     stride_query_head,
-    stride_block,
-    stride_token,
-    stride_head,
-    scale_stride_block,
-    scale_stride_token,
     stride_table,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -63,6 +67,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr,
     QUANT_BITS: tl.constexpr,
+    CODEC: tl.constexpr,
     EXACT_FP32: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -73,6 +78,7 @@ def _decode_split_kernel(
     context_len = tl.load(context_lens + seq)
     begin = split * split_tokens
     end = tl.minimum(context_len, begin + split_tokens)
+    residual_base, residual_start = residual_window(residual_buffers, seq, context_len, cache_strides, PAGE, CODEC)
 
     lanes = tl.arange(0, BLOCK_H)
     head_mask = lanes < GROUP
@@ -95,27 +101,24 @@ def _decode_split_kernel(
             running_max,
             running_sum,
             acc,
-            key_data,
-            key_scale,
-            key_zero,
-            value_data,
-            value_scale,
-            value_zero,
+            key_cache,
+            value_cache,
             block_tables + seq * stride_table,
             positions,
             valid,
             valid[None, :],
             kv_head,
             sm_scale,
-            stride_block,
-            stride_token,
-            stride_head,
-            scale_stride_block,
-            scale_stride_token,
+            residual_base,
+            residual_start,
+            cache_strides,
+            key_scale_strides,
+            value_scale_strides,
             dims,
             HEAD_DIM,
             PAGE,
             QUANT_BITS,
+            CODEC,
             EXACT_FP32,
         )
 
@@ -161,16 +164,17 @@ def _merge_splits_kernel(
     )
 
 
-def decode_launch(group: int, head_dim: int, page: int, bits: int, dtype: torch.dtype) -> dict[str, Any]:
+def decode_launch(group: int, head_dim: int, page: int, bits: int, codec: bool, dtype: torch.dtype) -> dict[str, Any]:
     """Compile-time constants and launch options of the split kernel (see the module docstring for the reasoning)."""
     return {
         "GROUP": group,
         "HEAD_DIM": head_dim,
         "BLOCK_D": head_dim_block(head_dim),
         "BLOCK_H": max(16, triton.next_power_of_2(group)),
-        "BLOCK_N": BLOCK_N,
+        "BLOCK_N": BLOCK_N // 2 if codec and dtype == torch.float32 and head_dim > 64 else BLOCK_N,
         "PAGE": page,
         "QUANT_BITS": bits,
+        "CODEC": codec,
         "EXACT_FP32": exact_fp32_dot(dtype),
         "num_warps": 4,
         "num_stages": 2,
@@ -203,16 +207,18 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, de
 
 def paged_decode_attention(
     query: torch.Tensor,
-    key_cache: torch.Tensor | QuantizedCache,
-    value_cache: torch.Tensor | QuantizedCache,
+    key_cache: KVCache,
+    value_cache: KVCache,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     max_context_len: int,
     scale: float,
     num_splits: int | None = None,
+    residual_buffers: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """query [B, H, D] (last dim contiguous) -> [B, H, D]; int32 block_tables [B, max blocks], context_lens [B] >= 1."""
-    key_args, value_args = CacheArgs.of(key_cache), CacheArgs.of(value_cache)
+    """query [B, H, D] (last dim contiguous) -> [B, H, D]; int32 block_tables [B, max blocks], context_lens [B] >= 1.
+    Codec caches also need each sequence's residual buffer (int32 [B]) that the step wrote."""
+    key_args, cache_args = cache_arguments(key_cache, value_cache)
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = key_args.data.shape[2]
     output = torch.empty_like(query)
@@ -229,10 +235,10 @@ def paged_decode_attention(
     partial_sum = torch.empty_like(partial_max)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query,
-        *key_args.pointers(),
-        *value_args.pointers(),
+        *cache_args,
         block_tables,
         context_lens,
+        residual_buffers_argument(key_args, residual_buffers, context_lens),
         partial_out,
         partial_max,
         partial_sum,
@@ -240,9 +246,10 @@ def paged_decode_attention(
         split_tokens,
         query.stride(0),
         query.stride(1),
-        *key_args.strides(),
         block_tables.stride(0),
-        **decode_launch(num_heads // num_kv_heads, head_dim, key_args.block_size, key_args.bits, query.dtype),
+        **decode_launch(
+            num_heads // num_kv_heads, head_dim, key_args.block_size, key_args.bits, key_args.codec, query.dtype
+        ),
     )
     _merge_splits_kernel[(num_seqs, num_heads)](
         partial_out,

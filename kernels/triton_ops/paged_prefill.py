@@ -20,8 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quantized_cache import QuantizedCache
-from kernels.triton_ops.cache_tiles import CacheArgs, attend_tile, exact_fp32_dot, head_dim_block
+from kernels.triton_ops.cache_tiles import (
+    KVCache,
+    attend_tile,
+    cache_arguments,
+    exact_fp32_dot,
+    head_dim_block,
+    residual_buffers_argument,
+    residual_window,
+)
 
 BLOCK_M = 64
 
@@ -29,27 +36,22 @@ BLOCK_M = 64
 @triton.jit
 def _prefill_kernel(
     query,
-    key_data,
-    key_scale,
-    key_zero,
-    value_data,
-    value_scale,
-    value_zero,
+    key_cache,
+    value_cache,
+    cache_strides,
+    key_scale_strides,
+    value_scale_strides,
     output,
     block_tables,
     query_starts,
     query_lens,
     context_lens,
+    residual_buffers,
     sm_scale,
     stride_query_token,
     stride_query_head,
     stride_out_token,
     stride_out_head,
-    stride_block,
-    stride_token,
-    stride_head,
-    scale_stride_block,
-    scale_stride_token,
     stride_table,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -58,6 +60,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr,
     QUANT_BITS: tl.constexpr,
+    CODEC: tl.constexpr,
     EXACT_FP32: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -68,6 +71,7 @@ def _prefill_kernel(
     context_len = tl.load(context_lens + seq)
     first_row = tl.load(query_starts + seq)
     prefix_len = context_len - query_len
+    residual_base, residual_start = residual_window(residual_buffers, seq, context_len, cache_strides, PAGE, CODEC)
 
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < query_len
@@ -97,27 +101,24 @@ def _prefill_kernel(
             running_max,
             running_sum,
             acc,
-            key_data,
-            key_scale,
-            key_zero,
-            value_data,
-            value_scale,
-            value_zero,
+            key_cache,
+            value_cache,
             block_tables + seq * stride_table,
             positions,
             valid,
             visible,
             kv_head,
             sm_scale,
-            stride_block,
-            stride_token,
-            stride_head,
-            scale_stride_block,
-            scale_stride_token,
+            residual_base,
+            residual_start,
+            cache_strides,
+            key_scale_strides,
+            value_scale_strides,
             dims,
             HEAD_DIM,
             PAGE,
             QUANT_BITS,
+            CODEC,
             EXACT_FP32,
         )
 
@@ -129,7 +130,7 @@ def _prefill_kernel(
     )
 
 
-def prefill_launch(group: int, head_dim: int, page: int, bits: int, dtype: torch.dtype) -> dict[str, Any]:
+def prefill_launch(group: int, head_dim: int, page: int, bits: int, codec: bool, dtype: torch.dtype) -> dict[str, Any]:
     """Compile-time constants and launch options (see the module docstring for the reasoning)."""
     return {
         "GROUP": group,
@@ -139,6 +140,7 @@ def prefill_launch(group: int, head_dim: int, page: int, bits: int, dtype: torch
         "BLOCK_N": 64 if head_dim <= 64 else 32,
         "PAGE": page,
         "QUANT_BITS": bits,
+        "CODEC": codec,
         "EXACT_FP32": exact_fp32_dot(dtype),
         "num_warps": 4,
         "num_stages": 2,
@@ -148,8 +150,8 @@ def prefill_launch(group: int, head_dim: int, page: int, bits: int, dtype: torch
 
 def paged_prefill_attention(
     query: torch.Tensor,
-    key_cache: torch.Tensor | QuantizedCache,
-    value_cache: torch.Tensor | QuantizedCache,
+    key_cache: KVCache,
+    value_cache: KVCache,
     output: torch.Tensor,
     block_tables: torch.Tensor,
     query_starts: torch.Tensor,
@@ -157,33 +159,36 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     max_query_len: int,
     scale: float,
+    residual_buffers: torch.Tensor | None = None,
 ) -> None:
     """Write into ``output`` [T, H, D] the attention of the prefill rows of ``query`` [T, H, D].
 
     Sequence i owns rows query_starts[i] .. + query_lens[i] and a context of context_lens[i] tokens, all already in
-    the cache; block_tables [S, max blocks] and the three [S] tensors are int32.
+    the cache; block_tables [S, max blocks] and the three [S] tensors are int32. Codec caches also need each
+    sequence's residual buffer (int32 [S]) that the step wrote.
     """
     num_seqs = query_lens.shape[0]
     if num_seqs == 0:
         return
-    key_args, value_args = CacheArgs.of(key_cache), CacheArgs.of(value_cache)
+    key_args, cache_args = cache_arguments(key_cache, value_cache)
     _, num_heads, head_dim = query.shape
     num_kv_heads = key_args.data.shape[2]
     _prefill_kernel[(triton.cdiv(max_query_len, BLOCK_M), num_heads, num_seqs)](
         query,
-        *key_args.pointers(),
-        *value_args.pointers(),
+        *cache_args,
         output,
         block_tables,
         query_starts,
         query_lens,
         context_lens,
+        residual_buffers_argument(key_args, residual_buffers, context_lens),
         scale,
         query.stride(0),
         query.stride(1),
         output.stride(0),
         output.stride(1),
-        *key_args.strides(),
         block_tables.stride(0),
-        **prefill_launch(num_heads // num_kv_heads, head_dim, key_args.block_size, key_args.bits, query.dtype),
+        **prefill_launch(
+            num_heads // num_kv_heads, head_dim, key_args.block_size, key_args.bits, key_args.codec, query.dtype
+        ),
     )
