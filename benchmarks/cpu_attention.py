@@ -1,6 +1,7 @@
 """Milliseconds per call of the CPU paged-attention decode path against a naive per-sequence implementation.
 
 .venv/bin/python benchmarks/cpu_attention.py [--threads 2] [--repeats 15] [--batches 1 8 32] [--contexts 256 1024 4096]
+    [--verify-rows 5]
 
 One layer of the default model's shape (9 query heads, 3 KV heads, head_dim 64), every sequence decoding one token
 with ``context`` tokens in the paged cache (block size 16, blocks scattered). "native" and "torch" are
@@ -8,6 +9,10 @@ with ``context`` tokens in the paged cache (block size 16, blocks scattered). "n
 and with the vectorised PyTorch path; ``prepare`` runs once per step and is shown apart. "naive" gathers each
 sequence's blocks with ``torch.cat``, repeats K/V heads and runs softmax attention sequence by sequence. All are
 called in turn and the median of the repetitions is reported.
+
+With ``--verify-rows N`` it instead times the native kernel on sequences that each verify N - 1 speculative drafts
+(N query rows at consecutive positions): all N rows of a sequence in one pass over its K/V ("grouped", as the
+engine calls it) against each row as a sequence of its own ("per row", reading the K/V N times).
 """
 
 from __future__ import annotations
@@ -65,6 +70,39 @@ def seconds(fn, calls: int) -> float:
     return (time.perf_counter() - started) / calls
 
 
+def verification_rows(args: argparse.Namespace, generator: torch.Generator) -> None:
+    native = load_native_kernels()
+    rows, scale = args.verify_rows, HEAD_DIM**-0.5
+    print(f"native kernel, {rows} query rows per sequence, median of {args.repeats} interleaved repetitions")
+    print("| dtype | sequences | context | per row ms | grouped ms | per row/grouped |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for batch in args.batches:
+            for context in args.contexts:
+                layout, _, _, _, key_cache, value_cache = make_step(batch, context, dtype, generator)
+                query = torch.randn(batch * rows, NUM_HEADS, HEAD_DIM, generator=generator).to(dtype)
+                tables = torch.tensor(layout.block_tables, dtype=torch.int32)
+                ends = torch.tensor(layout.context_lens, dtype=torch.int32)
+                row_tables = tables.repeat_interleave(rows, dim=0)
+                row_ends = (ends[:, None] - torch.arange(rows - 1, -1, -1, dtype=torch.int32)).flatten()
+                counts = torch.full((batch,), rows, dtype=torch.int32)
+                grouped = partial(native.decode_attention, query, key_cache, value_cache, tables, ends, scale, counts)
+                per_row = partial(native.decode_attention, query, key_cache, value_cache, row_tables, row_ends, scale)
+                torch.testing.assert_close(grouped().float(), per_row().float(), atol=1e-2, rtol=1e-2)
+                calls = min(50, max(1, int(200 * 256 / (batch * rows * context))))
+                runs: dict[str, list[float]] = {"per row": [], "grouped": []}
+                for _ in range(args.repeats):
+                    runs["per row"].append(seconds(per_row, calls))
+                    runs["grouped"].append(seconds(grouped, calls))
+                ms = {name: statistics.median(times) * 1000 for name, times in runs.items()}
+                print(
+                    f"| {dtype_name} | {batch} | {context} | {ms['per row']:.3f} | {ms['grouped']:.3f} | "
+                    f"{ms['per row'] / ms['grouped']:.2f}x |",
+                    flush=True,
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -72,9 +110,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--verify-rows", type=int, default=0, help="time N-row verification instead (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
+    if args.verify_rows:
+        verification_rows(args, generator)
+        return
     backends = {"native": CpuAttentionBackend(load_native_kernels()), "torch": CpuAttentionBackend()}
     scale = HEAD_DIM**-0.5
 

@@ -6,7 +6,8 @@ decode row per query token whose context ends at that token (its K/V is written 
 exactly its causal prefix). Measured on a 400-token context, five such rows cost about as much as the prefill path
 with one thread and half as much with two, where the prefill path's gather and fused attention synchronise the
 threads many more times. The decode path is one of two:
-- the native kernel (kernels/native.py, kernels/csrc), which reads K/V in place through the block tables; or
+- the native kernel (kernels/native.py, kernels/csrc), which reads K/V in place through the block tables, once for
+  all the rows of a sequence; or
 - vectorised PyTorch, used where the native kernel can't be built: decodes are handled in groups of
   DECODE_GROUP_SIZE sequences whose blocks are gathered through padded block tables, with the query heads of each KV
   head treated as a small matrix (grouped-query attention without repeating K/V). Grouping keeps the gathered K/V of
@@ -50,8 +51,9 @@ class DecodeGroup:
 
 @dataclass(frozen=True)
 class NativeDecodeBatch:
-    block_tables: torch.Tensor  # int32 [decodes, max blocks], padded with block 0 (never read past context_lens)
-    context_lens: torch.Tensor  # int32 [decodes]
+    block_tables: torch.Tensor  # int32 [sequences, max blocks], padded with block 0 (never read past context_lens)
+    context_lens: torch.Tensor  # int32 [sequences]: the context of each sequence's last row
+    row_counts: torch.Tensor  # int32 [sequences]: its decode rows (1, or 1 + its drafts)
 
 
 @dataclass(frozen=True)
@@ -155,19 +157,27 @@ def _decode_group(start: int, tables: list[list[int]], context_lens: list[int], 
     return DecodeGroup(start, padded, bias[:, None, None, :])
 
 
-def decode_rows(layout: BatchLayout) -> tuple[int, list[list[int]], list[int]]:
-    """The leading sequences of at most DECODE_STYLE_MAX_QUERY_LEN query tokens as decode rows: their count, and
-    each row's block table and context length (query token ``j`` of ``n`` sees the context up to itself)."""
-    tables: list[list[int]] = []
-    lengths: list[int] = []
+def decode_sequences(layout: BatchLayout) -> int:
+    """How many leading sequences have at most DECODE_STYLE_MAX_QUERY_LEN query tokens (the decode path's)."""
     count = 0
-    for query_len, context_len, table in zip(layout.query_lens, layout.context_lens, layout.block_tables):
+    for query_len in layout.query_lens:
         if query_len > DECODE_STYLE_MAX_QUERY_LEN:
             break
+        count += 1
+    return count
+
+
+def decode_rows(layout: BatchLayout, num_sequences: int) -> tuple[list[list[int]], list[int]]:
+    """The decode sequences' rows: each row's block table and context length (query token ``j`` of ``n`` sees the
+    context up to itself)."""
+    tables: list[list[int]] = []
+    lengths: list[int] = []
+    for query_len, context_len, table in zip(
+        layout.query_lens[:num_sequences], layout.context_lens[:num_sequences], layout.block_tables
+    ):
         tables.extend([table] * query_len)
         lengths.extend(range(context_len - query_len + 1, context_len + 1))
-        count += 1
-    return count, tables, lengths
+    return tables, lengths
 
 
 class CpuAttentionBackend:
@@ -178,12 +188,17 @@ class CpuAttentionBackend:
         self.name = "cpu" if native is not None else "torch"
 
     def prepare(self, layout: BatchLayout, dtype: torch.dtype) -> CpuAttentionMetadata:
-        num_sequences, tables, lengths = decode_rows(layout)
-        num_decodes = len(lengths)
+        num_sequences = decode_sequences(layout)
+        num_decodes = sum(layout.query_lens[:num_sequences])
         decode: NativeDecodeBatch | list[DecodeGroup] = []
         if self.native is not None and num_decodes:
-            decode = NativeDecodeBatch(pad_block_tables(tables, torch.int32), torch.tensor(lengths, dtype=torch.int32))
+            decode = NativeDecodeBatch(
+                pad_block_tables(layout.block_tables[:num_sequences], torch.int32),
+                torch.tensor(layout.context_lens[:num_sequences], dtype=torch.int32),
+                torch.tensor(layout.query_lens[:num_sequences], dtype=torch.int32),
+            )
         elif self.native is None:
+            tables, lengths = decode_rows(layout, num_sequences)
             for start in range(0, num_decodes, DECODE_GROUP_SIZE):
                 end = min(start + DECODE_GROUP_SIZE, num_decodes)
                 decode.append(_decode_group(start, tables[start:end], lengths[start:end], layout.block_size))
@@ -205,10 +220,11 @@ class CpuAttentionBackend:
         context_lens: torch.Tensor,
         max_context_len: int,
     ) -> CpuAttentionMetadata:
-        """The step with its decodes reading other int32 block tables and lengths (page selection); native only
-        (the kernel finds the longest context itself)."""
+        """The step with its decodes reading other int32 block tables and lengths, one per decode row (page
+        selection); native only (the kernel finds the longest context itself)."""
         assert self.native is not None, "page selection needs the native decode kernel"
-        return replace(metadata, decode=NativeDecodeBatch(block_tables.contiguous(), context_lens.contiguous()))
+        rows = torch.ones_like(context_lens)
+        return replace(metadata, decode=NativeDecodeBatch(block_tables.contiguous(), context_lens.contiguous(), rows))
 
     def forward(
         self,
@@ -232,6 +248,7 @@ class CpuAttentionBackend:
                 batch.block_tables,
                 batch.context_lens,
                 scale,
+                batch.row_counts,
             )
         else:
             for group in metadata.decode:

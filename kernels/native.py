@@ -50,18 +50,24 @@ class NativeKernels:
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
         scale: float,
+        row_counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """query [B, H, D] (one token per sequence), caches [blocks, block_size, KVH, D], int32 block_tables
-        [B, max_blocks] and context_lens [B] -> [B, H, D]."""
-        batch, num_heads, head_dim = query.shape
+        """query [R, H, D], caches [blocks, block_size, KVH, D], int32 block_tables [S, max_blocks], context_lens
+        [S] and row_counts [S] -> [R, H, D]. Sequence ``s`` owns the next ``row_counts[s]`` query rows (default: one
+        each), the last at context length ``context_lens[s]`` and each earlier one a position before the next; the
+        kernel reads the sequence's K/V once for all of them."""
+        num_heads, head_dim = query.shape[1:]
+        num_seqs = block_tables.shape[0]
+        if row_counts is None:
+            row_counts = torch.ones(num_seqs, dtype=torch.int32)
         _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
         if cache_head_dim != head_dim or head_dim not in SUPPORTED_HEAD_DIMS or num_heads % num_kv_heads:
             raise ValueError(f"unsupported attention shape: query {tuple(query.shape)}, cache {tuple(key_cache.shape)}")
-        for tensor in (query, key_cache, value_cache, block_tables, context_lens):
+        for tensor in (query, key_cache, value_cache, block_tables, context_lens, row_counts):
             if not tensor.is_contiguous() or tensor.device.type != "cpu":
                 raise ValueError("native decode attention needs contiguous CPU tensors")
-        if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
-            raise ValueError("block tables and context lengths must be int32")
+        if any(tensor.dtype != torch.int32 for tensor in (block_tables, context_lens, row_counts)):
+            raise ValueError("block tables, context lengths and row counts must be int32")
         output = torch.empty_like(query)
         entry = getattr(self.library, _ENTRY_POINTS[query.dtype])
         handled = entry(
@@ -70,8 +76,9 @@ class NativeKernels:
             ctypes.c_void_p(value_cache.data_ptr()),
             ctypes.c_void_p(block_tables.data_ptr()),
             ctypes.c_void_p(context_lens.data_ptr()),
+            ctypes.c_void_p(row_counts.data_ptr()),
             ctypes.c_void_p(output.data_ptr()),
-            batch,
+            num_seqs,
             num_heads,
             num_kv_heads,
             head_dim,

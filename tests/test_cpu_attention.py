@@ -75,8 +75,21 @@ def test_mixed_batch_matches_reference(
         ([3000, 1100, 5], []),  # contexts split into several partitions whose partial results are merged
         ([200], []),  # one sequence: split so that both threads work
         ([90, 12], [(400, 5), (33, 2), (70, 16), (20, 17)]),  # verifications as decode rows, then a prefill
+        # A 750-token partition (set by the long decode) leaves the verification's last partition 2 tokens, which
+        # its first three rows do not see.
+        ([3000], [(747, 5)]),
     ],
-    ids=["decodes", "one-prompt", "prefills", "long", "many-decodes", "partitioned", "single", "few-query-tokens"],
+    ids=[
+        "decodes",
+        "one-prompt",
+        "prefills",
+        "long",
+        "many-decodes",
+        "partitioned",
+        "single",
+        "few-query-tokens",
+        "rows-past-a-partition",
+    ],
 )
 @DTYPES
 def test_batch_shapes(
