@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -70,37 +71,47 @@ def seconds(fn, calls: int) -> float:
     return (time.perf_counter() - started) / calls
 
 
+def cases(args: argparse.Namespace) -> Iterator[tuple[str, torch.dtype, int, int]]:
+    """(dtype name, dtype, batch, context) for every combination asked for."""
+    for dtype_name in args.dtypes:
+        for batch in args.batches:
+            for context in args.contexts:
+                yield dtype_name, getattr(torch, dtype_name), batch, context
+
+
+def interleaved_ms(candidates: dict[str, Callable[[], object]], repeats: int, calls: int) -> dict[str, float]:
+    """Median milliseconds per call of each candidate, the candidates called in turn ``repeats`` times."""
+    runs: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            runs[name].append(seconds(fn, calls))
+    return {name: statistics.median(times) * 1000 for name, times in runs.items()}
+
+
 def verification_rows(args: argparse.Namespace, generator: torch.Generator) -> None:
     native = load_native_kernels()
     rows, scale = args.verify_rows, HEAD_DIM**-0.5
     print(f"native kernel, {rows} query rows per sequence, median of {args.repeats} interleaved repetitions")
     print("| dtype | sequences | context | per row ms | grouped ms | per row/grouped |")
     print("|---|---:|---:|---:|---:|---:|")
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        for batch in args.batches:
-            for context in args.contexts:
-                layout, _, _, _, key_cache, value_cache = make_step(batch, context, dtype, generator)
-                query = torch.randn(batch * rows, NUM_HEADS, HEAD_DIM, generator=generator).to(dtype)
-                tables = torch.tensor(layout.block_tables, dtype=torch.int32)
-                ends = torch.tensor(layout.context_lens, dtype=torch.int32)
-                row_tables = tables.repeat_interleave(rows, dim=0)
-                row_ends = (ends[:, None] - torch.arange(rows - 1, -1, -1, dtype=torch.int32)).flatten()
-                counts = torch.full((batch,), rows, dtype=torch.int32)
-                grouped = partial(native.decode_attention, query, key_cache, value_cache, tables, ends, scale, counts)
-                per_row = partial(native.decode_attention, query, key_cache, value_cache, row_tables, row_ends, scale)
-                torch.testing.assert_close(grouped().float(), per_row().float(), atol=1e-2, rtol=1e-2)
-                calls = min(50, max(1, int(200 * 256 / (batch * rows * context))))
-                runs: dict[str, list[float]] = {"per row": [], "grouped": []}
-                for _ in range(args.repeats):
-                    runs["per row"].append(seconds(per_row, calls))
-                    runs["grouped"].append(seconds(grouped, calls))
-                ms = {name: statistics.median(times) * 1000 for name, times in runs.items()}
-                print(
-                    f"| {dtype_name} | {batch} | {context} | {ms['per row']:.3f} | {ms['grouped']:.3f} | "
-                    f"{ms['per row'] / ms['grouped']:.2f}x |",
-                    flush=True,
-                )
+    for dtype_name, dtype, batch, context in cases(args):
+        layout, _, _, _, key_cache, value_cache = make_step(batch, context, dtype, generator)
+        query = torch.randn(batch * rows, NUM_HEADS, HEAD_DIM, generator=generator).to(dtype)
+        tables = torch.tensor(layout.block_tables, dtype=torch.int32)
+        ends = torch.tensor(layout.context_lens, dtype=torch.int32)
+        row_tables = tables.repeat_interleave(rows, dim=0)
+        row_ends = (ends[:, None] - torch.arange(rows - 1, -1, -1, dtype=torch.int32)).flatten()
+        counts = torch.full((batch,), rows, dtype=torch.int32)
+        grouped = partial(native.decode_attention, query, key_cache, value_cache, tables, ends, scale, counts)
+        per_row = partial(native.decode_attention, query, key_cache, value_cache, row_tables, row_ends, scale)
+        torch.testing.assert_close(grouped().float(), per_row().float(), atol=1e-2, rtol=1e-2)
+        calls = min(50, max(1, int(200 * 256 / (batch * rows * context))))
+        ms = interleaved_ms({"per row": per_row, "grouped": grouped}, args.repeats, calls)
+        print(
+            f"| {dtype_name} | {batch} | {context} | {ms['per row']:.3f} | {ms['grouped']:.3f} | "
+            f"{ms['per row'] / ms['grouped']:.2f}x |",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -124,36 +135,29 @@ def main() -> None:
     print(f"block size: {BLOCK_SIZE}  median of {args.repeats} interleaved repetitions, ms per call")
     print("| dtype | batch | context | native ms | torch ms | naive ms | torch/native | naive/native | prepare ms |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        for batch in args.batches:
-            for context in args.contexts:
-                layout, query, key, value, key_cache, value_cache = make_step(batch, context, dtype, generator)
-                metadata = {name: backend.prepare(layout, dtype) for name, backend in backends.items()}
-                expected = naive_decode(query, key, value, key_cache, value_cache, layout, scale)
-                tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-                for name, backend in backends.items():
-                    got = backend.forward(query, key, value, key_cache, value_cache, metadata[name], scale)
-                    torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    for dtype_name, dtype, batch, context in cases(args):
+        layout, query, key, value, key_cache, value_cache = make_step(batch, context, dtype, generator)
+        metadata = {name: backend.prepare(layout, dtype) for name, backend in backends.items()}
+        expected = naive_decode(query, key, value, key_cache, value_cache, layout, scale)
+        tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+        for name, backend in backends.items():
+            got = backend.forward(query, key, value, key_cache, value_cache, metadata[name], scale)
+            torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
-                calls = min(50, max(1, int(200 * 256 / (batch * context))))  # about the same work per sample
-                candidates = {
-                    name: partial(backend.forward, query, key, value, key_cache, value_cache, metadata[name], scale)
-                    for name, backend in backends.items()
-                }
-                candidates["naive"] = partial(naive_decode, query, key, value, key_cache, value_cache, layout, scale)
-                candidates["prepare"] = partial(backends["native"].prepare, layout, dtype)
-                runs: dict[str, list[float]] = {name: [] for name in candidates}
-                for _ in range(args.repeats):
-                    for name, fn in candidates.items():
-                        runs[name].append(seconds(fn, calls))
-                ms = {name: statistics.median(times) * 1000 for name, times in runs.items()}
-                print(
-                    f"| {dtype_name} | {batch} | {context} | {ms['native']:.3f} | {ms['torch']:.3f} | "
-                    f"{ms['naive']:.3f} | {ms['torch'] / ms['native']:.2f}x | {ms['naive'] / ms['native']:.2f}x | "
-                    f"{ms['prepare']:.3f} |",
-                    flush=True,
-                )
+        calls = min(50, max(1, int(200 * 256 / (batch * context))))  # about the same work per sample
+        candidates: dict[str, Callable[[], object]] = {
+            name: partial(backend.forward, query, key, value, key_cache, value_cache, metadata[name], scale)
+            for name, backend in backends.items()
+        }
+        candidates["naive"] = partial(naive_decode, query, key, value, key_cache, value_cache, layout, scale)
+        candidates["prepare"] = partial(backends["native"].prepare, layout, dtype)
+        ms = interleaved_ms(candidates, args.repeats, calls)
+        print(
+            f"| {dtype_name} | {batch} | {context} | {ms['native']:.3f} | {ms['torch']:.3f} | "
+            f"{ms['naive']:.3f} | {ms['torch'] / ms['native']:.2f}x | {ms['naive'] / ms['native']:.2f}x | "
+            f"{ms['prepare']:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
