@@ -1,8 +1,15 @@
-"""Run the engine loop in its own thread and stream each request's outputs to asyncio callers.
+"""Run the engine loop in a thread of its own and stream each request's outputs to asyncio callers.
 
 Only the engine thread touches the scheduler and the model; callers talk to it through a command queue, and it
 answers through their event loop. Tokenizing, JSON and SSE on the HTTP side therefore never stall a model step,
 and a model step (which releases the GIL inside PyTorch) never stalls accepting connections.
+
+The loop runs either in a thread it starts (``start``) or in the caller's (``run``). A server should give it the
+process's main thread and serve HTTP from another: PyTorch's OpenMP runtime (libgomp) keeps one thread team per
+thread that runs parallel operators, and once a process has more such threads than cores (the main thread's team
+from loading the model plus the engine thread's), every worker sleeps in the kernel between operators instead of
+spinning. A decode step runs hundreds of short operators, so each then waits for its workers to wake: on two cores
+that made served steps about a quarter slower than the same steps run from the main thread.
 """
 
 from __future__ import annotations
@@ -86,18 +93,32 @@ class AsyncEngine:
         self._closed = False
         self._abort_at: float | None = None  # set by drain()
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="spindle-engine", daemon=True)
+        self._started = False
+        self._thread: threading.Thread | None = None  # set when the loop runs in a thread of its own
 
     # ------------------------------------------------------------------ caller side (any event loop)
     def start(self) -> None:
-        """Start the engine loop; a no-op once it was started (it cannot be restarted)."""
-        if self._thread.ident is None:
-            self._thread.start()
+        """Start the engine loop in a thread of its own; a no-op once the loop was started, here or by ``run``
+        (it cannot be restarted)."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            self._thread = threading.Thread(target=self._run, name="spindle-engine", daemon=True)
+        self._thread.start()
+
+    def run(self) -> None:
+        """Run the engine loop in the calling thread until ``stop`` (from another thread) or a drain ends it."""
+        with self._lock:
+            if self._started:
+                raise RuntimeError("the engine loop was already started")
+            self._started = True
+        self._run()
 
     @property
     def is_running(self) -> bool:
         """True while new requests are accepted."""
-        return self._thread.is_alive() and not self._closed and self._abort_at is None
+        return self._started and not self._closed and self._abort_at is None
 
     @property
     def unavailable_reason(self) -> str:
@@ -114,7 +135,7 @@ class AsyncEngine:
         """Stop the loop after its current step; unfinished requests are failed with EngineDeadError."""
         self._stop.set()
         self._wake.set()
-        if self._thread.ident is not None:
+        if self._thread is not None:
             self._thread.join(timeout)
 
     async def add_request(

@@ -6,10 +6,10 @@ import logging
 import math
 import signal
 import socket
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
-from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -57,14 +57,19 @@ def spindle_version() -> str:
         return "unknown"
 
 
-def create_app(engine: AsyncEngine, config: EngineConfig, metrics: EngineMetrics) -> FastAPI:
+def create_app(
+    engine: AsyncEngine, config: EngineConfig, metrics: EngineMetrics, engine_thread: bool = True
+) -> FastAPI:
+    """The app; with ``engine_thread`` its start-up starts the engine loop in a thread of its own, otherwise the
+    caller runs the loop (``AsyncEngine.run``)."""
     server_config = config.server
     limits = RequestLimits(server_config, engine.engine.tokenizer, engine.engine.max_model_len)
     serving = Serving(engine, engine.engine.model_name, limits, server_config.log_prompts)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        if engine_thread:
+            engine.start()
         yield
         engine.stop(timeout=server_config.shutdown_timeout)
 
@@ -141,7 +146,7 @@ def _respond(result: BaseModel | Response) -> Response:
     return JSONResponse(result.model_dump()) if isinstance(result, BaseModel) else result
 
 
-def build_server(config: EngineConfig) -> tuple[FastAPI, AsyncEngine]:
+def build_server(config: EngineConfig, engine_thread: bool = True) -> tuple[FastAPI, AsyncEngine]:
     llm_engine = LLMEngine(config)
     cache = config.cache
     metrics = EngineMetrics(
@@ -153,7 +158,7 @@ def build_server(config: EngineConfig) -> tuple[FastAPI, AsyncEngine]:
     )
     aging = config.server.priority_aging_seconds
     engine = AsyncEngine(llm_engine, observer=metrics.observe, priority_aging_seconds=aging)
-    return create_app(engine, config, metrics), engine
+    return create_app(engine, config, metrics, engine_thread), engine
 
 
 class _DrainingServer(uvicorn.Server):
@@ -169,13 +174,12 @@ class _DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
-
-
 def run_server(config: EngineConfig) -> None:
+    """Serve until SIGTERM or SIGINT: HTTP from a thread of its own, the engine loop from this (the main) thread,
+    where PyTorch's thread team runs fastest (engine/async_engine.py says why). Exits 1 if the HTTP server could
+    not start (e.g. its port is taken)."""
     limit_malloc_arenas()  # before the engine and HTTP threads start
-    app, engine = build_server(config)
+    app, engine = build_server(config, engine_thread=False)
     start_heap_trimming()
     server = config.server
     uvicorn_config = uvicorn.Config(
@@ -185,9 +189,22 @@ def run_server(config: EngineConfig) -> None:
         log_level=server.log_level,
         timeout_graceful_shutdown=math.ceil(server.shutdown_timeout + SHUTDOWN_BACKSTOP_SECONDS),
     )
-    # Uvicorn re-raises SIGTERM once its graceful shutdown is done; a served-out SIGTERM is a clean exit (status 0).
-    signal.signal(signal.SIGTERM, exit_cleanly)
+    http = _DrainingServer(uvicorn_config, engine, server.shutdown_timeout)
+
+    def serve_http() -> None:
+        try:
+            http.run()
+        finally:
+            engine.stop()  # the HTTP server is gone (shut down, or never started): so is the engine loop
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second SIGINT cuts the graceful shutdown short
+        signal.signal(sig, http.handle_exit)
+    http_thread = threading.Thread(target=serve_http, name="spindle-http")
+    http_thread.start()
     try:
-        _DrainingServer(uvicorn_config, engine, server.shutdown_timeout).run()
+        engine.run()
+        http_thread.join()
     finally:
         engine.engine.close()  # tensor-parallel workers leave with the server
+    if not http.started:
+        raise SystemExit(1)

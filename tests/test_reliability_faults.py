@@ -8,6 +8,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -212,6 +213,38 @@ def test_a_dying_engine_loop_fails_running_and_waiting_requests_and_refuses_new_
     assert not llm_engine.has_unfinished_requests()  # the dying loop freed what it held
     stats = llm_engine.stats()
     assert stats.num_free_blocks == stats.num_blocks
+
+
+# ---------------------------------------------------------------- the loop in the caller's thread
+def test_the_engine_loop_runs_in_the_callers_thread_until_stopped_from_another(offline_llm: LLM) -> None:
+    stepped_in: set[threading.Thread] = set()
+    async_engine = AsyncEngine(offline_llm.engine, observer=lambda *_: stepped_in.add(threading.current_thread()))
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    prompt = offline_llm.tokenizer.encode("The capital of France is")
+    served: list[int] = []
+
+    async def client() -> None:
+        async for output in async_engine.generate("caller-thread", prompt, params):
+            served.extend(output.new_token_ids)
+
+    def call_then_stop() -> None:
+        try:
+            asyncio.run(client())
+        finally:
+            async_engine.stop()
+
+    caller = threading.Thread(target=call_then_stop)
+    caller.start()
+    async_engine.run()  # returns once the other thread stopped the loop
+    caller.join(timeout=10)
+    assert served == offline_llm.generate([prompt], params)[0].outputs[0].token_ids
+    assert len(served) == params.max_tokens
+    assert stepped_in == {threading.current_thread()}
+    assert not async_engine.is_running
+    async_engine.start()  # a no-op: the loop cannot be restarted
+    assert not async_engine.is_running
+    with pytest.raises(RuntimeError, match="already started"):
+        async_engine.run()
 
 
 # ---------------------------------------------------------------- priorities

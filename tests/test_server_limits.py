@@ -1,9 +1,11 @@
-"""A second server with an API key (from SPINDLE_API_KEY), one running and one waiting slot, and a short shutdown."""
+"""A second server with an API key (from SPINDLE_API_KEY), one running and one waiting slot, and a short shutdown;
+and one that cannot start."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -107,3 +109,15 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(limited: ServerProcess
         assert limited.process.wait(timeout=30) == 0
     except subprocess.TimeoutExpired:
         pytest.fail(f"the server did not exit after SIGTERM:\n{limited.log_tail()}")
+
+
+def test_a_server_whose_port_is_taken_exits_with_status_1(launch_server: Launcher) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = launch_server("port-taken", ["--port", str(taken.getsockname()[1])])  # the last --port wins
+        try:
+            assert server.process.wait(timeout=120) == 1
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server neither served nor exited:\n{server.log_tail()}")
+    assert "address already in use" in server.log_tail().lower()
