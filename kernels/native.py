@@ -16,21 +16,31 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
 logger = logging.getLogger("spindle.kernels")
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_paged_attention.cpp"
+SOURCE_DIR = Path(__file__).parent / "csrc"
+SOURCES = ("cpu_paged_attention.cpp", "cpu_layer_ops.cpp")  # built into one library, with the headers beside them
+LIBRARY_NAME = "spindle_cpu_kernels"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)  # instantiated in the kernel source
-_ENTRY_POINTS = {
-    torch.float32: "spindle_decode_attention_f32",
-    torch.float16: "spindle_decode_attention_f16",
-    torch.bfloat16: "spindle_decode_attention_bf16",
+DTYPE_SUFFIXES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}  # entry points per type
+_POINTER, _INT, _INT64, _FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {  # entry point prefix -> (restype, argtypes)
+    "spindle_decode_attention": (
+        ctypes.c_bool,
+        [_POINTER] * 7 + [_INT] * 6 + [_FLOAT, _INT],
+    ),
+    "spindle_rms_norm": (None, [_POINTER] * 4 + [_INT64, _INT, _FLOAT]),
+    "spindle_silu_and_mul": (None, [_POINTER, _POINTER, _INT64, _INT]),
+    "spindle_rotary": (None, [_POINTER, _INT64] + [_POINTER] * 4 + [_INT64, _INT, _INT, _INT]),
 }
 
 
@@ -69,27 +79,88 @@ class NativeKernels:
         if any(tensor.dtype != torch.int32 for tensor in (block_tables, context_lens, row_counts)):
             raise ValueError("block tables, context lengths and row counts must be int32")
         output = torch.empty_like(query)
-        entry = getattr(self.library, _ENTRY_POINTS[query.dtype])
-        handled = entry(
-            ctypes.c_void_p(query.data_ptr()),
-            ctypes.c_void_p(key_cache.data_ptr()),
-            ctypes.c_void_p(value_cache.data_ptr()),
-            ctypes.c_void_p(block_tables.data_ptr()),
-            ctypes.c_void_p(context_lens.data_ptr()),
-            ctypes.c_void_p(row_counts.data_ptr()),
-            ctypes.c_void_p(output.data_ptr()),
+        handled = self._entry("spindle_decode_attention", query.dtype)(
+            query.data_ptr(),
+            key_cache.data_ptr(),
+            value_cache.data_ptr(),
+            block_tables.data_ptr(),
+            context_lens.data_ptr(),
+            row_counts.data_ptr(),
+            output.data_ptr(),
             num_seqs,
             num_heads,
             num_kv_heads,
             head_dim,
             block_size,
             block_tables.shape[1],
-            ctypes.c_float(scale),
+            scale,
             torch.get_num_threads(),
         )
         if not handled:
             raise ValueError(f"the native kernel has no instantiation for head_dim {head_dim}")
         return output
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """RMSNorm of ``x`` [rows, hidden] (contiguous); with ``residual``, of ``residual + x``, which is also
+        written into ``residual`` (in place)."""
+        _check_rows(x, weight, *(() if residual is None else (residual,)))
+        output = torch.empty_like(x)
+        self._entry("spindle_rms_norm", x.dtype)(
+            x.data_ptr(),
+            None if residual is None else residual.data_ptr(),
+            weight.data_ptr(),
+            output.data_ptr(),
+            x.shape[0],
+            x.shape[1],
+            eps,
+        )
+        return output
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` for ``gate_up`` [rows, 2 * width] = [gate | up] (contiguous) -> [rows, width]."""
+        _check_rows(gate_up)
+        rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+        output = gate_up.new_empty(rows, width)
+        self._entry("spindle_silu_and_mul", gate_up.dtype)(gate_up.data_ptr(), output.data_ptr(), rows, width)
+        return output
+
+    def rotary_qk(
+        self, source: torch.Tensor, q_heads: int, k_heads: int, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate-half RoPE of Q and K, the first ``q_heads`` and the next ``k_heads`` head vectors of each row of
+        ``source`` [rows, >= (q_heads + k_heads) * dim] (rows may be strided, elements not), with ``cos``/``sin``
+        [rows, dim] -> new Q [rows, q_heads, dim] and K [rows, k_heads, dim]."""
+        rows, dim = cos.shape
+        if source.stride(1) != 1 or source.shape[1] < (q_heads + k_heads) * dim or source.dtype != cos.dtype:
+            raise ValueError("rotary needs rows of contiguous head vectors in the tables' dtype")
+        _check_rows(cos, sin)
+        q, k = source.new_empty(rows, q_heads, dim), source.new_empty(rows, k_heads, dim)
+        self._entry("spindle_rotary", source.dtype)(
+            source.data_ptr(),
+            source.stride(0),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            q.data_ptr(),
+            k.data_ptr(),
+            rows,
+            q_heads,
+            k_heads,
+            dim,
+        )
+        return q, k
+
+    def _entry(self, prefix: str, dtype: torch.dtype) -> Callable[..., Any]:
+        if dtype not in DTYPE_SUFFIXES:
+            raise ValueError(f"the native kernels take {', '.join(map(str, DTYPE_SUFFIXES))}, not {dtype}")
+        return getattr(self.library, f"{prefix}_{DTYPE_SUFFIXES[dtype]}")
+
+
+def _check_rows(first: torch.Tensor, *others: torch.Tensor) -> None:
+    for tensor in (first, *others):
+        if not tensor.is_contiguous() or tensor.device.type != "cpu" or tensor.dtype != first.dtype:
+            raise ValueError("the native layer kernels need contiguous CPU tensors of one dtype")
 
 
 def _compiler() -> str:
@@ -116,10 +187,11 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    texts = [path.read_text() for path in sorted(SOURCE_DIR.glob("*")) if path.suffix in (".cpp", ".h")]
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_signature()]).encode()
+        "\0".join([*texts, " ".join(SOURCES), compiler, version, " ".join(FLAGS), _cpu_signature()]).encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"{SOURCE.stem}-{key}.so"
+    target = _cache_dir() / f"{LIBRARY_NAME}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -127,10 +199,13 @@ def _build(compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
+            [compiler, *FLAGS, *(str(SOURCE_DIR / name) for name in SOURCES), "-o", str(built)],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
-            raise NativeKernelsUnavailable(f"building {SOURCE.name} failed:\n{result.stderr.strip()[-2000:]}")
+            raise NativeKernelsUnavailable(f"building {', '.join(SOURCES)} failed:\n{result.stderr.strip()[-2000:]}")
         os.replace(built, target)
     return target
 
@@ -143,7 +218,9 @@ def load_native_kernels() -> NativeKernels:
         library = ctypes.CDLL(str(path))
     except OSError as error:
         raise NativeKernelsUnavailable(f"loading the native kernels failed: {error}") from error
-    for name in _ENTRY_POINTS.values():
-        getattr(library, name).restype = ctypes.c_bool
+    for prefix, (restype, argtypes) in _SIGNATURES.items():
+        for suffix in DTYPE_SUFFIXES.values():
+            entry = getattr(library, f"{prefix}_{suffix}")
+            entry.restype, entry.argtypes = restype, argtypes
     logger.debug("native CPU kernels loaded from %s", path)
     return NativeKernels(library)

@@ -51,7 +51,8 @@ def test_compiler_lookup_honours_cxx(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_build_failure_reports_the_compiler_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCE_DIR", tmp_path)
+    monkeypatch.setattr(native, "SOURCES", (broken.name,))
     monkeypatch.setenv("SPINDLE_KERNEL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(NativeKernelsUnavailable, match=r"building broken\.cpp failed"):
         native._build(native._compiler())

@@ -2,7 +2,9 @@
 
 The model takes one flat batch of tokens from many sequences ([T] ids and positions). Attention goes through an
 ``AttentionBackend`` that owns how K/V are stored (paged blocks) and read. Q/K/V and gate/up projections are fused
-into single matmuls, which matters on the CPU where each matmul call has a fixed cost.
+into single matmuls, which matters on the CPU where each matmul call has a fixed cost; for the same reason each
+norm adds the residual in its own pass, and the elementwise chains run as one kernel each there
+(engine/models/layer_ops.py).
 
 Under tensor parallelism each rank builds this model from its ``TensorShard``'s local spec (its own heads,
 intermediate units and vocabulary rows): QKV and gate/up are column-parallel, O and down row-parallel with their
@@ -11,6 +13,7 @@ outputs summed across ranks, the embedding and LM head vocab-parallel (engine/pa
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from engine.errors import ModelLoadError
 from engine.model_spec import ModelSpec
 from engine.models.bucketed_linear import BucketedLinear
 from engine.models.int4_weights import Int4Weight
+from engine.models.layer_ops import RotaryAngles, layer_ops_for
 from engine.parallel.group import TensorParallelGroup
 from engine.parallel.shard import TensorShard
 from kernels.backend import AttentionBackend
@@ -46,19 +50,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as the reference implementation does) so bf16 weights don't lose the small variances.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-@dataclass(frozen=True)
-class RotaryAngles:
-    """cos and sin [T, 1, head_dim] of one step's positions, in the activations' dtype."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm of ``x``, or with ``residual`` (the residual stream) of ``residual + x``, which ``residual``
+        then holds."""
+        return layer_ops_for(x.device.type).rms_norm(x, self.weight, self.eps, residual)
 
 
 class RotaryEmbedding(nn.Module):
@@ -85,14 +80,7 @@ class RotaryEmbedding(nn.Module):
 
     def angles(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryAngles:
         """The step's cos/sin rows, looked up once for every layer (a per-layer lookup was ~10% of a decode step)."""
-        return RotaryAngles(self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype))
-
-    @staticmethod
-    def rotate(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
-        """x [T, heads, head_dim] at the positions ``angles`` were looked up for."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * angles.cos + rotated * angles.sin
+        return RotaryAngles(self.cos[positions].to(dtype), self.sin[positions].to(dtype))
 
 
 class Attention(nn.Module):
@@ -108,9 +96,7 @@ class Attention(nn.Module):
     def forward(self, rotary: RotaryAngles, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         spec = self.spec
         qkv = self.qkv_proj(x)
-        # Q and K sit side by side in the fused projection's output: rotate them as one [T, heads + KV heads] tensor.
-        q_and_k = qkv[:, : spec.q_size + spec.kv_size].view(-1, spec.num_heads + spec.num_kv_heads, spec.head_dim)
-        q, k = RotaryEmbedding.rotate(q_and_k, rotary).split([spec.num_heads, spec.num_kv_heads], dim=1)
+        q, k = layer_ops_for(x.device.type).rotary_qk(qkv, spec.num_heads, spec.num_kv_heads, rotary)
         v = qkv[:, spec.q_size + spec.kv_size :].view(-1, spec.num_kv_heads, spec.head_dim)
         if ctx.query_observer is not None:
             ctx.query_observer(self.layer_index, q)
@@ -127,8 +113,8 @@ class MLP(nn.Module):
         self.down_proj = BucketedLinear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.tp.all_reduce(self.down_proj(nn.functional.silu(gate) * up))
+        activated = layer_ops_for(x.device.type).silu_and_mul(self.gate_up_proj(x))
+        return self.tp.all_reduce(self.down_proj(activated))
 
 
 class DecoderLayer(nn.Module):
@@ -143,12 +129,21 @@ class DecoderLayer(nn.Module):
         self,
         rotary: RotaryAngles,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         ctx: AttentionContext,
         mlp: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """``mlp`` stands in for the layer's own MLP (a sparse draft's, engine/spec/sparse_mlp.py)."""
-        x = x + self.self_attn(rotary, self.input_layernorm(x), ctx)
-        return x + (mlp or self.mlp)(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` is the previous layer's MLP output, not yet added to ``residual`` (the embeddings, with None, for
+        the first layer): each norm adds its sublayer's input in the same pass. Returns this layer's MLP output
+        and the residual stream before it. ``mlp`` stands in for the layer's own (a sparse draft's,
+        engine/spec/sparse_mlp.py)."""
+        if residual is None:
+            residual, hidden = x, self.input_layernorm(x)
+        else:
+            hidden = self.input_layernorm(x, residual)
+        hidden = self.self_attn(rotary, hidden, ctx)
+        hidden = self.post_attention_layernorm(hidden, residual)
+        return (mlp or self.mlp)(hidden), residual
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -186,11 +181,24 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Flat batch [T] -> final hidden states [T, hidden] (normalised)."""
+        return self.run_layers(input_ids, positions, ctx, range(len(self.layers)))
+
+    def run_layers(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: AttentionContext,
+        layers: Iterable[int],
+        mlps: Iterable[Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
+    ) -> torch.Tensor:
+        """The forward pass through only ``layers`` (in order), each with the matching ``mlps`` entry in place of
+        its own MLP where that is not None: the embedding, those layers, the final norm."""
         x = self.embed_tokens(input_ids)
         rotary = self.rotary.angles(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(rotary, x, ctx)
-        return self.norm(x)
+        residual = None
+        for index, mlp in zip(layers, mlps if mlps is not None else itertools.repeat(None)):
+            x, residual = self.layers[index](rotary, x, residual, ctx, mlp)
+        return self.norm(x, residual)
 
     def warm_up(self, max_tokens: int, max_sequences: int) -> None:
         """Compile now the matmul kernels of every row bucket a step can use (see BucketedLinear): the kernel cache

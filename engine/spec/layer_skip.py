@@ -64,11 +64,7 @@ class LayerSubset:
         self.mlps = list(mlps) if mlps is not None else [None] * len(self.layers)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
-        rotary = self.model.rotary.angles(positions, x.dtype)
-        for index, mlp in zip(self.layers, self.mlps):
-            x = self.model.layers[index](rotary, x, ctx, mlp)
-        return self.model.norm(x)
+        return self.model.run_layers(input_ids, positions, ctx, self.layers, self.mlps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden)

@@ -21,61 +21,19 @@
 #include <cstring>
 #include <vector>
 
+#include "numeric.h"
+
 namespace {
+
+using spindle::BFloat16;
+using spindle::exp_nonpositive;
+using spindle::store;
+using spindle::to_float;
 
 // Context tokens per work item: long contexts are split (flash-decoding) so a few sequences still fill every thread.
 constexpr int kItemsPerThread = 4;
 constexpr int kMinPartition = 128;
 constexpr int kMaxPartition = 1024;
-
-struct BFloat16 {
-    uint16_t bits;
-};
-
-inline float to_float(float value) { return value; }
-inline float to_float(_Float16 value) { return static_cast<float>(value); }
-inline float to_float(BFloat16 value) {
-    const uint32_t bits = static_cast<uint32_t>(value.bits) << 16;
-    float result;
-    std::memcpy(&result, &bits, sizeof(result));
-    return result;
-}
-
-inline void store(float value, float* out) { *out = value; }
-inline void store(float value, _Float16* out) { *out = static_cast<_Float16>(value); }
-inline void store(float value, BFloat16* out) {
-    uint32_t bits;
-    std::memcpy(&bits, &value, sizeof(bits));
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN
-        out->bits = static_cast<uint16_t>((bits >> 16) | 0x40u);
-        return;
-    }
-    bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even, as torch does
-    out->bits = static_cast<uint16_t>(bits >> 16);
-}
-
-// exp(x) for x <= 0 (scores minus their max), vectorisable unlike libm's expf: x = n ln2 + r with |r| <= ln2 / 2,
-// e^r by its Taylor series to degree 7 (relative error < 1e-8, below fp32 resolution), 2^n through the exponent bits.
-// Inputs below -87 are clamped there, which keeps 2^n a normal float; e^-87 is 1.6e-38, nothing next to the max's 1.
-#pragma omp declare simd
-inline float exp_nonpositive(float x) {
-    x = std::max(x, -87.0f);
-    const float n = std::nearbyint(x * 1.4426950408889634f);
-    const float r = x - n * 0.6931471805599453f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t bits;
-    std::memcpy(&bits, &p, sizeof(bits));
-    bits += static_cast<int32_t>(n) << 23;
-    std::memcpy(&p, &bits, sizeof(p));
-    return p;
-}
 
 struct Shape {
     int num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks;
