@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import BatchLayout, pad_block_tables
-from kernels.native import NativeKernels
+from kernels.native import DecodeBatch, NativeKernels
 from kernels.shape_buckets import BUCKETED_DTYPES, bucket_rows, bucket_sizes
 
 
@@ -50,17 +50,10 @@ class DecodeGroup:
 
 
 @dataclass(frozen=True)
-class NativeDecodeBatch:
-    block_tables: torch.Tensor  # int32 [sequences, max blocks], padded with block 0 (never read past context_lens)
-    context_lens: torch.Tensor  # int32 [sequences]: the context of each sequence's last row
-    row_counts: torch.Tensor  # int32 [sequences]: its decode rows (1, or 1 + its drafts)
-
-
-@dataclass(frozen=True)
 class CpuAttentionMetadata:
     slot_mapping: torch.Tensor
     num_decodes: int  # decode rows: the leading query tokens, one per row
-    decode: NativeDecodeBatch | list[DecodeGroup]
+    decode: DecodeBatch | list[DecodeGroup]
     prefills: list[PrefillChunk]
 
 
@@ -190,9 +183,9 @@ class CpuAttentionBackend:
     def prepare(self, layout: BatchLayout, dtype: torch.dtype) -> CpuAttentionMetadata:
         num_sequences = decode_sequences(layout)
         num_decodes = sum(layout.query_lens[:num_sequences])
-        decode: NativeDecodeBatch | list[DecodeGroup] = []
+        decode: DecodeBatch | list[DecodeGroup] = []
         if self.native is not None and num_decodes:
-            decode = NativeDecodeBatch(
+            decode = DecodeBatch(
                 pad_block_tables(layout.block_tables[:num_sequences], torch.int32),
                 torch.tensor(layout.context_lens[:num_sequences], dtype=torch.int32),
                 torch.tensor(layout.query_lens[:num_sequences], dtype=torch.int32),
@@ -224,7 +217,7 @@ class CpuAttentionBackend:
         selection); native only (the kernel finds the longest context itself)."""
         assert self.native is not None, "page selection needs the native decode kernel"
         rows = torch.ones_like(context_lens)
-        return replace(metadata, decode=NativeDecodeBatch(block_tables.contiguous(), context_lens.contiguous(), rows))
+        return replace(metadata, decode=DecodeBatch(block_tables.contiguous(), context_lens.contiguous(), rows))
 
     def forward(
         self,
@@ -237,20 +230,17 @@ class CpuAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         write_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
-        output = torch.empty_like(query)
-        if isinstance(metadata.decode, NativeDecodeBatch):
+        if isinstance(metadata.decode, DecodeBatch):
             assert self.native is not None
-            batch = metadata.decode
-            output[: metadata.num_decodes] = self.native.decode_attention(
-                query[: metadata.num_decodes].contiguous(),
-                key_cache,
-                value_cache,
-                batch.block_tables,
-                batch.context_lens,
-                scale,
-                batch.row_counts,
+            decoded = self.native.decode_attention(
+                query[: metadata.num_decodes].contiguous(), key_cache, value_cache, metadata.decode, scale
             )
+            if not metadata.prefills:  # a pure decode step: the kernel's output is the whole step's
+                return decoded
+            output = torch.empty_like(query)
+            output[: metadata.num_decodes] = decoded
         else:
+            output = torch.empty_like(query)
             for group in metadata.decode:
                 rows = slice(group.start, group.start + group.block_tables.shape[0])
                 output[rows] = decode_attention(

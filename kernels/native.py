@@ -49,50 +49,54 @@ class NativeKernelsUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
+class DecodeBatch:
+    """The sequences a decode step's attention reads: checked once here, not again on every layer's call.
+
+    Sequence ``s`` owns the next ``row_counts[s]`` query rows (one, or one plus its drafts), the last at context
+    length ``context_lens[s]`` and each earlier one a position before the next."""
+
+    block_tables: torch.Tensor  # int32 [sequences, max blocks], padded with block 0 (never read past context_lens)
+    context_lens: torch.Tensor  # int32 [sequences]: the context of each sequence's last row
+    row_counts: torch.Tensor  # int32 [sequences]
+
+    def __post_init__(self) -> None:
+        for tensor in (self.block_tables, self.context_lens, self.row_counts):
+            if tensor.dtype != torch.int32 or not tensor.is_contiguous() or tensor.device.type != "cpu":
+                raise ValueError("block tables, context lengths and row counts must be contiguous int32 CPU tensors")
+        sequences = self.block_tables.shape[0]
+        if self.context_lens.shape != (sequences,) or self.row_counts.shape != (sequences,):
+            raise ValueError("a decode batch needs one context length and one row count per block table")
+
+
+@dataclass(frozen=True)
 class NativeKernels:
     library: ctypes.CDLL
 
     def decode_attention(
-        self,
-        query: torch.Tensor,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        block_tables: torch.Tensor,
-        context_lens: torch.Tensor,
-        scale: float,
-        row_counts: torch.Tensor | None = None,
+        self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: DecodeBatch, scale: float
     ) -> torch.Tensor:
-        """query [R, H, D], caches [blocks, block_size, KVH, D], int32 block_tables [S, max_blocks], context_lens
-        [S] and row_counts [S] -> [R, H, D]. Sequence ``s`` owns the next ``row_counts[s]`` query rows (default: one
-        each), the last at context length ``context_lens[s]`` and each earlier one a position before the next; the
-        kernel reads the sequence's K/V once for all of them."""
+        """query [R, H, D] (R = the batch's rows), caches [blocks, block_size, KVH, D] -> [R, H, D]; the kernel
+        reads each sequence's K/V once for all its rows."""
         num_heads, head_dim = query.shape[1:]
-        num_seqs = block_tables.shape[0]
-        if row_counts is None:
-            row_counts = torch.ones(num_seqs, dtype=torch.int32)
         _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
         if cache_head_dim != head_dim or head_dim not in SUPPORTED_HEAD_DIMS or num_heads % num_kv_heads:
             raise ValueError(f"unsupported attention shape: query {tuple(query.shape)}, cache {tuple(key_cache.shape)}")
-        for tensor in (query, key_cache, value_cache, block_tables, context_lens, row_counts):
-            if not tensor.is_contiguous() or tensor.device.type != "cpu":
-                raise ValueError("native decode attention needs contiguous CPU tensors")
-        if any(tensor.dtype != torch.int32 for tensor in (block_tables, context_lens, row_counts)):
-            raise ValueError("block tables, context lengths and row counts must be int32")
+        _check_rows(query, key_cache, value_cache)
         output = torch.empty_like(query)
         handled = self._entry("spindle_decode_attention", query.dtype)(
             query.data_ptr(),
             key_cache.data_ptr(),
             value_cache.data_ptr(),
-            block_tables.data_ptr(),
-            context_lens.data_ptr(),
-            row_counts.data_ptr(),
+            batch.block_tables.data_ptr(),
+            batch.context_lens.data_ptr(),
+            batch.row_counts.data_ptr(),
             output.data_ptr(),
-            num_seqs,
+            batch.block_tables.shape[0],
             num_heads,
             num_kv_heads,
             head_dim,
             block_size,
-            block_tables.shape[1],
+            batch.block_tables.shape[1],
             scale,
             torch.get_num_threads(),
         )
@@ -160,7 +164,7 @@ class NativeKernels:
 def _check_rows(first: torch.Tensor, *others: torch.Tensor) -> None:
     for tensor in (first, *others):
         if not tensor.is_contiguous() or tensor.device.type != "cpu" or tensor.dtype != first.dtype:
-            raise ValueError("the native layer kernels need contiguous CPU tensors of one dtype")
+            raise ValueError("the native kernels need contiguous CPU tensors of one dtype")
 
 
 def _compiler() -> str:
