@@ -1,8 +1,9 @@
 """Build and load the native CPU kernels (kernels/csrc) with the system C++ compiler, called through ctypes.
 
-The shared library is compiled once per source, compiler and CPU (``-march=native``) into a cache directory
-(``$SPINDLE_KERNEL_CACHE``, default ``~/.cache/spindle/kernels``) and reused by every later process. No PyTorch
-headers are involved, so a build takes about a second. Where no compiler is found or the build fails,
+The sources (decode attention, a layer's elementwise ops) are compiled into one shared library once per source
+text, compiler and CPU (``-march=native``) into a cache directory (``$SPINDLE_KERNEL_CACHE``, default
+``~/.cache/spindle/kernels``) and reused by every later process. No PyTorch headers are involved, so a build takes a
+few seconds. Where no compiler is found or the build fails,
 ``load_native_kernels`` returns None with the reason, and the vectorised PyTorch path serves instead.
 """
 
