@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from kernels.backend import BatchLayout
 from kernels.cpu_attention import CpuAttentionBackend, write_kv
-from kernels.native import load_native_kernels
+from kernels.native import DecodeBatch, load_native_kernels
 from tests.attention_reference import (
     HEADS,
     TOLERANCE,
@@ -190,3 +190,15 @@ def test_new_prompt_lengths_compile_no_new_attention_kernels() -> None:
     run = subprocess.run([sys.executable, "-c", NEW_LENGTHS_PROGRAM], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert float(run.stdout) < 40
+
+
+def test_native_decode_refuses_batches_and_caches_it_cannot_read() -> None:
+    tables, lengths, rows = torch.zeros(2, 4, dtype=torch.int32), torch.tensor([5, 9], dtype=torch.int32), torch.ones(2)
+    with pytest.raises(ValueError, match="contiguous int32"):
+        DecodeBatch(tables, lengths, rows)  # float row counts
+    with pytest.raises(ValueError, match="one context length and one row count per block table"):
+        DecodeBatch(tables, lengths[:1], rows.int())
+    batch = DecodeBatch(tables, lengths, rows.int())
+    cache = torch.zeros(4, 16, 3, 64)
+    with pytest.raises(ValueError, match="contiguous CPU tensors of one dtype"):
+        load_native_kernels().decode_attention(torch.zeros(2, 9, 64), cache, cache.bfloat16(), batch, 0.125)
