@@ -10,6 +10,7 @@ import math
 import signal
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 import httpx
@@ -20,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.config import EngineConfig
 from engine.errors import ConfigError
-from server.app import exit_cleanly, spindle_version
+from server.app import spindle_version
 from server.errors import error_response, install_error_handlers
 from server.metrics import RouterMetrics
 from server.middleware import BodySizeLimit
@@ -127,6 +128,11 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client has gone (the body was read already, so the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    """Uvicorn re-raises SIGTERM once its graceful shutdown is done: a served-out SIGTERM is a clean exit (0)."""
+    raise SystemExit(0)
 
 
 def run_router(config: EngineConfig) -> None:
