@@ -37,6 +37,7 @@ logger = logging.getLogger("spindle.engine")
 
 # A step is timed for the preemption policy's prefill rate when at least this many of its tokens are prefill.
 _MIN_PREFILL_TOKENS_TIMED = 64
+_WORKER_EXIT_GRACE_SECONDS = 2.0  # after a failed collective, how long a dying worker may take to exit
 
 
 @dataclass
@@ -233,9 +234,10 @@ class LLMEngine:
             "off" if disk_store is None else f"{disk_store.directory} ({disk_store.num_blocks} blocks stored)",
         )
 
-    def check_health(self) -> None:
-        """Raise WorkerGroupError if a tensor-parallel worker has died (checked between steps, and while idle)."""
-        self.ranks.check()
+    def check_health(self, wait: float = 0.0) -> None:
+        """Raise WorkerGroupError if a tensor-parallel worker has died (checked between steps, and while idle), after
+        up to ``wait`` seconds for one to exit."""
+        self.ranks.check(wait)
 
     def close(self) -> None:
         """Finish writing the prefix-cache disk tier and stop the tensor-parallel workers, if any; the engine runs no
@@ -410,7 +412,9 @@ class LLMEngine:
             )
             return sampled, prompt_logprobs, {}
         except WorkerGroupError:
-            self.check_health()  # a worker's exit explains the failure better than the collective's error does
+            # A worker's exit explains the failure better than the collective's error does. A killed worker's
+            # connections close a moment before the process can be reaped, so give it that moment.
+            self.check_health(wait=_WORKER_EXIT_GRACE_SECONDS)
             raise  # the ranks are out of step: no request can run any more
         except Exception as exc:
             if len(items) == 1:

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -65,14 +66,19 @@ class LocalRank:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _closed: bool = False
 
-    def check(self) -> None:
+    def check(self, wait: float = 0.0) -> None:
         """Raise WorkerGroupError if a started worker has exited (a dead worker would otherwise be noticed only at
-        the next step)."""
-        for rank, process in enumerate(self.processes, start=1):
-            if process.poll() is not None:
-                raise WorkerGroupError(
-                    f"tensor-parallel rank {rank} (pid {process.pid}) exited with code {process.returncode}"
-                )
+        the next step); ``wait`` seconds for one to exit first, e.g. after a collective failed."""
+        deadline = time.monotonic() + wait
+        while True:
+            for rank, process in enumerate(self.processes, start=1):
+                if process.poll() is not None:
+                    raise WorkerGroupError(
+                        f"tensor-parallel rank {rank} (pid {process.pid}) exited with code {process.returncode}"
+                    )
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def close(self) -> None:
         """Rank 0: end the workers' loop, wait for them briefly, then kill any that remain; leave the group.
