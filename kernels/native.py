@@ -3,8 +3,8 @@
 The sources (decode attention, a layer's elementwise ops) are compiled into one shared library once per source
 text, compiler and CPU (``-march=native``) into a cache directory (``$SPINDLE_KERNEL_CACHE``, default
 ``~/.cache/spindle/kernels``) and reused by every later process. No PyTorch headers are involved, so a build takes a
-few seconds. Where no compiler is found or the build fails,
-``load_native_kernels`` returns None with the reason, and the vectorised PyTorch path serves instead.
+few seconds. Where no compiler is found or the build fails, ``load_native_kernels`` raises
+NativeKernelsUnavailable with the reason, and the vectorised PyTorch paths serve instead.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class DecodeBatch:
 @dataclass(frozen=True)
 class NativeKernels:
     library: ctypes.CDLL
+    entries: dict[tuple[str, torch.dtype], Callable[..., Any]]  # (entry point prefix, dtype) -> configured function
 
     def decode_attention(
         self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: DecodeBatch, scale: float
@@ -111,6 +112,8 @@ class NativeKernels:
         """RMSNorm of ``x`` [rows, hidden] (contiguous); with ``residual``, of ``residual + x``, which is also
         written into ``residual`` (in place)."""
         _check_rows(x, weight, *(() if residual is None else (residual,)))
+        if x.dim() != 2 or weight.shape != x.shape[1:] or (residual is not None and residual.shape != x.shape):
+            raise ValueError("rms_norm needs x [rows, hidden], a weight [hidden] and a residual shaped like x")
         output = torch.empty_like(x)
         self._entry("spindle_rms_norm", x.dtype)(
             x.data_ptr(),
@@ -138,8 +141,14 @@ class NativeKernels:
         ``source`` [rows, >= (q_heads + k_heads) * dim] (rows may be strided, elements not), with ``cos``/``sin``
         [rows, dim] -> new Q [rows, q_heads, dim] and K [rows, k_heads, dim]."""
         rows, dim = cos.shape
-        if source.stride(1) != 1 or source.shape[1] < (q_heads + k_heads) * dim or source.dtype != cos.dtype:
-            raise ValueError("rotary needs rows of contiguous head vectors in the tables' dtype")
+        if (
+            source.stride(1) != 1
+            or source.shape[0] != rows
+            or source.shape[1] < (q_heads + k_heads) * dim
+            or sin.shape != cos.shape
+            or source.dtype != cos.dtype
+        ):
+            raise ValueError("rotary needs one row of contiguous head vectors per table row, in the tables' dtype")
         _check_rows(cos, sin)
         q, k = source.new_empty(rows, q_heads, dim), source.new_empty(rows, k_heads, dim)
         self._entry("spindle_rotary", source.dtype)(
@@ -157,9 +166,10 @@ class NativeKernels:
         return q, k
 
     def _entry(self, prefix: str, dtype: torch.dtype) -> Callable[..., Any]:
-        if dtype not in DTYPE_SUFFIXES:
+        entry = self.entries.get((prefix, dtype))
+        if entry is None:
             raise ValueError(f"the native kernels take {', '.join(map(str, DTYPE_SUFFIXES))}, not {dtype}")
-        return getattr(self.library, f"{prefix}_{DTYPE_SUFFIXES[dtype]}")
+        return entry
 
 
 def _check_rows(first: torch.Tensor, *others: torch.Tensor) -> None:
@@ -223,9 +233,11 @@ def load_native_kernels() -> NativeKernels:
         library = ctypes.CDLL(str(path))
     except OSError as error:
         raise NativeKernelsUnavailable(f"loading the native kernels failed: {error}") from error
+    entries = {}
     for prefix, (restype, argtypes) in _SIGNATURES.items():
-        for suffix in DTYPE_SUFFIXES.values():
+        for dtype, suffix in DTYPE_SUFFIXES.items():
             entry = getattr(library, f"{prefix}_{suffix}")
             entry.restype, entry.argtypes = restype, argtypes
+            entries[prefix, dtype] = entry
     logger.debug("native CPU kernels loaded from %s", path)
-    return NativeKernels(library)
+    return NativeKernels(library, entries)

@@ -92,3 +92,10 @@ def test_native_ops_refuse_what_they_cannot_read() -> None:
         kernels.rms_norm(x, torch.ones(HIDDEN, dtype=torch.bfloat16), EPS)
     with pytest.raises(ValueError, match="take"):
         kernels.silu_and_mul(torch.ones(4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="a weight \\[hidden\\]"):
+        kernels.rms_norm(x, torch.ones(HIDDEN - 1), EPS)
+    with pytest.raises(ValueError, match="a residual shaped like x"):
+        kernels.rms_norm(x, torch.ones(HIDDEN), EPS, torch.zeros(3, HIDDEN))
+    tables = torch.zeros(3, HEAD_DIM)  # one row short of the source's
+    with pytest.raises(ValueError, match="one row of contiguous head vectors per table row"):
+        kernels.rotary_qk(torch.zeros(4, (HEADS + 2 * KV_HEADS) * HEAD_DIM), HEADS, KV_HEADS, tables, tables)
