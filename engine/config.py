@@ -47,7 +47,7 @@ class ModelConfig:
     # int4 in bfloat16 when the model's own weights are GGUF Q4_1, which the copies reproduce; none otherwise: the CPU
     # kernel is 4x slower than dense fp32 matmuls with fp32 activations)
     weight_quantization: str = "auto"
-    int4_max_rows: int = 8  # steps of at most this many tokens use the 4-bit copies, larger ones the dense weights
+    int4_max_rows: int = 4  # steps of at most this many tokens use the 4-bit copies, larger ones the dense weights
 
     def __post_init__(self) -> None:
         _ = self.torch_dtype  # validates the name now rather than when the model is loaded

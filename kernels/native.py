@@ -1,10 +1,11 @@
 """Build and load the native CPU kernels (kernels/csrc) with the system C++ compiler, called through ctypes.
 
-The sources (decode attention, a layer's elementwise ops) are compiled into one shared library once per source
-text, compiler and CPU (``-march=native``) into a cache directory (``$SPINDLE_KERNEL_CACHE``, default
-``~/.cache/spindle/kernels``) and reused by every later process. No PyTorch headers are involved, so a build takes a
-few seconds. Where no compiler is found or the build fails, ``load_native_kernels`` raises
-NativeKernelsUnavailable with the reason, and the vectorised PyTorch paths serve instead.
+The sources (decode attention, a layer's elementwise ops, the AMX bf16 linear layer) are compiled into one shared
+library once per source text, compiler and CPU (``-march=native``) into a cache directory
+(``$SPINDLE_KERNEL_CACHE``, default ``~/.cache/spindle/kernels``) and reused by every later process. No PyTorch
+headers are involved, so a build takes a few seconds. Where no compiler is found or the build fails,
+``load_native_kernels`` raises NativeKernelsUnavailable with the reason, and the vectorised PyTorch paths serve
+instead.
 """
 
 from __future__ import annotations
@@ -28,21 +29,26 @@ import torch
 logger = logging.getLogger("spindle.kernels")
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
-SOURCES = ("cpu_paged_attention.cpp", "cpu_layer_ops.cpp")  # built into one library, with the headers beside them
+# built into one library, with the headers beside them
+SOURCES = ("cpu_paged_attention.cpp", "cpu_layer_ops.cpp", "cpu_amx_linear.cpp")
 LIBRARY_NAME = "spindle_cpu_kernels"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)  # instantiated in the kernel source
 DTYPE_SUFFIXES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}  # entry points per type
 _POINTER, _INT, _INT64, _FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-_SIGNATURES = {  # entry point prefix -> (restype, argtypes)
+_SIGNATURES = {  # entry point prefix -> (restype, argtypes, the dtypes it has an entry for)
     "spindle_decode_attention": (
         ctypes.c_bool,
         [_POINTER] * 7 + [_INT] * 6 + [_FLOAT, _INT],
+        tuple(DTYPE_SUFFIXES),
     ),
-    "spindle_rms_norm": (None, [_POINTER] * 4 + [_INT64, _INT, _FLOAT]),
-    "spindle_silu_and_mul": (None, [_POINTER, _POINTER, _INT64, _INT]),
-    "spindle_rotary": (None, [_POINTER, _INT64] + [_POINTER] * 4 + [_INT64, _INT, _INT, _INT]),
+    "spindle_rms_norm": (None, [_POINTER] * 4 + [_INT64, _INT, _FLOAT], tuple(DTYPE_SUFFIXES)),
+    "spindle_silu_and_mul": (None, [_POINTER, _POINTER, _INT64, _INT], tuple(DTYPE_SUFFIXES)),
+    "spindle_rotary": (None, [_POINTER, _INT64] + [_POINTER] * 4 + [_INT64, _INT, _INT, _INT], tuple(DTYPE_SUFFIXES)),
+    "spindle_amx_pack": (None, [_POINTER, _POINTER, _INT64, _INT64], (torch.bfloat16,)),
+    "spindle_amx_linear": (ctypes.c_bool, [_POINTER] * 3 + [_INT64] * 3 + [_INT], (torch.bfloat16,)),
 }
+AMX_BLOCK = 32  # the AMX linear kernel's weights: both dimensions a multiple of this
 
 
 class NativeKernelsUnavailable(RuntimeError):
@@ -73,6 +79,7 @@ class DecodeBatch:
 class NativeKernels:
     library: ctypes.CDLL
     entries: dict[tuple[str, torch.dtype], Callable[..., Any]]  # (entry point prefix, dtype) -> configured function
+    has_amx: bool  # the AMX-BF16 linear kernel is built for this CPU and the process may use the tiles
 
     def decode_attention(
         self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: DecodeBatch, scale: float
@@ -165,10 +172,38 @@ class NativeKernels:
         )
         return q, k
 
+    def pack_amx_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """A bf16 weight [out, in] (both multiples of AMX_BLOCK) in the AMX linear kernel's tile layout."""
+        self._check_amx_weight(weight.shape)
+        _check_rows(weight)
+        packed = torch.empty(weight.numel(), dtype=weight.dtype)
+        self._entry("spindle_amx_pack", weight.dtype)(weight.data_ptr(), packed.data_ptr(), *weight.shape)
+        return packed
+
+    def amx_linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+        """``x @ W.T`` for ``x`` [rows, in] (bf16, contiguous) and W [out_features, in] packed by pack_amx_weight."""
+        _check_rows(x, packed)
+        rows, in_features = x.shape
+        self._check_amx_weight((out_features, in_features))
+        if packed.numel() != out_features * in_features:
+            raise ValueError(f"a packed weight of {packed.numel()} elements is not [{out_features}, {in_features}]")
+        output = x.new_empty(rows, out_features)
+        self._entry("spindle_amx_linear", x.dtype)(
+            x.data_ptr(), packed.data_ptr(), output.data_ptr(), rows, out_features, in_features, torch.get_num_threads()
+        )
+        return output
+
+    def _check_amx_weight(self, shape: tuple[int, ...]) -> None:
+        if not self.has_amx:
+            raise ValueError("the native kernels have no AMX linear kernel on this CPU")
+        if len(shape) != 2 or shape[0] % AMX_BLOCK or shape[1] % AMX_BLOCK:
+            raise ValueError(f"the AMX linear kernel needs a weight [out, in], both multiples of {AMX_BLOCK}")
+
     def _entry(self, prefix: str, dtype: torch.dtype) -> Callable[..., Any]:
         entry = self.entries.get((prefix, dtype))
         if entry is None:
-            raise ValueError(f"the native kernels take {', '.join(map(str, DTYPE_SUFFIXES))}, not {dtype}")
+            dtypes = ", ".join(str(known) for name, known in self.entries if name == prefix)
+            raise ValueError(f"{prefix} takes {dtypes}, not {dtype}")
         return entry
 
 
@@ -234,10 +269,12 @@ def load_native_kernels() -> NativeKernels:
     except OSError as error:
         raise NativeKernelsUnavailable(f"loading the native kernels failed: {error}") from error
     entries = {}
-    for prefix, (restype, argtypes) in _SIGNATURES.items():
-        for dtype, suffix in DTYPE_SUFFIXES.items():
-            entry = getattr(library, f"{prefix}_{suffix}")
+    for prefix, (restype, argtypes, dtypes) in _SIGNATURES.items():
+        for dtype in dtypes:
+            entry = getattr(library, f"{prefix}_{DTYPE_SUFFIXES[dtype]}")
             entry.restype, entry.argtypes = restype, argtypes
             entries[prefix, dtype] = entry
-    logger.debug("native CPU kernels loaded from %s", path)
-    return NativeKernels(library, entries)
+    library.spindle_amx_enable.restype = ctypes.c_bool
+    has_amx = bool(library.spindle_amx_enable())
+    logger.debug("native CPU kernels loaded from %s (AMX linear kernel: %s)", path, has_amx)
+    return NativeKernels(library, entries, has_amx)

@@ -63,7 +63,7 @@ def test_small_steps_use_the_copy_and_larger_ones_the_dense_weight(dtype: torch.
 def test_auto_turns_the_copies_on_for_q4_1_projections_in_bf16_only(model_path) -> None:
     assert open_model(model_path).linear_weights_are_q4_1
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cpu) == 8
+    assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cpu) == ModelConfig().int4_max_rows
     assert ModelConfig().int4_rows(weights_are_q4_1=False, device=cpu) == 0
     assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cuda) == 0
     assert ModelConfig(dtype="float32").int4_rows(weights_are_q4_1=True, device=cpu) == 0

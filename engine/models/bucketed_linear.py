@@ -7,10 +7,11 @@ compiled at start-up. Steps of up to 64 rows (decodes) are bound by reading the 
 they pad to a multiple of 8; longer ones pad by at most an eighth, and a step that fills a power-of-two token budget
 exactly not at all.
 
-In bf16, ``pack`` keeps a second copy of the weight in oneDNN's blocked layout, which its matmuls otherwise rebuild
-from the plain one on every call: the same results bit for bit, 5-10% off a whole decode step at 1 and 8 sequences
-and 4% off a prefill (measured in one process, alternating). The plain weight stays for everything else that reads
-it.
+In bf16, ``pack`` keeps a second copy of the weight in the layout its kernel reads. On a CPU with AMX-BF16 that is
+the native AMX kernel's (``AmxWeight``), which takes every row count without padding and without compiling
+anything. Elsewhere it is oneDNN's blocked layout, which its matmuls otherwise rebuild from the plain weight on every
+call: the same results bit for bit, 5-10% off a whole decode step at 1 and 8 sequences and 4% off a prefill
+(measured in one process, alternating). The plain weight stays for everything else that reads it.
 
 A layer may also hold a 4-bit copy of its weight (``Int4Weight``) that steps of up to ``int4_max_rows`` rows use.
 """
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.models.amx_weights import AmxWeight
 from engine.models.int4_weights import Int4Weight
 from kernels.shape_buckets import BUCKETED_DTYPES, bucket_rows, bucket_sizes
 
@@ -28,16 +30,22 @@ from kernels.shape_buckets import BUCKETED_DTYPES, bucket_rows, bucket_sizes
 class BucketedLinear(nn.Linear):
     int4: Int4Weight | None = None
     int4_max_rows: int = 0
-    packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout
+    amx: AmxWeight | None = None  # the weight in the native AMX kernel's layout
+    packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout, where there is no AMX kernel
 
     def use_int4(self, weight: Int4Weight, max_rows: int) -> None:
         self.int4, self.int4_max_rows = weight, max_rows
 
     @torch.inference_mode()
-    def pack(self) -> None:
-        """Keep the oneDNN-blocked copy of the weight (bf16 on the CPU only; a no-op elsewhere). Call it again after
-        changing the weight."""
-        if self.bucketed and self.weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+    def pack(self, use_amx: bool = True) -> None:
+        """Keep a copy of the weight in its kernel's layout (bf16 on the CPU only; a no-op elsewhere): the native AMX
+        kernel's where it can run (unless ``use_amx`` is False), else oneDNN's. Call it again after changing the
+        weight."""
+        self.amx = self.packed = None
+        if not self.bucketed or self.weight.dtype != torch.bfloat16:
+            return
+        self.amx = AmxWeight.pack(self.weight) if use_amx else None
+        if self.amx is None and torch.backends.mkldnn.is_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
 
     @property
@@ -51,6 +59,9 @@ class BucketedLinear(nn.Linear):
             return out if self.bias is None else out + self.bias
         if not self.bucketed or x.dim() != 2:
             return F.linear(x, self.weight, self.bias)
+        if self.amx is not None:
+            out = self.amx.matmul(x)
+            return out if self.bias is None else out + self.bias
         padded = bucket_rows(rows)
         if padded == rows:
             return self._dense(x)
@@ -64,7 +75,7 @@ class BucketedLinear(nn.Linear):
     @torch.inference_mode()
     def warm_up(self, max_rows: int) -> None:
         """Run every bucket up to ``max_rows`` rows once, so its kernel is compiled now rather than during serving."""
-        if not self.bucketed:
+        if not self.bucketed or self.amx is not None:
             return
         for rows in bucket_sizes(max_rows):
             self(torch.zeros(rows, self.in_features, dtype=self.weight.dtype))

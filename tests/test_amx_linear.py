@@ -1,0 +1,100 @@
+"""The native AMX bf16 linear kernel against an fp32 matmul of the same bf16 values, and its place in BucketedLinear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from engine.models.amx_weights import AmxWeight
+from engine.models.bucketed_linear import BucketedLinear
+from kernels.native import NativeKernelsUnavailable, load_native_kernels
+
+
+def _amx_kernels():
+    try:
+        kernels = load_native_kernels()
+    except NativeKernelsUnavailable as exc:
+        pytest.skip(f"native kernels unavailable: {exc}")
+    if not kernels.has_amx:
+        pytest.skip("this CPU has no AMX-BF16")
+    return kernels
+
+
+def _bf16(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=generator).to(torch.bfloat16)
+
+
+def _assert_rounded_reference(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Each output is the fp32 product rounded to bf16: within one bf16 step of it, plus what fp32 summation in
+    another order may differ by (a generous 2^-20 of the sum of the terms' magnitudes)."""
+    reference = F.linear(x.float(), weight.float())
+    assert out.dtype == torch.bfloat16 and out.shape == reference.shape
+    summation = F.linear(x.float().abs(), weight.float().abs()) * 2.0**-20
+    assert ((out.float() - reference).abs() <= reference.abs() * 2.0**-7 + summation).all()
+    assert (out == reference.to(torch.bfloat16)).float().mean() > 0.99
+
+
+# Row counts: one tile row, a partial and a full 16-row tile, one and more 32-row blocks with and without a tail.
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 32, 33, 50, 64, 161])
+@pytest.mark.parametrize(("out_features", "in_features"), [(960, 576), (576, 1536), (64, 32)])
+def test_amx_linear_gives_the_rounded_fp32_product(rows: int, out_features: int, in_features: int) -> None:
+    kernels = _amx_kernels()
+    generator = torch.Generator().manual_seed(rows * out_features)
+    weight, x = _bf16((out_features, in_features), generator), _bf16((rows, in_features), generator)
+    out = kernels.amx_linear(x, kernels.pack_amx_weight(weight), out_features)
+    _assert_rounded_reference(out, x, weight)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_linear_is_the_same_on_any_number_of_threads(threads: int) -> None:
+    kernels = _amx_kernels()
+    generator = torch.Generator().manual_seed(threads)
+    weight, x = _bf16((3072, 576), generator), _bf16((40, 576), generator)
+    packed = kernels.pack_amx_weight(weight)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = kernels.amx_linear(x, packed, 3072)
+    finally:
+        torch.set_num_threads(previous)
+    _assert_rounded_reference(out, x, weight)
+    assert torch.equal(out, kernels.amx_linear(x, packed, 3072))  # each output's sum has one order
+
+
+def test_amx_linear_refuses_what_it_cannot_read() -> None:
+    kernels = _amx_kernels()
+    weight = torch.zeros(64, 64, dtype=torch.bfloat16)
+    packed = kernels.pack_amx_weight(weight)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        kernels.pack_amx_weight(torch.zeros(48, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="is not"):
+        kernels.amx_linear(torch.zeros(3, 64, dtype=torch.bfloat16), packed, 96)
+    with pytest.raises(ValueError, match=r"takes torch\.bfloat16"):
+        kernels.amx_linear(torch.zeros(3, 64), packed.float(), 64)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.amx_linear(torch.zeros(64, 3, dtype=torch.bfloat16).t(), packed, 64)
+
+
+def test_a_bf16_layer_computes_with_the_amx_copy_and_falls_back_where_it_cannot() -> None:
+    _amx_kernels()
+    generator = torch.Generator().manual_seed(0)
+    layer = BucketedLinear(576, 960, bias=True, dtype=torch.bfloat16)
+    odd = BucketedLinear(576, 100, bias=False, dtype=torch.bfloat16)  # 100 outputs: not a multiple of 32
+    with torch.no_grad():
+        layer.weight.copy_(_bf16((960, 576), generator))
+        layer.bias.copy_(_bf16((960,), generator))
+        odd.weight.copy_(_bf16((100, 576), generator))
+    layer.pack()
+    odd.pack()
+    assert isinstance(layer.amx, AmxWeight) and layer.packed is None
+    assert odd.amx is None and odd.packed is not None  # oneDNN's copy serves it
+    x = _bf16((21, 576), generator)
+    with torch.no_grad():
+        without_bias = layer.amx.matmul(x)
+        _assert_rounded_reference(without_bias, x, layer.weight)
+        assert torch.equal(layer(x), without_bias + layer.bias)
+        assert torch.equal(layer(x[:, None, :]), F.linear(x[:, None, :], layer.weight, layer.bias))  # 3-d: plain
+        torch.testing.assert_close(odd(x), F.linear(x, odd.weight))
+    layer.pack(use_amx=False)
+    assert layer.amx is None and layer.packed is not None
