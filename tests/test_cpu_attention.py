@@ -202,3 +202,27 @@ def test_native_decode_refuses_batches_and_caches_it_cannot_read() -> None:
     cache = torch.zeros(4, 16, 3, 64)
     with pytest.raises(ValueError, match="contiguous CPU tensors of one dtype"):
         load_native_kernels().decode_attention(torch.zeros(2, 9, 64), cache, cache.bfloat16(), batch, 0.125)
+
+
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+@pytest.mark.parametrize("gqa", sorted(HEADS))
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_native_bf16_decode_is_the_fp32_result_rounded_once(block_size: int, gqa: int, head_dim: int) -> None:
+    """The native kernel computes bf16 attention in fp32 from the cache's values and rounds only its output, so it
+    is within one bf16 rounding of the fp32 reference: far tighter than the shared bf16 tolerance, which allows for
+    kernels that round their intermediates (and which a 1 % error in the scores passes)."""
+    rng = random.Random(f"rounded-once-{block_size}-{gqa}-{head_dim}")
+    decodes = [1, block_size + 1, 5 * block_size - 3, 300, rng.randint(2, 12 * block_size)]
+    num_heads, num_kv_heads = HEADS[gqa]
+    case = make_case(rng, decodes, [], block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16)
+    scale = head_dim**-0.5
+    write_kv(case.key, case.value, case.key_cache, case.value_cache, torch.tensor(case.slots))
+    expected = reference_attention(case.query, case.key_cache, case.value_cache, case.layout, scale)
+    width = max(len(table) for table in case.layout.block_tables)
+    batch = DecodeBatch(
+        torch.tensor([table + [0] * (width - len(table)) for table in case.layout.block_tables], dtype=torch.int32),
+        torch.tensor(case.layout.context_lens, dtype=torch.int32),
+        torch.ones(len(decodes), dtype=torch.int32),
+    )
+    out = load_native_kernels().decode_attention(case.query, case.key_cache, case.value_cache, batch, scale)
+    assert ((out.float() - expected).abs() <= expected.abs() * 2.0**-8 + 1e-5).all()

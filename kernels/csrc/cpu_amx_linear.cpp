@@ -7,18 +7,13 @@
 // measured.
 //
 // Compiled to nothing but ``spindle_amx_enable`` returning false where the compiler does not target AMX-BF16
-// (-march=native on a CPU without it); Linux also has to grant the process the tile state, which the same call asks.
+// (-march=native on a CPU without it, see amx.h); Linux also has to grant the process the tile state, which the same
+// call asks for.
 
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#define SPINDLE_HAS_AMX 1
-#endif
+#include "amx.h"
 
 namespace {
 
@@ -28,26 +23,15 @@ constexpr int kTileRows = 16;
 constexpr int64_t kTileDepth = 32, kBlockColumns = 32, kTileElements = 512;
 
 #ifdef SPINDLE_HAS_AMX
-constexpr long kRequestTileState = 0x1023;  // arch_prctl ARCH_REQ_XCOMP_PERM
-constexpr long kTileDataFeature = 18;       // XFEATURE_XTILEDATA
 // Far enough ahead of the tile being read for the load to arrive in time, near enough to stay in L1: 4 steps of K.
 constexpr int64_t kPrefetchBytes = 8192;
 
 // Tiles 0-3 accumulate C for (row half, column half); 4 and 5 hold the rows of x; 6 and 7 the two weight tiles.
-struct alignas(64) TileConfig {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t bytes_per_row[16] = {};
-    uint8_t rows[16] = {};
-};
-
 void configure(int first_rows, int second_rows) {
-    TileConfig config;
+    spindle::TileConfig config;
     const int rows[8] = {first_rows, first_rows, second_rows, second_rows, first_rows, second_rows, kTileRows,
                          kTileRows};
-    for (int tile = 0; tile < 8; ++tile) {
-        config.rows[tile] = static_cast<uint8_t>(rows[tile]);
-        config.bytes_per_row[tile] = rows[tile] ? 64 : 0;
-    }
+    for (int tile = 0; tile < 8; ++tile) config.set(tile, rows[tile], 64);
     _tile_loadconfig(&config);
 }
 
@@ -127,14 +111,7 @@ void amx_linear(const uint16_t* x, const uint16_t* packed, uint16_t* out, int64_
 }  // namespace
 
 // Whether this build targets AMX-BF16 and the kernel may use the tiles (asks Linux for them once per process).
-extern "C" bool spindle_amx_enable() {
-#ifdef SPINDLE_HAS_AMX
-    static const bool granted = syscall(SYS_arch_prctl, kRequestTileState, kTileDataFeature) == 0;
-    return granted;
-#else
-    return false;
-#endif
-}
+extern "C" bool spindle_amx_enable() { return spindle::amx_usable(); }
 
 // W [N, K] (N and K multiples of 32) into the kernel's tile layout, ``packed`` [N * K].
 extern "C" void spindle_amx_pack_bf16(const uint16_t* weight, uint16_t* packed, int64_t out_features,
