@@ -47,8 +47,11 @@ _SIGNATURES = {  # entry point prefix -> (restype, argtypes, the dtypes it has a
     "spindle_rotary": (None, [_POINTER, _INT64] + [_POINTER] * 4 + [_INT64, _INT, _INT, _INT], tuple(DTYPE_SUFFIXES)),
     "spindle_amx_pack": (None, [_POINTER, _POINTER, _INT64, _INT64], (torch.bfloat16,)),
     "spindle_amx_linear": (ctypes.c_bool, [_POINTER] * 3 + [_INT64] * 3 + [_INT], (torch.bfloat16,)),
+    "spindle_amx_pack_int4": (None, [_POINTER] * 4 + [_INT64] * 2, (torch.bfloat16,)),
+    "spindle_amx_linear_int4": (ctypes.c_bool, [_POINTER] * 3 + [_INT64] * 3 + [_INT], (torch.bfloat16,)),
 }
-AMX_BLOCK = 32  # the AMX linear kernel's weights: both dimensions a multiple of this
+AMX_BLOCK = 32  # the AMX linear kernels' weights: both dimensions a multiple of this (and 4-bit groups this long)
+AMX_INT4_BYTES_PER_GROUP = 20  # the 4-bit layout: 32 levels of 4 bits, an fp16 scale and an fp16 minimum
 
 
 class NativeKernelsUnavailable(RuntimeError):
@@ -180,15 +183,53 @@ class NativeKernels:
         self._entry("spindle_amx_pack", weight.dtype)(weight.data_ptr(), packed.data_ptr(), *weight.shape)
         return packed
 
+    def pack_amx_int4(self, levels: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
+        """4-bit weights in the AMX kernel's layout, from ``levels`` [out, in] (uint8, 0-15) and the fp16 ``scales``
+        and ``minimums`` [out, in / AMX_BLOCK] of each group of AMX_BLOCK input channels: w = level * scale + min."""
+        self._check_amx_weight(levels.shape)
+        groups = (levels.shape[0], levels.shape[1] // AMX_BLOCK)
+        if levels.dtype != torch.uint8 or scales.shape != groups or minimums.shape != groups:
+            raise ValueError("4-bit packing needs uint8 levels [out, in] and a scale and minimum per group")
+        _check_rows(levels)
+        _check_rows(scales, minimums)
+        if scales.dtype != torch.float16:
+            raise ValueError("4-bit scales and minimums are fp16")
+        packed = torch.empty(groups[0] * groups[1] * AMX_INT4_BYTES_PER_GROUP, dtype=torch.uint8)
+        self._entry("spindle_amx_pack_int4", torch.bfloat16)(
+            levels.data_ptr(), scales.data_ptr(), minimums.data_ptr(), packed.data_ptr(), *levels.shape
+        )
+        return packed
+
     def amx_linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
         """``x @ W.T`` for ``x`` [rows, in] (bf16, contiguous) and W [out_features, in] packed by pack_amx_weight."""
-        _check_rows(x, packed)
+        packed_elements = out_features * x.shape[-1]
+        return self._amx_call("spindle_amx_linear", x, packed, torch.bfloat16, packed_elements, out_features)
+
+    def amx_linear_int4(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+        """``x @ W.T`` for ``x`` [rows, in] (bf16, contiguous) and W [out_features, in] packed by pack_amx_int4."""
+        groups = out_features * x.shape[-1] // AMX_BLOCK
+        packed_bytes = groups * AMX_INT4_BYTES_PER_GROUP
+        return self._amx_call("spindle_amx_linear_int4", x, packed, torch.uint8, packed_bytes, out_features)
+
+    def _amx_call(
+        self,
+        prefix: str,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        packed_dtype: torch.dtype,
+        packed_elements: int,
+        out_features: int,
+    ) -> torch.Tensor:
+        _check_rows(x)
+        _check_rows(packed)
+        if x.dtype != torch.bfloat16 or x.dim() != 2:
+            raise ValueError(f"the AMX linear kernels take torch.bfloat16 activations [rows, in], not {x.dtype}")
         rows, in_features = x.shape
         self._check_amx_weight((out_features, in_features))
-        if packed.numel() != out_features * in_features:
+        if packed.dtype != packed_dtype or packed.numel() != packed_elements:
             raise ValueError(f"a packed weight of {packed.numel()} elements is not [{out_features}, {in_features}]")
         output = x.new_empty(rows, out_features)
-        self._entry("spindle_amx_linear", x.dtype)(
+        self._entry(prefix, x.dtype)(
             x.data_ptr(), packed.data_ptr(), output.data_ptr(), rows, out_features, in_features, torch.get_num_threads()
         )
         return output
@@ -258,6 +299,15 @@ def _build(compiler: str) -> Path:
             raise NativeKernelsUnavailable(f"building {', '.join(SOURCES)} failed:\n{result.stderr.strip()[-2000:]}")
         os.replace(built, target)
     return target
+
+
+def amx_kernels() -> NativeKernels | None:
+    """The native kernels where their AMX-BF16 kernels can run here, else None."""
+    try:
+        kernels = load_native_kernels()
+    except NativeKernelsUnavailable:
+        return None
+    return kernels if kernels.has_amx else None
 
 
 @cache

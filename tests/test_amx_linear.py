@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from engine.models.amx_weights import AmxWeight
 from engine.models.bucketed_linear import BucketedLinear
+from engine.models.int4_weights import AmxInt4Weight, GroupLevels, TorchInt4Weight, quantize_int4
 from kernels.native import NativeKernelsUnavailable, load_native_kernels
 
 
@@ -62,6 +63,34 @@ def test_amx_linear_is_the_same_on_any_number_of_threads(threads: int) -> None:
     assert torch.equal(out, kernels.amx_linear(x, packed, 3072))  # each output's sum has one order
 
 
+@pytest.mark.parametrize("rows", [1, 3, 16, 32, 45, 161])
+@pytest.mark.parametrize(("out_features", "in_features"), [(960, 576), (576, 1536)])
+def test_the_4_bit_kernel_multiplies_by_its_levels_times_scales_plus_minimums(
+    rows: int, out_features: int, in_features: int
+) -> None:
+    kernels = _amx_kernels()
+    generator = torch.Generator().manual_seed(rows + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    levels = GroupLevels.of(weight)
+    scales, minimums = levels.scale.half(), levels.low.half()
+    # The weight the kernel computes with: each level times its group's fp16 scale plus its fp16 minimum, in fp32
+    # (never rounded to bf16).
+    groups = levels.levels.float().reshape(out_features, -1, 32)
+    dequantized = (groups * scales.float()[..., None] + minimums.float()[..., None]).reshape(weight.shape)
+    packed = kernels.pack_amx_int4(levels.levels.to(torch.uint8), scales, minimums)
+    assert packed.numel() * 2 == weight.numel() * 5 // 4  # 4 bits a weight, and 32 bits of scales per 32
+    x = _bf16((rows, in_features), generator)
+    _assert_rounded_reference(kernels.amx_linear_int4(x, packed, out_features), x, dequantized)
+
+
+def test_bf16_4_bit_copies_use_the_amx_kernel_where_the_shape_allows() -> None:
+    _amx_kernels()
+    weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(3))
+    assert isinstance(quantize_int4(weight, torch.bfloat16), AmxInt4Weight)
+    assert isinstance(quantize_int4(weight, torch.float32), TorchInt4Weight)
+    assert isinstance(quantize_int4(weight[:48], torch.bfloat16), TorchInt4Weight)  # 48 outputs: not a multiple of 32
+
+
 def test_amx_linear_refuses_what_it_cannot_read() -> None:
     kernels = _amx_kernels()
     weight = torch.zeros(64, 64, dtype=torch.bfloat16)
@@ -70,10 +99,17 @@ def test_amx_linear_refuses_what_it_cannot_read() -> None:
         kernels.pack_amx_weight(torch.zeros(48, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="is not"):
         kernels.amx_linear(torch.zeros(3, 64, dtype=torch.bfloat16), packed, 96)
-    with pytest.raises(ValueError, match=r"takes torch\.bfloat16"):
+    with pytest.raises(ValueError, match=r"take torch\.bfloat16 activations"):
         kernels.amx_linear(torch.zeros(3, 64), packed.float(), 64)
     with pytest.raises(ValueError, match="contiguous"):
         kernels.amx_linear(torch.zeros(64, 3, dtype=torch.bfloat16).t(), packed, 64)
+    with pytest.raises(ValueError, match="is not"):
+        kernels.amx_linear_int4(torch.zeros(3, 64, dtype=torch.bfloat16), packed, 64)  # a bf16 packing
+    scales = torch.ones(64, 2, dtype=torch.float16)
+    with pytest.raises(ValueError, match="uint8 levels"):
+        kernels.pack_amx_int4(torch.zeros(64, 64, dtype=torch.int32), scales, scales)
+    with pytest.raises(ValueError, match="fp16"):
+        kernels.pack_amx_int4(torch.zeros(64, 64, dtype=torch.uint8), scales.float(), scales.float())
 
 
 def test_a_bf16_layer_computes_with_the_amx_copy_and_falls_back_where_it_cannot() -> None:

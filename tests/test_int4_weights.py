@@ -9,33 +9,49 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from torch.nn import functional as F
 
-from engine.config import ModelConfig
+from engine.config import AMX_INT4_MAX_ROWS, TORCH_INT4_MAX_ROWS, ModelConfig
 from engine.errors import ConfigError
 from engine.loader import open_model
 from engine.models.bucketed_linear import BucketedLinear
-from engine.models.int4_weights import GROUP_SIZE, Int4Weight
+from engine.models.int4_weights import (
+    GROUP_SIZE,
+    AmxInt4Weight,
+    GroupLevels,
+    Int4Weight,
+    TorchInt4Weight,
+    quantize_int4,
+)
+from kernels.native import amx_kernels
 
 
-def dequantized_through_the_kernel(weight: Int4Weight, in_features: int) -> torch.Tensor:
-    return weight.matmul(torch.eye(in_features, dtype=weight.scales_and_zeros.dtype)).T
+def dequantized_through_the_kernel(weight: Int4Weight, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    return weight.matmul(torch.eye(in_features, dtype=dtype)).T
 
 
 def test_q4_1_weights_of_the_default_model_are_reproduced_exactly(model_path) -> None:
+    """In fp32 through PyTorch's kernel, the file's values; in bf16 through the AMX kernel (where this CPU has it),
+    those values rounded to bf16: the dense bf16 weights, bit for bit."""
     reader = GGUFReader(model_path)
     tensors = [t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q4_1]
     assert len(tensors) == 30 * 7
+    kernels = amx_kernels()
     for tensor in tensors[:: len(tensors) // 12]:  # every projection kind, across the layers
         reference = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
-        copy = Int4Weight.quantize(reference, torch.float32)
-        assert torch.equal(dequantized_through_the_kernel(copy, reference.shape[1]), reference), tensor.name
+        levels = GroupLevels.of(reference)
+        copy = TorchInt4Weight.pack(levels, torch.float32)
+        assert torch.equal(dequantized_through_the_kernel(copy, reference.shape[1], torch.float32), reference)
+        if kernels is not None:
+            amx = AmxInt4Weight.pack(kernels, levels)
+            through_amx = dequantized_through_the_kernel(amx, reference.shape[1], torch.bfloat16)
+            assert torch.equal(through_amx, reference.to(torch.bfloat16)), tensor.name
 
 
 def test_other_weights_are_within_half_a_level() -> None:
     weight = torch.randn(96, 4 * GROUP_SIZE, generator=torch.Generator().manual_seed(0))
-    copy = Int4Weight.quantize(weight, torch.float32)
+    copy = TorchInt4Weight.pack(GroupLevels.of(weight), torch.float32)
     groups = weight.reshape(96, -1, GROUP_SIZE)
     half_level = ((groups.amax(-1) - groups.amin(-1)) / 15 / 2).repeat_interleave(GROUP_SIZE, dim=1)
-    error = (dequantized_through_the_kernel(copy, weight.shape[1]) - weight).abs()
+    error = (dequantized_through_the_kernel(copy, weight.shape[1], torch.float32) - weight).abs()
     assert (error <= half_level * 1.0001 + 1e-6).all()
     assert error.max() > 0  # random weights are not 4-bit: the bound is not trivially met
 
@@ -46,9 +62,10 @@ def test_small_steps_use_the_copy_and_larger_ones_the_dense_weight(dtype: torch.
     layer = BucketedLinear(2 * GROUP_SIZE, 48, bias=False, dtype=dtype)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(48, 2 * GROUP_SIZE, generator=generator))
-    copy = Int4Weight.quantize(layer.weight.float(), dtype)
+    copy = quantize_int4(layer.weight.float(), dtype)
     layer.use_int4(copy, max_rows=4)
-    dequantized = dequantized_through_the_kernel(Int4Weight.quantize(layer.weight.float(), torch.float32), 64)
+    exact = TorchInt4Weight.pack(GroupLevels.of(layer.weight.float()), torch.float32)
+    dequantized = dequantized_through_the_kernel(exact, 64, torch.float32)
     with torch.no_grad():
         for rows in (1, 4, 5, 9):
             x = torch.randn(rows, 2 * GROUP_SIZE, generator=generator).to(dtype)
@@ -63,7 +80,9 @@ def test_small_steps_use_the_copy_and_larger_ones_the_dense_weight(dtype: torch.
 def test_auto_turns_the_copies_on_for_q4_1_projections_in_bf16_only(model_path) -> None:
     assert open_model(model_path).linear_weights_are_q4_1
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cpu) == ModelConfig().int4_max_rows
+    # By default, as many rows as the copies' kernel on this machine wins at.
+    expected = AMX_INT4_MAX_ROWS if amx_kernels() is not None else TORCH_INT4_MAX_ROWS
+    assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cpu) == expected
     assert ModelConfig().int4_rows(weights_are_q4_1=False, device=cpu) == 0
     assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cuda) == 0
     assert ModelConfig(dtype="float32").int4_rows(weights_are_q4_1=True, device=cpu) == 0

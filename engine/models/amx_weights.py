@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.native import AMX_BLOCK, NativeKernels, NativeKernelsUnavailable, load_native_kernels
+from kernels.native import AMX_BLOCK, NativeKernels, amx_kernels
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,8 @@ class AmxWeight:
             return None
         if weight.shape[0] % AMX_BLOCK or weight.shape[1] % AMX_BLOCK:
             return None
-        try:
-            kernels = load_native_kernels()
-        except NativeKernelsUnavailable:
-            return None
-        if not kernels.has_amx:
+        kernels = amx_kernels()
+        if kernels is None:
             return None
         return cls(kernels, kernels.pack_amx_weight(weight.detach().contiguous()), weight.shape[0])
 

@@ -1,52 +1,111 @@
-"""4-bit weight-only copies of linear layers, for the small steps whose time is spent reading weights.
+"""4-bit weight-only copies of linear layers, for the steps whose time is spent reading weights.
 
-A decode step of a few sequences reads every weight once and does little arithmetic with it, so its time is the
-weights' bytes: a 4-bit copy (with one scale and offset per group of 32 input channels) is about a quarter of bf16's
-and runs several times faster at one to four rows on this kind of CPU. Larger steps are bound by arithmetic, where the
-dense bf16 weights on AMX win, so a layer keeps both and picks by the step's row count (see ``BucketedLinear``).
+A decode step reads every weight once and, at a few dozen rows, does little arithmetic with it, so its time is the
+weights' bytes: a 4-bit copy (with one scale and offset per group of 32 input channels) is about a quarter of bf16's.
+Two kernels multiply it:
 
-The levels are asymmetric min/max per group: ``w = (level - 8) * scale + zero`` with ``zero = min + 8 * scale``, the
-form of PyTorch's CPU kernel ``_weight_int4pack_mm_for_cpu``. A GGUF ``Q4_1`` block stores exactly this (32 weights,
-``w = level * d + m`` with the block's minimum at level 0 and its maximum at 15), so requantizing its dequantized
-values recovers the file's own levels: for such a model the 4-bit path computes with the weights as published.
+- ``AmxInt4Weight`` (bf16 on a CPU with AMX-BF16): the native kernel multiplies 16 rows at a time by each group's
+  levels on AMX tiles (the levels are exact in bf16) and applies the group's scale and minimum to those fp32 dot
+  products, so no weight is rounded to bf16. Ahead of the dense weights up to 16 rows.
+- ``TorchInt4Weight``: PyTorch's CPU kernel ``_weight_int4pack_mm_for_cpu``, which falls behind the dense weights
+  beyond about 4 rows.
+
+A layer holds one of them and uses it for steps of up to ``int4_max_rows`` rows (see ``BucketedLinear``).
+
+The levels are asymmetric min/max per group: ``w = level * scale + min``, levels 0 to 15. A GGUF ``Q4_1`` block stores
+exactly this (32 weights, ``w = level * d + m`` with the block's minimum at level 0 and its maximum at 15), so
+requantizing its dequantized values recovers the file's own levels, and fp16 scales and minimums (as Q4_1 stores
+them) its own ``d`` and ``m``: for such a model the AMX kernel computes with the file's weights exactly, which the
+dense bf16 copy holds rounded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from kernels.native import AMX_BLOCK, NativeKernels, amx_kernels
+
 GROUP_SIZE = 32
 _LEVELS = 15
-_MIDPOINT = 8
+_MIDPOINT = 8  # PyTorch's kernel stores levels around 8: w = (level - 8) * scale + (min + 8 * scale)
+assert GROUP_SIZE == AMX_BLOCK
+
+
+class Int4Weight(Protocol):
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for ``x`` [rows, in] in the layer's dtype."""
+        ...
 
 
 @dataclass(frozen=True)
-class Int4Weight:
-    packed: torch.Tensor  # the levels in the CPU kernel's packed layout
-    scales_and_zeros: torch.Tensor  # [in_features / GROUP_SIZE, out_features, 2], in the activations' dtype
-    out_features: int
+class GroupLevels:
+    """A weight [out, in] as 4-bit levels per group of GROUP_SIZE input channels: w = level * scale + low."""
 
-    @staticmethod
-    def supports(weight: torch.Tensor) -> bool:
-        return weight.dim() == 2 and weight.device.type == "cpu" and weight.shape[1] % GROUP_SIZE == 0
+    levels: torch.Tensor  # int32 [out, in], 0 to 15
+    scale: torch.Tensor  # fp32 [out, in / GROUP_SIZE]
+    low: torch.Tensor  # fp32 [out, in / GROUP_SIZE]
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
-        """Levels from ``weight`` [out, in] (best given in fp32, before rounding to ``dtype``); scales in ``dtype``."""
+    def of(cls, weight: torch.Tensor) -> GroupLevels:
+        """The levels of ``weight`` (best given in fp32, before rounding to the activations' dtype)."""
         out_features, in_features = weight.shape
         groups = weight.float().reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
         low = groups.amin(dim=-1)
         scale = ((groups.amax(dim=-1) - low) / _LEVELS).clamp(min=torch.finfo(torch.float32).tiny)
         levels = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, _LEVELS)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            levels.reshape(out_features, in_features).to(torch.int32), 1
-        )
-        zero = low + _MIDPOINT * scale
-        scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
-        return cls(packed, scales_and_zeros, out_features)
+        return cls(levels.reshape(out_features, in_features).to(torch.int32), scale, low)
+
+
+def supports_int4(weight: torch.Tensor) -> bool:
+    return weight.dim() == 2 and weight.device.type == "cpu" and weight.shape[1] % GROUP_SIZE == 0
+
+
+def quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
+    """The 4-bit copy of ``weight`` [out, in] for activations of ``dtype``, for the fastest kernel that takes it."""
+    group_levels = GroupLevels.of(weight)
+    kernels = amx_kernels()
+    if kernels is not None and dtype == torch.bfloat16 and weight.shape[0] % AMX_BLOCK == 0:
+        amx = AmxInt4Weight.pack(kernels, group_levels)
+        if amx is not None:
+            return amx
+    return TorchInt4Weight.pack(group_levels, dtype)
+
+
+@dataclass(frozen=True)
+class AmxInt4Weight:
+    kernels: NativeKernels
+    packed: torch.Tensor  # levels, scales and minimums in the AMX kernel's layout
+    out_features: int
+
+    @classmethod
+    def pack(cls, kernels: NativeKernels, group_levels: GroupLevels) -> AmxInt4Weight | None:
+        """The copy, or None where a scale or minimum is beyond fp16's range."""
+        levels = group_levels.levels.to(torch.uint8)
+        scales, lows = group_levels.scale.half(), group_levels.low.half()
+        if not (scales.isfinite().all() and lows.isfinite().all()):
+            return None
+        return cls(kernels, kernels.pack_amx_int4(levels, scales, lows), levels.shape[0])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` for ``x`` [rows, in] in the scales' dtype."""
+        return self.kernels.amx_linear_int4(x.contiguous(), self.packed, self.out_features)
+
+
+@dataclass(frozen=True)
+class TorchInt4Weight:
+    packed: torch.Tensor  # the levels in the CPU kernel's packed layout
+    scales_and_zeros: torch.Tensor  # [in_features / GROUP_SIZE, out_features, 2], in the activations' dtype
+    out_features: int
+
+    @classmethod
+    def pack(cls, group_levels: GroupLevels, dtype: torch.dtype) -> TorchInt4Weight:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(group_levels.levels, 1)
+        scale = group_levels.scale
+        zero = group_levels.low + _MIDPOINT * scale
+        scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        return cls(packed, scales_and_zeros, group_levels.levels.shape[0])
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scales_and_zeros)

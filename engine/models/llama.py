@@ -25,7 +25,7 @@ from torch import nn
 from engine.errors import ModelLoadError
 from engine.model_spec import ModelSpec
 from engine.models.bucketed_linear import BucketedLinear
-from engine.models.int4_weights import Int4Weight
+from engine.models.int4_weights import quantize_int4, supports_int4
 from engine.models.layer_ops import RotaryAngles, layer_ops_for
 from engine.parallel.group import TensorParallelGroup
 from engine.parallel.shard import TensorShard
@@ -261,8 +261,8 @@ class LlamaForCausalLM(nn.Module):
                 full[offset : offset + tensor.shape[0]].copy_(tensor)
                 if parts_loaded[target] == parts_needed[target]:
                     full = staged.pop(target)
-                    if Int4Weight.supports(full):
-                        projections[target].use_int4(Int4Weight.quantize(full, param.dtype), int4_max_rows)
+                    if supports_int4(full):
+                        projections[target].use_int4(quantize_int4(full, param.dtype), int4_max_rows)
         missing = [name for name, needed in parts_needed.items() if parts_loaded[name] < needed]
         if missing:
             raise ModelLoadError(f"weights missing from the model files: {', '.join(missing[:5])}")

@@ -1,10 +1,14 @@
-// A bf16 linear layer on AMX tiles: out[M, N] = x[M, K] @ W[N, K]^T with fp32 accumulation, rounded to bf16.
+// Linear layers on AMX tiles: out[M, N] = x[M, K] @ W[N, K]^T, bf16 activations, fp32 accumulation, bf16 out.
 //
-// A decode step of a few dozen rows is bound by reading the weights, and oneDNN's matmul, called from PyTorch, read
-// them at about half the rate this machine streams memory at. This kernel keeps each weight in the tiles' own layout
-// (packed once, at load), walks it once per call in order while prefetching ahead, and reuses every weight tile for
-// 32 rows: within a few percent of the memory bandwidth up to 32 rows, and ahead of oneDNN at every row count
-// measured.
+// bf16 weights: a decode step of a few dozen rows is bound by reading the weights, and oneDNN's matmul, called from
+// PyTorch, read them at about half the rate this machine streams memory at. This kernel keeps each weight in the
+// tiles' own layout (packed once, at load), walks it once per call in order while prefetching ahead, and reuses
+// every weight tile for 32 rows: within a few percent of the memory bandwidth up to 32 rows, and ahead of oneDNN at
+// every row count measured.
+//
+// 4-bit weights (levels with an fp16 scale and minimum per 32 input channels, GGUF Q4_1's form): a quarter of the
+// bytes, for steps of up to 16 rows. The tiles multiply x by the levels themselves (exact in bf16) and the vector
+// units apply each group's scale and minimum to the fp32 products, so no weight is rounded.
 //
 // Compiled to nothing but ``spindle_amx_enable`` returning false where the compiler does not target AMX-BF16
 // (-march=native on a CPU without it, see amx.h); Linux also has to grant the process the tile state, which the same
@@ -12,8 +16,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include "amx.h"
+#include "numeric.h"
 
 namespace {
 
@@ -69,6 +76,134 @@ void store_block(float (*c)[kBlockColumns], int rows, uint16_t* out, int64_t out
     for (int row = 0; row < rows; ++row) {
         const __m512bh rounded = _mm512_cvtne2ps_pbh(_mm512_load_ps(&c[row][16]), _mm512_load_ps(&c[row][0]));
         _mm512_storeu_si512(out + row * out_features, reinterpret_cast<__m512i>(rounded));
+    }
+}
+
+// The 4-bit layout, per 32-column block and 32 input channels (one quantization group): the 32 columns' scales,
+// then their minimums (fp16 each), then the levels of the block's two weight tiles, each as 8 pairs of tile rows:
+// 32 bytes whose byte i holds lane i's level in the first row (low nibble) and in the second (high nibble). A lane
+// is a (column, channel) pair as in the bf16 tiles. 640 bytes where bf16 takes 2048.
+constexpr int64_t kInt4StepBytes = 640, kInt4ScaleBytes = 64, kInt4TileBytes = 256;
+
+// The levels of one group (two tiles) as exact bf16 integers 0-15, in the bf16 tile layout: each byte's two nibbles
+// go to bf16 lanes of consecutive tile rows through a 16-entry table (vpermw).
+void unpack_levels(const uint8_t* levels, uint16_t* tiles) {
+    static const __m512i table = [] {
+        alignas(64) uint16_t bits[32] = {};
+        for (int level = 0; level < 16; ++level) {
+            const float value = static_cast<float>(level);
+            uint32_t word;
+            std::memcpy(&word, &value, sizeof(word));
+            bits[level] = static_cast<uint16_t>(word >> 16);  // small integers are exact in bf16
+        }
+        return _mm512_load_si512(bits);
+    }();
+    const __m512i nibble = _mm512_set1_epi16(0xF);
+    for (int pair = 0; pair < 16; ++pair) {  // 8 pairs of rows in each of the two tiles
+        const __m512i bytes =
+            _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(levels + pair * 32)));
+        _mm512_store_si512(tiles + pair * 64, _mm512_permutexvar_epi16(_mm512_and_si512(bytes, nibble), table));
+        _mm512_store_si512(tiles + pair * 64 + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table));
+    }
+}
+
+// One group's product of (at most 16) rows of x with the levels of a 32-column block, into ``products`` [rows][32]:
+// tiles C0 and C1 (the block's halves) and A; the weight tiles are 6 and 7. Alternating C and A between
+// consecutive groups lets one group's product overlap the next's. (A macro: the intrinsics take tile numbers as
+// literals.)
+#define SPINDLE_GROUP_PRODUCT(name, C0, C1, A)                                             \
+    void name(const uint16_t* x, int64_t stride, const uint16_t* tiles, float* products) { \
+        _tile_zero(C0);                                                                     \
+        _tile_zero(C1);                                                                     \
+        _tile_loadd(A, x, stride);                                                          \
+        _tile_loadd(6, tiles, 64);                                                          \
+        _tile_loadd(7, tiles + kTileElements, 64);                                          \
+        _tile_dpbf16ps(C0, A, 6);                                                           \
+        _tile_dpbf16ps(C1, A, 7);                                                           \
+        _tile_stored(C0, products, kBlockColumns * sizeof(float));                          \
+        _tile_stored(C1, products + 16, kBlockColumns * sizeof(float));                     \
+    }
+SPINDLE_GROUP_PRODUCT(even_group_product, 0, 1, 4)
+SPINDLE_GROUP_PRODUCT(odd_group_product, 2, 3, 5)
+#undef SPINDLE_GROUP_PRODUCT
+
+// Adds one group's scaled product to the rows' totals: total += scale * product + minimum * (the row's sum of x).
+void scale_group(const uint8_t* group, const float* products, const float* row_sums, int64_t sum_stride, int count,
+                 __m512 (*totals)[2]) {
+    const auto* halves = reinterpret_cast<const __m256i*>(group);
+    const __m512 scale[2] = {_mm512_cvtph_ps(_mm256_loadu_si256(halves)),
+                             _mm512_cvtph_ps(_mm256_loadu_si256(halves + 1))};
+    const __m512 minimum[2] = {_mm512_cvtph_ps(_mm256_loadu_si256(halves + 2)),
+                               _mm512_cvtph_ps(_mm256_loadu_si256(halves + 3))};
+    for (int row = 0; row < count; ++row) {
+        const __m512 row_sum = _mm512_set1_ps(row_sums[row * sum_stride]);
+        for (int half = 0; half < 2; ++half) {
+            const __m512 product = _mm512_load_ps(products + row * kBlockColumns + 16 * half);
+            totals[row][half] = _mm512_fmadd_ps(product, scale[half], totals[row][half]);
+            totals[row][half] = _mm512_fmadd_ps(row_sum, minimum[half], totals[row][half]);
+        }
+    }
+}
+
+// out = x @ W^T for 4-bit W, 16 rows of x at a time: per group, the AMX tiles multiply x by the levels themselves
+// (exact in bf16), and the group's scale and minimum are applied to that fp32 dot product:
+// sum_g scale * (x . levels) + minimum * sum(x over g). No weight is ever rounded to bf16. Software-pipelined: the
+// vector units scale group g - 1 while the tiles multiply group g.
+void linear_int4(const uint16_t* x, const uint8_t* packed, uint16_t* out, int64_t rows, int64_t out_features,
+                 int64_t in_features, int threads) {
+    const int64_t k_steps = in_features / kTileDepth, blocks = out_features / kBlockColumns;
+    std::vector<float> sums(rows * k_steps);  // each row's sum over each group
+    for (int64_t row = 0; row < rows; ++row)
+        for (int64_t step = 0; step < k_steps; ++step) {
+            float total = 0.0f;
+            for (int64_t i = 0; i < kTileDepth; ++i)
+                total += spindle::to_float(spindle::BFloat16{x[row * in_features + step * kTileDepth + i]});
+            sums[row * k_steps + step] = total;
+        }
+    const int64_t stride = in_features * sizeof(uint16_t);
+#pragma omp parallel num_threads(threads)
+    {
+        alignas(64) uint16_t tiles[2][2 * kTileElements];         // the levels as bf16, by group parity
+        alignas(64) float products[2][kTileRows * kBlockColumns];  // the groups' products, by parity
+        __m512 totals[kTileRows][2];
+        int configured = -1;
+#pragma omp for schedule(static)
+        for (int64_t block = 0; block < blocks; ++block) {
+            const uint8_t* weights = packed + block * k_steps * kInt4StepBytes;
+            for (int64_t first = 0; first < rows; first += kTileRows) {
+                const int count = static_cast<int>(std::min<int64_t>(rows - first, kTileRows));
+                if (count != configured) {
+                    configure(count, count);
+                    configured = count;
+                }
+                for (int row = 0; row < count; ++row) totals[row][0] = totals[row][1] = _mm512_setzero_ps();
+                const uint16_t* x_rows = x + first * in_features;
+                const float* row_sums = sums.data() + first * k_steps;
+                for (int64_t step = 0; step < k_steps; ++step) {
+                    const uint8_t* group = weights + step * kInt4StepBytes;
+                    if (first == 0)
+                        for (int64_t line = 0; line < kInt4StepBytes; line += 64)
+                            _mm_prefetch(reinterpret_cast<const char*>(group) + kPrefetchBytes + line, _MM_HINT_T0);
+                    const int parity = static_cast<int>(step % 2);
+                    unpack_levels(group + 2 * kInt4ScaleBytes, tiles[parity]);
+                    if (parity)
+                        odd_group_product(x_rows + step * kTileDepth, stride, tiles[1], products[1]);
+                    else
+                        even_group_product(x_rows + step * kTileDepth, stride, tiles[0], products[0]);
+                    if (step > 0)
+                        scale_group(group - kInt4StepBytes, products[1 - parity], row_sums + step - 1, k_steps, count,
+                                    totals);
+                }
+                scale_group(weights + (k_steps - 1) * kInt4StepBytes, products[(k_steps - 1) % 2],
+                            row_sums + k_steps - 1, k_steps, count, totals);
+                for (int row = 0; row < count; ++row) {
+                    const __m512bh rounded = _mm512_cvtne2ps_pbh(totals[row][1], totals[row][0]);
+                    _mm512_storeu_si512(out + (first + row) * out_features + block * kBlockColumns,
+                                        reinterpret_cast<__m512i>(rounded));
+                }
+            }
+        }
+        if (configured >= 0) _tile_release();
     }
 }
 
@@ -135,6 +270,45 @@ extern "C" bool spindle_amx_linear_bf16(const uint16_t* x, const uint16_t* packe
                                         int64_t out_features, int64_t in_features, int threads) {
 #ifdef SPINDLE_HAS_AMX
     amx_linear(x, packed, out, rows, out_features, in_features, threads);
+    return true;
+#else
+    (void)x, (void)packed, (void)out, (void)rows, (void)out_features, (void)in_features, (void)threads;
+    return false;
+#endif
+}
+
+// Levels [N, K] (one per byte, 0-15) with fp16 scales and minimums [N, K / 32] into the kernel's 4-bit layout,
+// ``packed`` [N * K / 32 * 20] bytes.
+extern "C" void spindle_amx_pack_int4_bf16(const uint8_t* levels, const uint16_t* scales, const uint16_t* minimums,
+                                           uint8_t* packed, int64_t out_features, int64_t in_features) {
+    const int64_t k_steps = in_features / kTileDepth;
+    for (int64_t block = 0; block < out_features / kBlockColumns; ++block)
+        for (int64_t step = 0; step < k_steps; ++step) {
+            uint8_t* target = packed + (block * k_steps + step) * kInt4StepBytes;
+            auto* fp16 = reinterpret_cast<uint16_t*>(target);
+            for (int column = 0; column < kBlockColumns; ++column) {
+                fp16[column] = scales[(block * kBlockColumns + column) * k_steps + step];
+                fp16[kBlockColumns + column] = minimums[(block * kBlockColumns + column) * k_steps + step];
+            }
+            // Lane i of tile row r: column i / 2 of the half, channel 2 r + i % 2 of the group.
+            for (int half = 0; half < 2; ++half)
+                for (int row = 0; row < 16; ++row)
+                    for (int lane = 0; lane < 32; ++lane) {
+                        const int64_t column = block * kBlockColumns + half * 16 + lane / 2;
+                        const int64_t channel = step * kTileDepth + 2 * row + lane % 2;
+                        const uint8_t level = levels[column * in_features + channel] & 0xF;
+                        uint8_t& byte = target[2 * kInt4ScaleBytes + half * kInt4TileBytes + row / 2 * 32 + lane];
+                        byte = static_cast<uint8_t>(row % 2 ? (byte | level << 4) : level);
+                    }
+        }
+}
+
+// out [M, N] = x [M, K] @ W^T for W packed by spindle_amx_pack_int4_bf16. Made for small steps: each 16 rows unpack
+// the levels again. False if this build has no AMX kernel.
+extern "C" bool spindle_amx_linear_int4_bf16(const uint16_t* x, const uint8_t* packed, uint16_t* out, int64_t rows,
+                                             int64_t out_features, int64_t in_features, int threads) {
+#ifdef SPINDLE_HAS_AMX
+    linear_int4(x, packed, out, rows, out_features, in_features, threads);
     return true;
 #else
     (void)x, (void)packed, (void)out, (void)rows, (void)out_features, (void)in_features, (void)threads;
