@@ -36,8 +36,9 @@ def _assert_rounded_reference(out: torch.Tensor, x: torch.Tensor, weight: torch.
     assert (out == reference.to(torch.bfloat16)).float().mean() > 0.99
 
 
-# Row counts: one tile row, a partial and a full 16-row tile, one and more 32-row blocks with and without a tail.
-@pytest.mark.parametrize("rows", [1, 7, 16, 17, 32, 33, 50, 64, 161])
+# Row counts: one tile row, a partial and a full 16-row tile, one and more 32-row blocks with and without a tail,
+# and (700 rows of 1536 channels) passes of rows whose x fits in L2.
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 32, 33, 50, 64, 161, 700])
 @pytest.mark.parametrize(("out_features", "in_features"), [(960, 576), (576, 1536), (64, 32)])
 def test_amx_linear_gives_the_rounded_fp32_product(rows: int, out_features: int, in_features: int) -> None:
     kernels = _amx_kernels()

@@ -210,32 +210,39 @@ void linear_int4(const uint16_t* x, const uint8_t* packed, uint16_t* out, int64_
 void amx_linear(const uint16_t* x, const uint16_t* packed, uint16_t* out, int64_t rows, int64_t out_features,
                 int64_t in_features, int threads) {
     const int64_t k_steps = in_features / kTileDepth, blocks = out_features / kBlockColumns;
+    // Rows a pass covers: their x (about 1 MiB) stays in L2 while every block of the weights passes by; a whole
+    // prefill's x would stream from memory again for each block (2048 rows: 1.17x faster in passes).
+    const int64_t chunk = std::max<int64_t>(2 * kTileRows, (1 << 19) / in_features / (2 * kTileRows) * (2 * kTileRows));
 #pragma omp parallel num_threads(threads)
     {
         alignas(64) float c[kTileRows * 2][kBlockColumns];
         int configured_first = -1, configured_second = -1;
+        for (int64_t chunk_start = 0; chunk_start < rows; chunk_start += chunk) {
+            const int64_t chunk_end = std::min(rows, chunk_start + chunk);
 #pragma omp for schedule(static)
-        for (int64_t block = 0; block < blocks; ++block) {
-            const uint16_t* weights = packed + block * k_steps * 2 * kTileElements;
-            for (int64_t row = 0; row < rows; row += 2 * kTileRows) {
-                const int64_t left = rows - row;
-                const int first = static_cast<int>(std::min<int64_t>(left, kTileRows));
-                const int second = static_cast<int>(std::min<int64_t>(std::max<int64_t>(left - kTileRows, 0),
-                                                                      kTileRows));
-                if (first != configured_first || second != configured_second) {
-                    configure(first, second);
-                    configured_first = first;
-                    configured_second = second;
+            for (int64_t block = 0; block < blocks; ++block) {
+                const uint16_t* weights = packed + block * k_steps * 2 * kTileElements;
+                for (int64_t row = chunk_start; row < chunk_end; row += 2 * kTileRows) {
+                    const int64_t left = rows - row;
+                    const int first = static_cast<int>(std::min<int64_t>(left, kTileRows));
+                    const int second = static_cast<int>(std::min<int64_t>(std::max<int64_t>(left - kTileRows, 0),
+                                                                          kTileRows));
+                    if (first != configured_first || second != configured_second) {
+                        configure(first, second);
+                        configured_first = first;
+                        configured_second = second;
+                    }
+                    // Only the first pass over a block reads it from memory; later row blocks find it in cache.
+                    multiply_block(x + row * in_features, weights, k_steps, in_features, second > 0,
+                                   row == chunk_start);
+                    _tile_stored(0, &c[0][0], sizeof(c[0]));
+                    _tile_stored(1, &c[0][16], sizeof(c[0]));
+                    if (second) {
+                        _tile_stored(2, &c[kTileRows][0], sizeof(c[0]));
+                        _tile_stored(3, &c[kTileRows][16], sizeof(c[0]));
+                    }
+                    store_block(c, first + second, out + row * out_features + block * kBlockColumns, out_features);
                 }
-                // Only the first pass over a block reads it from memory; later row blocks find it in cache.
-                multiply_block(x + row * in_features, weights, k_steps, in_features, second > 0, row == 0);
-                _tile_stored(0, &c[0][0], sizeof(c[0]));
-                _tile_stored(1, &c[0][16], sizeof(c[0]));
-                if (second) {
-                    _tile_stored(2, &c[kTileRows][0], sizeof(c[0]));
-                    _tile_stored(3, &c[kTileRows][16], sizeof(c[0]));
-                }
-                store_block(c, first + second, out + row * out_features + block * kBlockColumns, out_features);
             }
         }
         if (configured_first >= 0) _tile_release();
