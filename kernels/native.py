@@ -310,14 +310,26 @@ def amx_kernels() -> NativeKernels | None:
     return kernels if kernels.has_amx else None
 
 
-@cache
 def load_native_kernels() -> NativeKernels:
-    """Build (if needed) and load the native kernels; raises NativeKernelsUnavailable saying why they can't be."""
+    """Build (if needed) and load the native kernels; raises NativeKernelsUnavailable saying why they can't be.
+
+    Either outcome is kept for the life of the process: every layer asks, and a build that failed once would only
+    fail again, seconds at a time."""
+    loaded = _load_once()
+    if isinstance(loaded, NativeKernelsUnavailable):
+        raise NativeKernelsUnavailable(str(loaded))
+    return loaded
+
+
+@cache
+def _load_once() -> NativeKernels | NativeKernelsUnavailable:
     try:
         path = _build(_compiler())
         library = ctypes.CDLL(str(path))
+    except NativeKernelsUnavailable as unavailable:
+        return unavailable
     except OSError as error:
-        raise NativeKernelsUnavailable(f"loading the native kernels failed: {error}") from error
+        return NativeKernelsUnavailable(f"loading the native kernels failed: {error}")
     entries = {}
     for prefix, (restype, argtypes, dtypes) in _SIGNATURES.items():
         for dtype in dtypes:

@@ -59,6 +59,25 @@ def test_build_failure_reports_the_compiler_error(monkeypatch: pytest.MonkeyPatc
     assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left for a later process to load
 
 
+def test_a_failed_build_is_tried_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    attempts = []
+
+    def failing_build(compiler: str):
+        attempts.append(compiler)
+        raise NativeKernelsUnavailable("building broken.cpp failed: error")
+
+    monkeypatch.setattr(native, "_build", failing_build)
+    native._load_once.cache_clear()
+    try:
+        for _ in range(3):
+            with pytest.raises(NativeKernelsUnavailable, match=r"broken\.cpp failed"):
+                native.load_native_kernels()
+        assert native.amx_kernels() is None
+    finally:
+        native._load_once.cache_clear()  # the other tests load the real kernels again
+    assert len(attempts) == 1
+
+
 def test_build_is_cached_per_source(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("SPINDLE_KERNEL_CACHE", str(tmp_path))
     first = native._build(native._compiler())
