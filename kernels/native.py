@@ -229,9 +229,11 @@ class NativeKernels:
         if packed.dtype != packed_dtype or packed.numel() != packed_elements:
             raise ValueError(f"a packed weight of {packed.numel()} elements is not [{out_features}, {in_features}]")
         output = x.new_empty(rows, out_features)
-        self._entry(prefix, x.dtype)(
+        handled = self._entry(prefix, x.dtype)(
             x.data_ptr(), packed.data_ptr(), output.data_ptr(), rows, out_features, in_features, torch.get_num_threads()
         )
+        if not handled:
+            raise ValueError(f"{prefix} was built without AMX")
         return output
 
     def _check_amx_weight(self, shape: tuple[int, ...]) -> None:

@@ -30,7 +30,8 @@ constexpr int kTileRows = 16;
 constexpr int64_t kTileDepth = 32, kBlockColumns = 32, kTileElements = 512;
 
 #ifdef SPINDLE_HAS_AMX
-// Far enough ahead of the tile being read for the load to arrive in time, near enough to stay in L1: 4 steps of K.
+// Far enough ahead of the tile being read for the load to arrive in time, near enough to stay in L1: 4 steps of K
+// in bf16, 12 in the 4-bit layout.
 constexpr int64_t kPrefetchBytes = 8192;
 
 // Tiles 0-3 accumulate C for (row half, column half); 4 and 5 hold the rows of x; 6 and 7 the two weight tiles.
