@@ -32,7 +32,7 @@ SOURCE_DIR = Path(__file__).parent / "csrc"
 # built into one library, with the headers beside them
 SOURCES = ("cpu_paged_attention.cpp", "cpu_layer_ops.cpp", "cpu_amx_linear.cpp")
 LIBRARY_NAME = "spindle_cpu_kernels"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)  # instantiated in the kernel source
 DTYPE_SUFFIXES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}  # entry points per type
 _POINTER, _INT, _INT64, _FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
@@ -278,11 +278,16 @@ def _cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "spindle" / "kernels"
 
 
+def compile_command(compiler: str, target_cpu: str = "native") -> list[str]:
+    """The command that compiles the library for ``target_cpu`` (a ``-march`` value), less its output file."""
+    return [compiler, *FLAGS, f"-march={target_cpu}", *(str(SOURCE_DIR / name) for name in SOURCES)]
+
+
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     texts = [path.read_text() for path in sorted(SOURCE_DIR.glob("*")) if path.suffix in (".cpp", ".h")]
     key = hashlib.sha256(
-        "\0".join([*texts, " ".join(SOURCES), compiler, version, " ".join(FLAGS), _cpu_signature()]).encode()
+        "\0".join([*texts, " ".join(compile_command(compiler)), version, _cpu_signature()]).encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"{LIBRARY_NAME}-{key}.so"
     if target.exists():
@@ -292,7 +297,7 @@ def _build(compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, *(str(SOURCE_DIR / name) for name in SOURCES), "-o", str(built)],
+            [*compile_command(compiler), "-o", str(built)],
             capture_output=True,
             text=True,
             check=False,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+
 import pytest
 import torch
 
@@ -83,3 +86,17 @@ def test_build_is_cached_per_source(monkeypatch: pytest.MonkeyPatch, tmp_path) -
     first = native._build(native._compiler())
     built_at = first.stat().st_mtime_ns
     assert native._build(native._compiler()) == first and first.stat().st_mtime_ns == built_at
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 CPU targets")
+@pytest.mark.parametrize("target_cpu", ["x86-64-v3", "x86-64-v4", "cooperlake", "sapphirerapids"])
+def test_the_kernels_compile_for_cpus_with_and_without_avx512_and_amx(target_cpu: str) -> None:
+    """The build is for this machine's CPU (-march=native): every other CPU's branch of the sources must compile too
+    (AVX2 only; AVX-512 without BF16; AVX512-BF16 without AMX; AMX)."""
+    result = subprocess.run(
+        [*native.compile_command(native._compiler(), target_cpu), "-fsyntax-only"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -29,6 +29,12 @@ namespace {
 constexpr int kTileRows = 16;
 constexpr int64_t kTileDepth = 32, kBlockColumns = 32, kTileElements = 512;
 
+// The 4-bit layout, per 32-column block and 32 input channels (one quantization group): the 32 columns' scales,
+// then their minimums (fp16 each), then the levels of the block's two weight tiles, each as 8 pairs of tile rows:
+// 32 bytes whose byte i holds lane i's level in the first row (low nibble) and in the second (high nibble). A lane
+// is a (column, channel) pair as in the bf16 tiles. 640 bytes where bf16 takes 2048.
+constexpr int64_t kInt4StepBytes = 640, kInt4ScaleBytes = 64, kInt4TileBytes = 256;
+
 #ifdef SPINDLE_HAS_AMX
 // Far enough ahead of the tile being read for the load to arrive in time, near enough to stay in L1: 4 steps of K
 // in bf16, 12 in the 4-bit layout.
@@ -79,12 +85,6 @@ void store_block(float (*c)[kBlockColumns], int rows, uint16_t* out, int64_t out
         _mm512_storeu_si512(out + row * out_features, reinterpret_cast<__m512i>(rounded));
     }
 }
-
-// The 4-bit layout, per 32-column block and 32 input channels (one quantization group): the 32 columns' scales,
-// then their minimums (fp16 each), then the levels of the block's two weight tiles, each as 8 pairs of tile rows:
-// 32 bytes whose byte i holds lane i's level in the first row (low nibble) and in the second (high nibble). A lane
-// is a (column, channel) pair as in the bf16 tiles. 640 bytes where bf16 takes 2048.
-constexpr int64_t kInt4StepBytes = 640, kInt4ScaleBytes = 64, kInt4TileBytes = 256;
 
 // The levels of one group (two tiles) as exact bf16 integers 0-15, in the bf16 tile layout: each byte's two nibbles
 // go to bf16 lanes of consecutive tile rows through a 16-entry table (vpermw).
