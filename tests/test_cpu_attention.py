@@ -78,6 +78,8 @@ def test_mixed_batch_matches_reference(
         # A 750-token partition (set by the long decode) leaves the verification's last partition 2 tokens, which
         # its first three rows do not see.
         ([3000], [(747, 5)]),
+        # Fresh prompts batched by padded length (bf16/fp16: 35 and 37 rows both pad to 40), beside a cached prefix.
+        ([9], [(0, 37), (0, 35), (0, 37), (0, 70), (12, 20), (0, 1)]),
     ],
     ids=[
         "decodes",
@@ -89,6 +91,7 @@ def test_mixed_batch_matches_reference(
         "single",
         "few-query-tokens",
         "rows-past-a-partition",
+        "fresh-prompts",
     ],
 )
 @DTYPES
