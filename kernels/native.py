@@ -1,6 +1,7 @@
 """Build and load the native CPU kernels (kernels/csrc) with the system C++ compiler, called through ctypes.
 
-The sources (decode attention, a layer's elementwise ops, the AMX bf16 linear layer) are compiled into one shared
+The sources (decode attention, prompt attention, a layer's elementwise ops, the AMX bf16 linear layers) are
+compiled into one shared
 library once per source text, compiler and CPU (``-march=native``) into a cache directory
 (``$SPINDLE_KERNEL_CACHE``, default ``~/.cache/spindle/kernels``) and reused by every later process. No PyTorch
 headers are involved, so a build takes a few seconds. Where no compiler is found or the build fails,
@@ -30,7 +31,7 @@ logger = logging.getLogger("spindle.kernels")
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 # built into one library, with the headers beside them
-SOURCES = ("cpu_paged_attention.cpp", "cpu_layer_ops.cpp", "cpu_amx_linear.cpp")
+SOURCES = ("cpu_paged_attention.cpp", "cpu_prompt_attention.cpp", "cpu_layer_ops.cpp", "cpu_amx_linear.cpp")
 LIBRARY_NAME = "spindle_cpu_kernels"
 FLAGS = ("-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)  # instantiated in the kernel source
@@ -41,6 +42,11 @@ _SIGNATURES = {  # entry point prefix -> (restype, argtypes, the dtypes it has a
         ctypes.c_bool,
         [_POINTER] * 7 + [_INT] * 6 + [_FLOAT, _INT],
         tuple(DTYPE_SUFFIXES),
+    ),
+    "spindle_prompt_attention": (
+        ctypes.c_bool,
+        [_POINTER] * 5 + [_INT] * 4 + [_INT64] * 4 + [_FLOAT, _INT],
+        (torch.bfloat16,),
     ),
     "spindle_rms_norm": (None, [_POINTER] * 4 + [_INT64, _INT, _FLOAT], tuple(DTYPE_SUFFIXES)),
     "spindle_silu_and_mul": (None, [_POINTER, _POINTER, _INT64, _INT], tuple(DTYPE_SUFFIXES)),
@@ -83,6 +89,7 @@ class NativeKernels:
     library: ctypes.CDLL
     entries: dict[tuple[str, torch.dtype], Callable[..., Any]]  # (entry point prefix, dtype) -> configured function
     has_amx: bool  # the AMX-BF16 linear kernel is built for this CPU and the process may use the tiles
+    has_prompt_attention: bool  # the bf16 prompt attention kernel is built for this CPU (AVX512-BF16)
 
     def decode_attention(
         self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: DecodeBatch, scale: float
@@ -115,6 +122,56 @@ class NativeKernels:
         if not handled:
             raise ValueError(f"the native kernel has no instantiation for head_dim {head_dim}")
         return output
+
+    def prompt_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        output: torch.Tensor,
+        prompts: list[tuple[int, int]],
+        scale: float,
+    ) -> None:
+        """Causal attention of prompts without a cached prefix, (first row, rows) each, into their rows of
+        ``output``: query and output [T, H, D], key and value [T, KVH, D], bf16, each row's heads contiguous (rows
+        may be strided)."""
+        num_heads, head_dim = query.shape[1:]
+        num_kv_heads = key.shape[1]
+        if not self.has_prompt_attention:
+            raise ValueError("the native kernels have no prompt attention kernel on this CPU")
+        for tensor, heads in ((query, num_heads), (key, num_kv_heads), (value, num_kv_heads), (output, num_heads)):
+            if (
+                tensor.dtype != torch.bfloat16
+                or tensor.shape[1:] != (heads, head_dim)
+                or tensor.stride()[1:]
+                != (
+                    head_dim,
+                    1,
+                )
+            ):
+                raise ValueError("prompt attention needs bf16 rows of contiguous heads, query and output alike")
+        if head_dim not in SUPPORTED_HEAD_DIMS or num_heads % num_kv_heads:
+            raise ValueError(f"unsupported attention shape: query {tuple(query.shape)}, key {tuple(key.shape)}")
+        rows = torch.tensor(prompts, dtype=torch.int32).reshape(-1, 2)
+        if rows.numel() and (rows[:, 0].min() < 0 or (rows[:, 0] + rows[:, 1]).max() > query.shape[0]):
+            raise ValueError("a prompt's rows lie outside the step's")
+        self._entry("spindle_prompt_attention", torch.bfloat16)(
+            query.data_ptr(),
+            key.data_ptr(),
+            value.data_ptr(),
+            output.data_ptr(),
+            rows.data_ptr(),
+            rows.shape[0],
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            query.stride(0),
+            key.stride(0),
+            value.stride(0),
+            output.stride(0),
+            scale,
+            torch.get_num_threads(),
+        )
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
@@ -344,6 +401,13 @@ def _load_once() -> NativeKernels | NativeKernelsUnavailable:
             entry.restype, entry.argtypes = restype, argtypes
             entries[prefix, dtype] = entry
     library.spindle_amx_enable.restype = ctypes.c_bool
+    library.spindle_prompt_attention_enable.restype = ctypes.c_bool
     has_amx = bool(library.spindle_amx_enable())
-    logger.debug("native CPU kernels loaded from %s (AMX linear kernel: %s)", path, has_amx)
-    return NativeKernels(library, entries, has_amx)
+    has_prompt_attention = bool(library.spindle_prompt_attention_enable())
+    logger.debug(
+        "native CPU kernels loaded from %s (AMX linear kernel: %s, prompt attention: %s)",
+        path,
+        has_amx,
+        has_prompt_attention,
+    )
+    return NativeKernels(library, entries, has_amx, has_prompt_attention)

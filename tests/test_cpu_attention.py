@@ -229,3 +229,32 @@ def test_native_bf16_decode_is_the_fp32_result_rounded_once(block_size: int, gqa
     )
     out = load_native_kernels().decode_attention(case.query, case.key_cache, case.value_cache, batch, scale)
     assert ((out.float() - expected).abs() <= expected.abs() * 2.0**-8 + 1e-5).all()
+
+
+@pytest.mark.skipif(not load_native_kernels().has_prompt_attention, reason="this CPU has no AVX512-BF16")
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("gqa", sorted(HEADS))
+def test_native_prompt_attention_is_the_fp32_result_rounded_once(gqa: int, head_dim: int) -> None:
+    """Fresh prompts' causal attention by the native kernel, from rows with strided value heads (as the fused QKV
+    projection leaves them), against float64 attention of the same bf16 values: within one bf16 rounding."""
+    torch.manual_seed(gqa * 1000 + head_dim)
+    num_heads, num_kv_heads = HEADS[gqa]
+    lengths = [1, 15, 16, 17, 36, 130, 5]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    total = sum(lengths)
+    query = torch.randn(total, num_heads, head_dim).bfloat16()
+    key = (torch.randn(total, num_kv_heads, head_dim) * 2).bfloat16()
+    value = torch.randn(total, 2 * num_kv_heads, head_dim).bfloat16()[:, num_kv_heads:]  # rows strided
+    output = torch.full_like(query, float("nan"))
+    scale = head_dim**-0.5
+    load_native_kernels().prompt_attention(query, key, value, output, list(zip(starts, lengths)), scale)
+    group = num_heads // num_kv_heads
+    for start, length in zip(starts, lengths):
+        rows = slice(start, start + length)
+        q = query[rows].double().transpose(0, 1)  # [H, L, D]
+        k = key[rows].double().repeat_interleave(group, dim=1).transpose(0, 1)
+        v = value[rows].double().repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = (q @ k.transpose(1, 2)) * scale
+        scores.masked_fill_(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
+        expected = (scores.softmax(-1) @ v).transpose(0, 1)
+        assert ((output[rows].double() - expected).abs() <= expected.abs() * 2.0**-8 + 1e-5).all()
