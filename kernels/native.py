@@ -1,8 +1,7 @@
 """Build and load the native CPU kernels (kernels/csrc) with the system C++ compiler, called through ctypes.
 
 The sources (decode attention, prompt attention, a layer's elementwise ops, the AMX bf16 linear layers) are
-compiled into one shared
-library once per source text, compiler and CPU (``-march=native``) into a cache directory
+compiled into one shared library once per source text, compiler and CPU (``-march=native``) into a cache directory
 (``$SPINDLE_KERNEL_CACHE``, default ``~/.cache/spindle/kernels``) and reused by every later process. No PyTorch
 headers are involved, so a build takes a few seconds. Where no compiler is found or the build fails,
 ``load_native_kernels`` raises NativeKernelsUnavailable with the reason, and the vectorised PyTorch paths serve
