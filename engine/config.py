@@ -27,7 +27,7 @@ from engine.errors import ConfigError
 from engine.kv_cache import KV_CACHE_BITS
 from engine.kv_policy import EvictionPolicy, PageSelectionPolicy, build_eviction_policy, build_page_selection
 from kernels.kv_codecs import CodecSettings
-from kernels.native import amx_kernels
+from kernels.native import native_int4_kernels
 from scheduler.config import SchedulerConfig
 from scheduler.preemption import PREEMPTION_MODES
 
@@ -38,9 +38,11 @@ WEIGHT_QUANTIZATIONS = ("auto", "none", "int4")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 
 
-# Measured decode steps with the 4-bit copies against the dense bf16 weights on AMX (time ratios):
-AMX_INT4_MAX_ROWS = 16  # the AMX 4-bit kernel: 0.78x at 8 sequences, 0.88x at 16 (two passes beyond 16 rows)
-TORCH_INT4_MAX_ROWS = 4  # PyTorch's 4-bit kernel: 0.70x at 1 sequence, 0.94x at 4, 1.16x at 8
+# Measured decode steps with the 4-bit copies against the dense bf16 weights (time ratios):
+# the native 4-bit kernel, on AMX: 0.78x at 8 sequences, 0.88x at 16 (two passes beyond 16 rows); on the vector
+# units of a CPU without AMX (AVX512-BF16, AMD Zen 5): the projections' matmuls 0.43x at 1 row, 0.75x at 8, 0.95x at 16
+NATIVE_INT4_MAX_ROWS = 16
+TORCH_INT4_MAX_ROWS = 4  # PyTorch's 4-bit kernel on AMX: 0.70x at 1 sequence, 0.94x at 4, 1.16x at 8
 
 
 @dataclass
@@ -54,7 +56,7 @@ class ModelConfig:
     # kernel is 4x slower than dense fp32 matmuls with fp32 activations)
     weight_quantization: str = "auto"
     # Steps of at most this many tokens use the 4-bit copies, larger ones the dense weights. None: where the copies'
-    # kernel stops beating the dense weights (measured: 16 rows for the AMX kernel, 4 for PyTorch's).
+    # kernel stops beating the dense weights (measured: 16 rows for the native kernel, 4 for PyTorch's).
     int4_max_rows: int | None = None
 
     def __post_init__(self) -> None:
@@ -81,8 +83,8 @@ class ModelConfig:
             return 0
         if self.int4_max_rows is not None:
             return self.int4_max_rows
-        amx = amx_kernels() is not None and self.torch_dtype == torch.bfloat16
-        return AMX_INT4_MAX_ROWS if amx else TORCH_INT4_MAX_ROWS
+        native = native_int4_kernels() is not None and self.torch_dtype == torch.bfloat16
+        return NATIVE_INT4_MAX_ROWS if native else TORCH_INT4_MAX_ROWS
 
     @property
     def torch_dtype(self) -> torch.dtype:

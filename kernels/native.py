@@ -30,7 +30,7 @@ logger = logging.getLogger("spindle.kernels")
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 # built into one library, with the headers beside them
-SOURCES = ("cpu_paged_attention.cpp", "cpu_prompt_attention.cpp", "cpu_layer_ops.cpp", "cpu_amx_linear.cpp")
+SOURCES = ("cpu_paged_attention.cpp", "cpu_prompt_attention.cpp", "cpu_layer_ops.cpp", "cpu_linear.cpp")
 LIBRARY_NAME = "spindle_cpu_kernels"
 FLAGS = ("-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)  # instantiated in the kernel source
@@ -52,11 +52,11 @@ _SIGNATURES = {  # entry point prefix -> (restype, argtypes, the dtypes it has a
     "spindle_rotary": (None, [_POINTER, _INT64] + [_POINTER] * 4 + [_INT64, _INT, _INT, _INT], tuple(DTYPE_SUFFIXES)),
     "spindle_amx_pack": (None, [_POINTER, _POINTER, _INT64, _INT64], (torch.bfloat16,)),
     "spindle_amx_linear": (ctypes.c_bool, [_POINTER] * 3 + [_INT64] * 3 + [_INT], (torch.bfloat16,)),
-    "spindle_amx_pack_int4": (None, [_POINTER] * 4 + [_INT64] * 2, (torch.bfloat16,)),
-    "spindle_amx_linear_int4": (ctypes.c_bool, [_POINTER] * 3 + [_INT64] * 3 + [_INT], (torch.bfloat16,)),
+    "spindle_pack_int4": (None, [_POINTER] * 4 + [_INT64] * 2, (torch.bfloat16,)),
+    "spindle_linear_int4": (ctypes.c_bool, [_POINTER] * 3 + [_INT64] * 3 + [_INT, ctypes.c_bool], (torch.bfloat16,)),
 }
-AMX_BLOCK = 32  # the AMX linear kernels' weights: both dimensions a multiple of this (and 4-bit groups this long)
-AMX_INT4_BYTES_PER_GROUP = 20  # the 4-bit layout: 32 levels of 4 bits, an fp16 scale and an fp16 minimum
+AMX_BLOCK = 32  # the AMX and 4-bit linear kernels' weights: both dimensions a multiple of this (4-bit groups too)
+INT4_BYTES_PER_GROUP = 20  # the 4-bit layout: 32 levels of 4 bits, an fp16 scale and an fp16 minimum
 
 
 class NativeKernelsUnavailable(RuntimeError):
@@ -89,6 +89,7 @@ class NativeKernels:
     entries: dict[tuple[str, torch.dtype], Callable[..., Any]]  # (entry point prefix, dtype) -> configured function
     has_amx: bool  # the AMX-BF16 linear kernel is built for this CPU and the process may use the tiles
     has_prompt_attention: bool  # the bf16 prompt attention kernel is built for this CPU (AVX512-BF16)
+    has_int4: bool  # a 4-bit linear kernel is built for this CPU: on the AMX tiles, or the vectors (AVX512-BF16)
 
     def decode_attention(
         self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: DecodeBatch, scale: float
@@ -233,16 +234,17 @@ class NativeKernels:
 
     def pack_amx_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """A bf16 weight [out, in] (both multiples of AMX_BLOCK) in the AMX linear kernel's tile layout."""
-        self._check_amx_weight(weight.shape)
+        self._check_block_weight(weight.shape, self.has_amx, "AMX")
         _check_rows(weight)
         packed = torch.empty(weight.numel(), dtype=weight.dtype)
         self._entry("spindle_amx_pack", weight.dtype)(weight.data_ptr(), packed.data_ptr(), *weight.shape)
         return packed
 
-    def pack_amx_int4(self, levels: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
-        """4-bit weights in the AMX kernel's layout, from ``levels`` [out, in] (uint8, 0-15) and the fp16 ``scales``
-        and ``minimums`` [out, in / AMX_BLOCK] of each group of AMX_BLOCK input channels: w = level * scale + min."""
-        self._check_amx_weight(levels.shape)
+    def pack_int4(self, levels: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
+        """4-bit weights in the 4-bit kernel's layout, from ``levels`` [out, in] (uint8, 0-15) and the fp16
+        ``scales`` and ``minimums`` [out, in / AMX_BLOCK] of each group of AMX_BLOCK input channels:
+        w = level * scale + min."""
+        self._check_block_weight(levels.shape, self.has_int4, "4-bit")
         groups = (levels.shape[0], levels.shape[1] // AMX_BLOCK)
         if levels.dtype != torch.uint8 or scales.shape != groups or minimums.shape != groups:
             raise ValueError("4-bit packing needs uint8 levels [out, in] and a scale and minimum per group")
@@ -250,8 +252,8 @@ class NativeKernels:
         _check_rows(scales, minimums)
         if scales.dtype != torch.float16:
             raise ValueError("4-bit scales and minimums are fp16")
-        packed = torch.empty(groups[0] * groups[1] * AMX_INT4_BYTES_PER_GROUP, dtype=torch.uint8)
-        self._entry("spindle_amx_pack_int4", torch.bfloat16)(
+        packed = torch.empty(groups[0] * groups[1] * INT4_BYTES_PER_GROUP, dtype=torch.uint8)
+        self._entry("spindle_pack_int4", torch.bfloat16)(
             levels.data_ptr(), scales.data_ptr(), minimums.data_ptr(), packed.data_ptr(), *levels.shape
         )
         return packed
@@ -259,44 +261,61 @@ class NativeKernels:
     def amx_linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
         """``x @ W.T`` for ``x`` [rows, in] (bf16, contiguous) and W [out_features, in] packed by pack_amx_weight."""
         packed_elements = out_features * x.shape[-1]
-        return self._amx_call("spindle_amx_linear", x, packed, torch.bfloat16, packed_elements, out_features)
+        kernel = (self.has_amx, "AMX")
+        return self._linear_call("spindle_amx_linear", kernel, x, packed, torch.bfloat16, packed_elements, out_features)
 
-    def amx_linear_int4(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-        """``x @ W.T`` for ``x`` [rows, in] (bf16, contiguous) and W [out_features, in] packed by pack_amx_int4."""
+    def linear_int4(
+        self, x: torch.Tensor, packed: torch.Tensor, out_features: int, use_tiles: bool = True
+    ) -> torch.Tensor:
+        """``x @ W.T`` for ``x`` [rows, in] (bf16, contiguous) and W [out_features, in] packed by pack_int4: on the
+        AMX tiles where there are any, unless ``use_tiles`` is False, else on the vector units."""
         groups = out_features * x.shape[-1] // AMX_BLOCK
-        packed_bytes = groups * AMX_INT4_BYTES_PER_GROUP
-        return self._amx_call("spindle_amx_linear_int4", x, packed, torch.uint8, packed_bytes, out_features)
+        packed_bytes = groups * INT4_BYTES_PER_GROUP
+        kernel = (self.has_int4, "4-bit")
+        return self._linear_call(
+            "spindle_linear_int4", kernel, x, packed, torch.uint8, packed_bytes, out_features, use_tiles
+        )
 
-    def _amx_call(
+    def _linear_call(
         self,
         prefix: str,
+        kernel: tuple[bool, str],  # whether the kernel is built here, and its name for errors
         x: torch.Tensor,
         packed: torch.Tensor,
         packed_dtype: torch.dtype,
         packed_elements: int,
         out_features: int,
+        *options: bool,  # the entry point's arguments after the thread count
     ) -> torch.Tensor:
         _check_rows(x)
         _check_rows(packed)
         if x.dtype != torch.bfloat16 or x.dim() != 2:
-            raise ValueError(f"the AMX linear kernels take torch.bfloat16 activations [rows, in], not {x.dtype}")
+            raise ValueError(f"the native linear kernels take torch.bfloat16 activations [rows, in], not {x.dtype}")
         rows, in_features = x.shape
-        self._check_amx_weight((out_features, in_features))
+        self._check_block_weight((out_features, in_features), *kernel)
         if packed.dtype != packed_dtype or packed.numel() != packed_elements:
             raise ValueError(f"a packed weight of {packed.numel()} elements is not [{out_features}, {in_features}]")
         output = x.new_empty(rows, out_features)
         handled = self._entry(prefix, x.dtype)(
-            x.data_ptr(), packed.data_ptr(), output.data_ptr(), rows, out_features, in_features, torch.get_num_threads()
+            x.data_ptr(),
+            packed.data_ptr(),
+            output.data_ptr(),
+            rows,
+            out_features,
+            in_features,
+            torch.get_num_threads(),
+            *options,
         )
         if not handled:
-            raise ValueError(f"{prefix} was built without AMX")
+            raise ValueError(f"{prefix} was built without a kernel for this CPU")
         return output
 
-    def _check_amx_weight(self, shape: tuple[int, ...]) -> None:
-        if not self.has_amx:
-            raise ValueError("the native kernels have no AMX linear kernel on this CPU")
+    @staticmethod
+    def _check_block_weight(shape: tuple[int, ...], available: bool, kind: str) -> None:
+        if not available:
+            raise ValueError(f"the native kernels have no {kind} linear kernel on this CPU")
         if len(shape) != 2 or shape[0] % AMX_BLOCK or shape[1] % AMX_BLOCK:
-            raise ValueError(f"the AMX linear kernel needs a weight [out, in], both multiples of {AMX_BLOCK}")
+            raise ValueError(f"the {kind} linear kernel needs a weight [out, in], both multiples of {AMX_BLOCK}")
 
     def _entry(self, prefix: str, dtype: torch.dtype) -> Callable[..., Any]:
         entry = self.entries.get((prefix, dtype))
@@ -366,11 +385,20 @@ def _build(compiler: str) -> Path:
 
 def amx_kernels() -> NativeKernels | None:
     """The native kernels where their AMX-BF16 kernels can run here, else None."""
+    return _kernels_where(lambda kernels: kernels.has_amx)
+
+
+def native_int4_kernels() -> NativeKernels | None:
+    """The native kernels where their 4-bit linear kernel runs here, else None."""
+    return _kernels_where(lambda kernels: kernels.has_int4)
+
+
+def _kernels_where(usable: Callable[[NativeKernels], bool]) -> NativeKernels | None:
     try:
         kernels = load_native_kernels()
     except NativeKernelsUnavailable:
         return None
-    return kernels if kernels.has_amx else None
+    return kernels if usable(kernels) else None
 
 
 def load_native_kernels() -> NativeKernels:
@@ -401,12 +429,15 @@ def _load_once() -> NativeKernels | NativeKernelsUnavailable:
             entries[prefix, dtype] = entry
     library.spindle_amx_enable.restype = ctypes.c_bool
     library.spindle_prompt_attention_enable.restype = ctypes.c_bool
+    library.spindle_int4_enable.restype = ctypes.c_bool
     has_amx = bool(library.spindle_amx_enable())
     has_prompt_attention = bool(library.spindle_prompt_attention_enable())
+    has_int4 = bool(library.spindle_int4_enable())
     logger.debug(
-        "native CPU kernels loaded from %s (AMX linear kernel: %s, prompt attention: %s)",
+        "native CPU kernels loaded from %s (AMX linear kernel: %s, prompt attention: %s, 4-bit linear kernel: %s)",
         path,
         has_amx,
         has_prompt_attention,
+        has_int4,
     )
-    return NativeKernels(library, entries, has_amx, has_prompt_attention)
+    return NativeKernels(library, entries, has_amx, has_prompt_attention, has_int4)

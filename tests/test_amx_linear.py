@@ -1,4 +1,5 @@
-"""The native AMX bf16 linear kernel against an fp32 matmul of the same bf16 values, and its place in BucketedLinear."""
+"""The native linear kernels (AMX bf16; 4-bit on AMX tiles or on the vector units) against fp32 matmuls of the same
+values, and their place in BucketedLinear."""
 
 from __future__ import annotations
 
@@ -8,18 +9,33 @@ from torch.nn import functional as F
 
 from engine.models.amx_weights import AmxWeight
 from engine.models.bucketed_linear import BucketedLinear
-from engine.models.int4_weights import AmxInt4Weight, GroupLevels, TorchInt4Weight, quantize_int4
+from engine.models.int4_weights import GroupLevels, NativeInt4Weight, TorchInt4Weight, quantize_int4
 from kernels.native import NativeKernelsUnavailable, load_native_kernels
 
 
 def _amx_kernels():
-    try:
-        kernels = load_native_kernels()
-    except NativeKernelsUnavailable as exc:
-        pytest.skip(f"native kernels unavailable: {exc}")
+    kernels = _native_kernels()
     if not kernels.has_amx:
         pytest.skip("this CPU has no AMX-BF16")
     return kernels
+
+
+def _int4_kernels(use_tiles: bool):
+    """The native kernels, for the 4-bit kernel on the AMX tiles or on the vector units (skips where not built)."""
+    kernels = _amx_kernels() if use_tiles else _native_kernels()
+    if not kernels.has_int4:
+        pytest.skip("this CPU has no AVX512-BF16")
+    return kernels
+
+
+def _native_kernels():
+    try:
+        return load_native_kernels()
+    except NativeKernelsUnavailable as exc:
+        pytest.skip(f"native kernels unavailable: {exc}")
+
+
+INT4_KERNELS = pytest.mark.parametrize("use_tiles", [True, False], ids=["tiles", "vectors"])
 
 
 def _bf16(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -64,12 +80,13 @@ def test_amx_linear_is_the_same_on_any_number_of_threads(threads: int) -> None:
     assert torch.equal(out, kernels.amx_linear(x, packed, 3072))  # each output's sum has one order
 
 
+@INT4_KERNELS
 @pytest.mark.parametrize("rows", [1, 3, 16, 32, 45, 161])
 @pytest.mark.parametrize(("out_features", "in_features"), [(960, 576), (576, 1536)])
 def test_the_4_bit_kernel_multiplies_by_its_levels_times_scales_plus_minimums(
-    rows: int, out_features: int, in_features: int
+    rows: int, out_features: int, in_features: int, use_tiles: bool
 ) -> None:
-    kernels = _amx_kernels()
+    kernels = _int4_kernels(use_tiles)
     generator = torch.Generator().manual_seed(rows + out_features)
     weight = torch.randn(out_features, in_features, generator=generator)
     levels = GroupLevels.of(weight)
@@ -78,16 +95,16 @@ def test_the_4_bit_kernel_multiplies_by_its_levels_times_scales_plus_minimums(
     # (never rounded to bf16).
     groups = levels.levels.float().reshape(out_features, -1, 32)
     dequantized = (groups * scales.float()[..., None] + minimums.float()[..., None]).reshape(weight.shape)
-    packed = kernels.pack_amx_int4(levels.levels.to(torch.uint8), scales, minimums)
+    packed = kernels.pack_int4(levels.levels.to(torch.uint8), scales, minimums)
     assert packed.numel() * 2 == weight.numel() * 5 // 4  # 4 bits a weight, and 32 bits of scales per 32
     x = _bf16((rows, in_features), generator)
-    _assert_rounded_reference(kernels.amx_linear_int4(x, packed, out_features), x, dequantized)
+    _assert_rounded_reference(kernels.linear_int4(x, packed, out_features, use_tiles), x, dequantized)
 
 
-def test_bf16_4_bit_copies_use_the_amx_kernel_where_the_shape_allows() -> None:
-    _amx_kernels()
+def test_bf16_4_bit_copies_use_the_native_kernel_where_the_shape_allows() -> None:
+    _int4_kernels(use_tiles=False)
     weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(3))
-    assert isinstance(quantize_int4(weight, torch.bfloat16), AmxInt4Weight)
+    assert isinstance(quantize_int4(weight, torch.bfloat16), NativeInt4Weight)
     assert isinstance(quantize_int4(weight, torch.float32), TorchInt4Weight)
     assert isinstance(quantize_int4(weight[:48], torch.bfloat16), TorchInt4Weight)  # 48 outputs: not a multiple of 32
 
@@ -105,12 +122,12 @@ def test_amx_linear_refuses_what_it_cannot_read() -> None:
     with pytest.raises(ValueError, match="contiguous"):
         kernels.amx_linear(torch.zeros(64, 3, dtype=torch.bfloat16).t(), packed, 64)
     with pytest.raises(ValueError, match="is not"):
-        kernels.amx_linear_int4(torch.zeros(3, 64, dtype=torch.bfloat16), packed, 64)  # a bf16 packing
+        kernels.linear_int4(torch.zeros(3, 64, dtype=torch.bfloat16), packed, 64)  # a bf16 packing
     scales = torch.ones(64, 2, dtype=torch.float16)
     with pytest.raises(ValueError, match="uint8 levels"):
-        kernels.pack_amx_int4(torch.zeros(64, 64, dtype=torch.int32), scales, scales)
+        kernels.pack_int4(torch.zeros(64, 64, dtype=torch.int32), scales, scales)
     with pytest.raises(ValueError, match="fp16"):
-        kernels.pack_amx_int4(torch.zeros(64, 64, dtype=torch.uint8), scales.float(), scales.float())
+        kernels.pack_int4(torch.zeros(64, 64, dtype=torch.uint8), scales.float(), scales.float())
 
 
 def test_a_bf16_layer_computes_with_the_amx_copy_and_falls_back_where_it_cannot() -> None:

@@ -9,19 +9,19 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from torch.nn import functional as F
 
-from engine.config import AMX_INT4_MAX_ROWS, TORCH_INT4_MAX_ROWS, ModelConfig
+from engine.config import NATIVE_INT4_MAX_ROWS, TORCH_INT4_MAX_ROWS, ModelConfig
 from engine.errors import ConfigError
 from engine.loader import open_model
 from engine.models.bucketed_linear import BucketedLinear
 from engine.models.int4_weights import (
     GROUP_SIZE,
-    AmxInt4Weight,
     GroupLevels,
     Int4Weight,
+    NativeInt4Weight,
     TorchInt4Weight,
     quantize_int4,
 )
-from kernels.native import amx_kernels
+from kernels.native import native_int4_kernels
 
 
 def dequantized_through_the_kernel(weight: Int4Weight, in_features: int, dtype: torch.dtype) -> torch.Tensor:
@@ -29,21 +29,25 @@ def dequantized_through_the_kernel(weight: Int4Weight, in_features: int, dtype: 
 
 
 def test_q4_1_weights_of_the_default_model_are_reproduced_exactly(model_path) -> None:
-    """In fp32 through PyTorch's kernel, the file's values; in bf16 through the AMX kernel (where this CPU has it),
-    those values rounded to bf16: the dense bf16 weights, bit for bit."""
+    """In fp32 through PyTorch's kernel, the file's values; in bf16 through the native kernel (on the AMX tiles and
+    on the vector units, where this CPU has them), those values rounded to bf16: the dense bf16 weights, bit for
+    bit."""
     reader = GGUFReader(model_path)
     tensors = [t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q4_1]
     assert len(tensors) == 30 * 7
-    kernels = amx_kernels()
+    kernels = native_int4_kernels()
     for tensor in tensors[:: len(tensors) // 12]:  # every projection kind, across the layers
         reference = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
         levels = GroupLevels.of(reference)
         copy = TorchInt4Weight.pack(levels, torch.float32)
         assert torch.equal(dequantized_through_the_kernel(copy, reference.shape[1], torch.float32), reference)
-        if kernels is not None:
-            amx = AmxInt4Weight.pack(kernels, levels)
-            through_amx = dequantized_through_the_kernel(amx, reference.shape[1], torch.bfloat16)
-            assert torch.equal(through_amx, reference.to(torch.bfloat16)), tensor.name
+        if kernels is None:
+            continue
+        native = NativeInt4Weight.pack(kernels, levels)
+        identity = torch.eye(reference.shape[1], dtype=torch.bfloat16)
+        for use_tiles in (True, False) if kernels.has_amx else (False,):
+            through_kernel = kernels.linear_int4(identity, native.packed, reference.shape[0], use_tiles).T
+            assert torch.equal(through_kernel, reference.to(torch.bfloat16)), (tensor.name, use_tiles)
 
 
 def test_other_weights_are_within_half_a_level() -> None:
@@ -81,7 +85,7 @@ def test_auto_turns_the_copies_on_for_q4_1_projections_in_bf16_only(model_path) 
     assert open_model(model_path).linear_weights_are_q4_1
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     # By default, as many rows as the copies' kernel on this machine wins at.
-    expected = AMX_INT4_MAX_ROWS if amx_kernels() is not None else TORCH_INT4_MAX_ROWS
+    expected = NATIVE_INT4_MAX_ROWS if native_int4_kernels() is not None else TORCH_INT4_MAX_ROWS
     assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cpu) == expected
     assert ModelConfig().int4_rows(weights_are_q4_1=False, device=cpu) == 0
     assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cuda) == 0

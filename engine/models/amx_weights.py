@@ -1,4 +1,4 @@
-"""bf16 weights in the tile layout of the native AMX linear kernel (kernels/csrc/cpu_amx_linear.cpp).
+"""bf16 weights in the tile layout of the native AMX linear kernel (kernels/csrc/cpu_linear.cpp).
 
 On a CPU with AMX-BF16 this kernel serves every row count of a bf16 projection: it reads the weights near the
 machine's memory bandwidth where decode steps are bound by them, and stays ahead of oneDNN's matmul on prefill

@@ -4,9 +4,10 @@ A decode step reads every weight once and, at a few dozen rows, does little arit
 weights' bytes: a 4-bit copy (with one scale and offset per group of 32 input channels) is about a quarter of bf16's.
 Two kernels multiply it:
 
-- ``AmxInt4Weight`` (bf16 on a CPU with AMX-BF16): the native kernel multiplies 16 rows at a time by each group's
-  levels on AMX tiles (the levels are exact in bf16) and applies the group's scale and minimum to those fp32 dot
-  products, so no weight is rounded to bf16. Ahead of the dense weights up to 16 rows.
+- ``NativeInt4Weight`` (bf16 on a CPU with AVX512-BF16): the native kernel multiplies the rows by each group's
+  levels (exact in bf16) and applies the group's scale and minimum to those fp32 dot products, so no weight is
+  rounded to bf16: on AMX tiles, 16 rows at a time, where the CPU has AMX-BF16, else on the vector units (vdpbf16ps),
+  which read the same layout. Ahead of the dense weights up to 16 rows either way.
 - ``TorchInt4Weight``: PyTorch's CPU kernel ``_weight_int4pack_mm_for_cpu``, which falls behind the dense weights
   beyond about 4 rows.
 
@@ -15,8 +16,8 @@ A layer holds one of them and uses it for steps of up to ``int4_max_rows`` rows 
 The levels are asymmetric min/max per group: ``w = level * scale + min``, levels 0 to 15. A GGUF ``Q4_1`` block stores
 exactly this (32 weights, ``w = level * d + m`` with the block's minimum at level 0 and its maximum at 15), so
 requantizing its dequantized values recovers the file's own levels, and fp16 scales and minimums (as Q4_1 stores
-them) its own ``d`` and ``m``: for such a model the AMX kernel computes with the file's weights exactly, which the
-dense bf16 copy holds rounded.
+them) its own ``d`` and ``m``: for such a model the native kernel computes with the file's weights exactly, which
+the dense bf16 copy holds rounded.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from kernels.native import AMX_BLOCK, NativeKernels, amx_kernels
+from kernels.native import AMX_BLOCK, NativeKernels, native_int4_kernels
 
 GROUP_SIZE = 32
 _LEVELS = 15
@@ -66,31 +67,31 @@ def supports_int4(weight: torch.Tensor) -> bool:
 def quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
     """The 4-bit copy of ``weight`` [out, in] for activations of ``dtype``, for the fastest kernel that takes it."""
     group_levels = GroupLevels.of(weight)
-    kernels = amx_kernels()
+    kernels = native_int4_kernels()
     if kernels is not None and dtype == torch.bfloat16 and weight.shape[0] % AMX_BLOCK == 0:
-        amx = AmxInt4Weight.pack(kernels, group_levels)
-        if amx is not None:
-            return amx
+        native = NativeInt4Weight.pack(kernels, group_levels)
+        if native is not None:
+            return native
     return TorchInt4Weight.pack(group_levels, dtype)
 
 
 @dataclass(frozen=True)
-class AmxInt4Weight:
+class NativeInt4Weight:
     kernels: NativeKernels
-    packed: torch.Tensor  # levels, scales and minimums in the AMX kernel's layout
+    packed: torch.Tensor  # levels, scales and minimums in the native kernel's layout
     out_features: int
 
     @classmethod
-    def pack(cls, kernels: NativeKernels, group_levels: GroupLevels) -> AmxInt4Weight | None:
+    def pack(cls, kernels: NativeKernels, group_levels: GroupLevels) -> NativeInt4Weight | None:
         """The copy, or None where a scale or minimum is beyond fp16's range."""
         levels = group_levels.levels.to(torch.uint8)
         scales, lows = group_levels.scale.half(), group_levels.low.half()
         if not (scales.isfinite().all() and lows.isfinite().all()):
             return None
-        return cls(kernels, kernels.pack_amx_int4(levels, scales, lows), levels.shape[0])
+        return cls(kernels, kernels.pack_int4(levels, scales, lows), levels.shape[0])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.amx_linear_int4(x.contiguous(), self.packed, self.out_features)
+        return self.kernels.linear_int4(x.contiguous(), self.packed, self.out_features)
 
 
 @dataclass(frozen=True)

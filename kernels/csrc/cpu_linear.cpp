@@ -8,7 +8,9 @@
 //
 // 4-bit weights (levels with an fp16 scale and minimum per 32 input channels, GGUF Q4_1's form): a quarter of the
 // bytes, for steps of up to 16 rows. The tiles multiply x by the levels themselves (exact in bf16) and the vector
-// units apply each group's scale and minimum to the fp32 products, so no weight is rounded.
+// units apply each group's scale and minimum to the fp32 products, so no weight is rounded. On a CPU with
+// AVX512-BF16 but no AMX, vdpbf16ps does the tiles' part from the same layout: PyTorch's 4-bit kernel took 1.6x
+// as long there, at 1 row and at 16.
 //
 // Compiled to nothing but ``spindle_amx_enable`` returning false where the compiler does not target AMX-BF16
 // (-march=native on a CPU without it, see amx.h); Linux also has to grant the process the tile state, which the same
@@ -34,6 +36,120 @@ constexpr int64_t kTileDepth = 32, kBlockColumns = 32, kTileElements = 512;
 // 32 bytes whose byte i holds lane i's level in the first row (low nibble) and in the second (high nibble). A lane
 // is a (column, channel) pair as in the bf16 tiles. 640 bytes where bf16 takes 2048.
 constexpr int64_t kInt4StepBytes = 640, kInt4ScaleBytes = 64, kInt4TileBytes = 256;
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+
+// The levels of one group (two tiles) as exact bf16 integers 0-15, in the bf16 tile layout: each byte's two nibbles
+// go to bf16 lanes of consecutive tile rows through a 16-entry table (vpermw).
+void unpack_levels(const uint8_t* levels, uint16_t* tiles) {
+    static const __m512i table = [] {
+        alignas(64) uint16_t bits[32] = {};
+        for (int level = 0; level < 16; ++level) {
+            const float value = static_cast<float>(level);
+            uint32_t word;
+            std::memcpy(&word, &value, sizeof(word));
+            bits[level] = static_cast<uint16_t>(word >> 16);  // small integers are exact in bf16
+        }
+        return _mm512_load_si512(bits);
+    }();
+    const __m512i nibble = _mm512_set1_epi16(0xF);
+    for (int pair = 0; pair < 16; ++pair) {  // 8 pairs of rows in each of the two tiles
+        const __m512i bytes =
+            _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(levels + pair * 32)));
+        _mm512_store_si512(tiles + pair * 64, _mm512_permutexvar_epi16(_mm512_and_si512(bytes, nibble), table));
+        _mm512_store_si512(tiles + pair * 64 + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table));
+    }
+}
+
+// One group's fp16 scales and minimums (each of the block's 32 columns') in fp32, by column half.
+struct GroupScales {
+    __m512 scale[2], minimum[2];
+
+    explicit GroupScales(const uint8_t* group) {
+        const auto* halves = reinterpret_cast<const __m256i*>(group);
+        for (int half = 0; half < 2; ++half) {
+            scale[half] = _mm512_cvtph_ps(_mm256_loadu_si256(halves + half));
+            minimum[half] = _mm512_cvtph_ps(_mm256_loadu_si256(halves + 2 + half));
+        }
+    }
+
+    // total + scale * (x . levels) + minimum * (the row's sum of x over the group), for one column half.
+    __m512 add(int half, __m512 product, __m512 row_sum, __m512 total) const {
+        return _mm512_fmadd_ps(row_sum, minimum[half], _mm512_fmadd_ps(product, scale[half], total));
+    }
+};
+
+// Each row's sum of x over each group of 32 input channels: [rows][in_features / 32].
+std::vector<float> group_sums(const uint16_t* x, int64_t rows, int64_t in_features) {
+    const int64_t k_steps = in_features / kTileDepth;
+    std::vector<float> sums(rows * k_steps);
+    for (int64_t row = 0; row < rows; ++row)
+        for (int64_t step = 0; step < k_steps; ++step) {
+            float total = 0.0f;
+            for (int64_t i = 0; i < kTileDepth; ++i)
+                total += spindle::to_float(spindle::BFloat16{x[row * in_features + step * kTileDepth + i]});
+            sums[row * k_steps + step] = total;
+        }
+    return sums;
+}
+
+// The 4-bit layout on the vector units (AVX512-BF16, no tiles): each unpacked tile row is one register of 16
+// columns x 2 channels, which vdpbf16ps multiplies by a broadcast pair of x's channels, exactly as the tiles would.
+// Per group, row and column half: four independent sums over the group's 16 channel pairs, then the group's scale
+// and minimum as in the AMX kernel. The levels are unpacked once per group for every 16 rows of the step.
+void linear_int4_vector(const uint16_t* x, const uint8_t* packed, uint16_t* out, int64_t rows, int64_t out_features,
+                        int64_t in_features, int threads) {
+    constexpr int kSums = 4;
+    const int64_t k_steps = in_features / kTileDepth, blocks = out_features / kBlockColumns;
+    const std::vector<float> sums = group_sums(x, rows, in_features);
+#pragma omp parallel num_threads(threads)
+    {
+        alignas(64) uint16_t tiles[2 * kTileElements];
+        __m512 totals[kTileRows][2];
+#pragma omp for schedule(static)
+        for (int64_t block = 0; block < blocks; ++block) {
+            const uint8_t* weights = packed + block * k_steps * kInt4StepBytes;
+            for (int64_t first = 0; first < rows; first += kTileRows) {
+                const int count = static_cast<int>(std::min<int64_t>(rows - first, kTileRows));
+                for (int row = 0; row < count; ++row) totals[row][0] = totals[row][1] = _mm512_setzero_ps();
+                for (int64_t step = 0; step < k_steps; ++step) {
+                    const uint8_t* group = weights + step * kInt4StepBytes;
+                    unpack_levels(group + 2 * kInt4ScaleBytes, tiles);
+                    const GroupScales scales(group);
+                    for (int row = 0; row < count; ++row) {
+                        const uint16_t* x_group = x + (first + row) * in_features + step * kTileDepth;
+                        __m512 acc[2][kSums];
+                        for (int half = 0; half < 2; ++half)
+                            for (int i = 0; i < kSums; ++i) acc[half][i] = _mm512_setzero_ps();
+                        for (int pair = 0; pair < 16; ++pair) {
+                            int32_t channels;
+                            std::memcpy(&channels, x_group + 2 * pair, 4);
+                            const __m512bh broadcast = reinterpret_cast<__m512bh>(_mm512_set1_epi32(channels));
+                            for (int half = 0; half < 2; ++half) {
+                                const __m512i levels = _mm512_load_si512(tiles + half * kTileElements + pair * 32);
+                                acc[half][pair % kSums] = _mm512_dpbf16_ps(acc[half][pair % kSums], broadcast,
+                                                                           reinterpret_cast<__m512bh>(levels));
+                            }
+                        }
+                        const __m512 row_sum = _mm512_set1_ps(sums[(first + row) * k_steps + step]);
+                        for (int half = 0; half < 2; ++half) {
+                            const __m512 product = _mm512_add_ps(_mm512_add_ps(acc[half][0], acc[half][1]),
+                                                                 _mm512_add_ps(acc[half][2], acc[half][3]));
+                            totals[row][half] = scales.add(half, product, row_sum, totals[row][half]);
+                        }
+                    }
+                }
+                for (int row = 0; row < count; ++row) {
+                    const __m512bh rounded = _mm512_cvtne2ps_pbh(totals[row][1], totals[row][0]);
+                    _mm512_storeu_si512(out + (first + row) * out_features + block * kBlockColumns,
+                                        reinterpret_cast<__m512i>(rounded));
+                }
+            }
+        }
+    }
+}
+#endif
 
 #ifdef SPINDLE_HAS_AMX
 // Far enough ahead of the tile being read for the load to arrive in time, near enough to stay in L1: 4 steps of K
@@ -86,28 +202,6 @@ void store_block(float (*c)[kBlockColumns], int rows, uint16_t* out, int64_t out
     }
 }
 
-// The levels of one group (two tiles) as exact bf16 integers 0-15, in the bf16 tile layout: each byte's two nibbles
-// go to bf16 lanes of consecutive tile rows through a 16-entry table (vpermw).
-void unpack_levels(const uint8_t* levels, uint16_t* tiles) {
-    static const __m512i table = [] {
-        alignas(64) uint16_t bits[32] = {};
-        for (int level = 0; level < 16; ++level) {
-            const float value = static_cast<float>(level);
-            uint32_t word;
-            std::memcpy(&word, &value, sizeof(word));
-            bits[level] = static_cast<uint16_t>(word >> 16);  // small integers are exact in bf16
-        }
-        return _mm512_load_si512(bits);
-    }();
-    const __m512i nibble = _mm512_set1_epi16(0xF);
-    for (int pair = 0; pair < 16; ++pair) {  // 8 pairs of rows in each of the two tiles
-        const __m512i bytes =
-            _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(levels + pair * 32)));
-        _mm512_store_si512(tiles + pair * 64, _mm512_permutexvar_epi16(_mm512_and_si512(bytes, nibble), table));
-        _mm512_store_si512(tiles + pair * 64 + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table));
-    }
-}
-
 // One group's product of (at most 16) rows of x with the levels of a 32-column block, into ``products`` [rows][32]:
 // tiles C0 and C1 (the block's halves) and A; the weight tiles are 6 and 7. Alternating C and A between
 // consecutive groups lets one group's product overlap the next's. (A macro: the intrinsics take tile numbers as
@@ -131,17 +225,12 @@ SPINDLE_GROUP_PRODUCT(odd_group_product, 2, 3, 5)
 // Adds one group's scaled product to the rows' totals: total += scale * product + minimum * (the row's sum of x).
 void scale_group(const uint8_t* group, const float* products, const float* row_sums, int64_t sum_stride, int count,
                  __m512 (*totals)[2]) {
-    const auto* halves = reinterpret_cast<const __m256i*>(group);
-    const __m512 scale[2] = {_mm512_cvtph_ps(_mm256_loadu_si256(halves)),
-                             _mm512_cvtph_ps(_mm256_loadu_si256(halves + 1))};
-    const __m512 minimum[2] = {_mm512_cvtph_ps(_mm256_loadu_si256(halves + 2)),
-                               _mm512_cvtph_ps(_mm256_loadu_si256(halves + 3))};
+    const GroupScales scales(group);
     for (int row = 0; row < count; ++row) {
         const __m512 row_sum = _mm512_set1_ps(row_sums[row * sum_stride]);
         for (int half = 0; half < 2; ++half) {
             const __m512 product = _mm512_load_ps(products + row * kBlockColumns + 16 * half);
-            totals[row][half] = _mm512_fmadd_ps(product, scale[half], totals[row][half]);
-            totals[row][half] = _mm512_fmadd_ps(row_sum, minimum[half], totals[row][half]);
+            totals[row][half] = scales.add(half, product, row_sum, totals[row][half]);
         }
     }
 }
@@ -153,14 +242,7 @@ void scale_group(const uint8_t* group, const float* products, const float* row_s
 void linear_int4(const uint16_t* x, const uint8_t* packed, uint16_t* out, int64_t rows, int64_t out_features,
                  int64_t in_features, int threads) {
     const int64_t k_steps = in_features / kTileDepth, blocks = out_features / kBlockColumns;
-    std::vector<float> sums(rows * k_steps);  // each row's sum over each group
-    for (int64_t row = 0; row < rows; ++row)
-        for (int64_t step = 0; step < k_steps; ++step) {
-            float total = 0.0f;
-            for (int64_t i = 0; i < kTileDepth; ++i)
-                total += spindle::to_float(spindle::BFloat16{x[row * in_features + step * kTileDepth + i]});
-            sums[row * k_steps + step] = total;
-        }
+    const std::vector<float> sums = group_sums(x, rows, in_features);
     const int64_t stride = in_features * sizeof(uint16_t);
 #pragma omp parallel num_threads(threads)
     {
@@ -256,6 +338,15 @@ void amx_linear(const uint16_t* x, const uint16_t* packed, uint16_t* out, int64_
 // Whether this build targets AMX-BF16 and the kernel may use the tiles (asks Linux for them once per process).
 extern "C" bool spindle_amx_enable() { return spindle::amx_usable(); }
 
+// Whether this build has a 4-bit kernel: the AMX one, or the vector one (AVX512-BF16) that stands in for it.
+extern "C" bool spindle_int4_enable() {
+#if defined(__AVX512BF16__)
+    return true;
+#else
+    return false;
+#endif
+}
+
 // W [N, K] (N and K multiples of 32) into the kernel's tile layout, ``packed`` [N * K].
 extern "C" void spindle_amx_pack_bf16(const uint16_t* weight, uint16_t* packed, int64_t out_features,
                                       int64_t in_features) {
@@ -287,7 +378,7 @@ extern "C" bool spindle_amx_linear_bf16(const uint16_t* x, const uint16_t* packe
 
 // Levels [N, K] (one per byte, 0-15) with fp16 scales and minimums [N, K / 32] into the kernel's 4-bit layout,
 // ``packed`` [N * K / 32 * 20] bytes.
-extern "C" void spindle_amx_pack_int4_bf16(const uint8_t* levels, const uint16_t* scales, const uint16_t* minimums,
+extern "C" void spindle_pack_int4_bf16(const uint8_t* levels, const uint16_t* scales, const uint16_t* minimums,
                                            uint8_t* packed, int64_t out_features, int64_t in_features) {
     const int64_t k_steps = in_features / kTileDepth;
     for (int64_t block = 0; block < out_features / kBlockColumns; ++block)
@@ -311,15 +402,23 @@ extern "C" void spindle_amx_pack_int4_bf16(const uint8_t* levels, const uint16_t
         }
 }
 
-// out [M, N] = x [M, K] @ W^T for W packed by spindle_amx_pack_int4_bf16. Made for small steps: each 16 rows unpack
-// the levels again. False if this build has no AMX kernel.
-extern "C" bool spindle_amx_linear_int4_bf16(const uint16_t* x, const uint8_t* packed, uint16_t* out, int64_t rows,
-                                             int64_t out_features, int64_t in_features, int threads) {
+// out [M, N] = x [M, K] @ W^T for W packed by spindle_pack_int4_bf16: on the tiles if asked and the process may use
+// them, else on the vector units. Made for small steps: the levels are unpacked again for each 16 rows on the tiles, once
+// per step on the vector units. False if this build has neither kernel (no AVX512-BF16).
+extern "C" bool spindle_linear_int4_bf16(const uint16_t* x, const uint8_t* packed, uint16_t* out, int64_t rows,
+                                         int64_t out_features, int64_t in_features, int threads, bool use_tiles) {
 #ifdef SPINDLE_HAS_AMX
-    linear_int4(x, packed, out, rows, out_features, in_features, threads);
+    if (use_tiles && spindle::amx_usable()) {
+        linear_int4(x, packed, out, rows, out_features, in_features, threads);
+        return true;
+    }
+#endif
+#if defined(__AVX512BF16__)
+    linear_int4_vector(x, packed, out, rows, out_features, in_features, threads);
     return true;
 #else
-    (void)x, (void)packed, (void)out, (void)rows, (void)out_features, (void)in_features, (void)threads;
+    (void)x, (void)packed, (void)out, (void)rows, (void)out_features, (void)in_features, (void)threads,
+        (void)use_tiles;
     return false;
 #endif
 }
