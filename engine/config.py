@@ -38,10 +38,11 @@ WEIGHT_QUANTIZATIONS = ("auto", "none", "int4")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 
 
-# Measured decode steps with the 4-bit copies against the dense bf16 weights (time ratios):
-# the native 4-bit kernel, on AMX: 0.78x at 8 sequences, 0.88x at 16 (two passes beyond 16 rows); on the vector
-# units of a CPU without AMX (AVX512-BF16, AMD Zen 5): the projections' matmuls 0.43x at 1 row, 0.75x at 8, 0.95x at 16
-NATIVE_INT4_MAX_ROWS = 16
+# Measured with the 4-bit copies against the dense bf16 weights (time ratios):
+AMX_INT4_MAX_ROWS = 16  # the native kernel on AMX tiles, decode steps: 0.78x at 8 sequences, 0.88x at 16
+# The native kernel on the vector units of a CPU with AVX512-BF16 and no AMX (AMD Zen 5), a decode step's
+# projections from memory: 0.38x at 1 row, 0.65x at 16, 0.85x at 32, 0.81x at 48, 0.93x at 64.
+VECTOR_INT4_MAX_ROWS = 48
 TORCH_INT4_MAX_ROWS = 4  # PyTorch's 4-bit kernel on AMX: 0.70x at 1 sequence, 0.94x at 4, 1.16x at 8
 
 
@@ -56,7 +57,8 @@ class ModelConfig:
     # kernel is 4x slower than dense fp32 matmuls with fp32 activations)
     weight_quantization: str = "auto"
     # Steps of at most this many tokens use the 4-bit copies, larger ones the dense weights. None: where the copies'
-    # kernel stops beating the dense weights (measured: 16 rows for the native kernel, 4 for PyTorch's).
+    # kernel stops beating the dense weights (measured: 16 rows for the native kernel on AMX tiles, 48 on AVX512-BF16
+    # vectors, 4 for PyTorch's).
     int4_max_rows: int | None = None
 
     def __post_init__(self) -> None:
@@ -83,8 +85,10 @@ class ModelConfig:
             return 0
         if self.int4_max_rows is not None:
             return self.int4_max_rows
-        native = native_int4_kernels() is not None and self.torch_dtype == torch.bfloat16
-        return NATIVE_INT4_MAX_ROWS if native else TORCH_INT4_MAX_ROWS
+        native = native_int4_kernels() if self.torch_dtype == torch.bfloat16 else None
+        if native is None:
+            return TORCH_INT4_MAX_ROWS
+        return AMX_INT4_MAX_ROWS if native.has_amx else VECTOR_INT4_MAX_ROWS
 
     @property
     def torch_dtype(self) -> torch.dtype:

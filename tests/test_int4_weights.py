@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from torch.nn import functional as F
 
-from engine.config import NATIVE_INT4_MAX_ROWS, TORCH_INT4_MAX_ROWS, ModelConfig
+from engine.config import AMX_INT4_MAX_ROWS, TORCH_INT4_MAX_ROWS, VECTOR_INT4_MAX_ROWS, ModelConfig
 from engine.errors import ConfigError
 from engine.loader import open_model
 from engine.models.bucketed_linear import BucketedLinear
@@ -85,7 +85,8 @@ def test_auto_turns_the_copies_on_for_q4_1_projections_in_bf16_only(model_path) 
     assert open_model(model_path).linear_weights_are_q4_1
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     # By default, as many rows as the copies' kernel on this machine wins at.
-    expected = NATIVE_INT4_MAX_ROWS if native_int4_kernels() is not None else TORCH_INT4_MAX_ROWS
+    native = native_int4_kernels()
+    expected = TORCH_INT4_MAX_ROWS if native is None else AMX_INT4_MAX_ROWS if native.has_amx else VECTOR_INT4_MAX_ROWS
     assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cpu) == expected
     assert ModelConfig().int4_rows(weights_are_q4_1=False, device=cpu) == 0
     assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cuda) == 0

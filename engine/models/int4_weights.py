@@ -7,7 +7,7 @@ Two kernels multiply it:
 - ``NativeInt4Weight`` (bf16 on a CPU with AVX512-BF16): the native kernel multiplies the rows by each group's
   levels (exact in bf16) and applies the group's scale and minimum to those fp32 dot products, so no weight is
   rounded to bf16: on AMX tiles, 16 rows at a time, where the CPU has AMX-BF16, else on the vector units (vdpbf16ps),
-  which read the same layout. Ahead of the dense weights up to 16 rows either way.
+  which read the same layout. Ahead of the dense weights up to 16 rows on AMX, about 64 on the vector units.
 - ``TorchInt4Weight``: PyTorch's CPU kernel ``_weight_int4pack_mm_for_cpu``, which falls behind the dense weights
   beyond about 4 rows.
 
