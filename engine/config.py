@@ -27,7 +27,7 @@ from engine.errors import ConfigError
 from engine.kv_cache import KV_CACHE_BITS
 from engine.kv_policy import EvictionPolicy, PageSelectionPolicy, build_eviction_policy, build_page_selection
 from kernels.kv_codecs import CodecSettings
-from kernels.native import native_int4_kernels
+from kernels.native import native_quantized_kernels
 from scheduler.config import SchedulerConfig
 from scheduler.preemption import PREEMPTION_MODES
 
@@ -85,7 +85,7 @@ class ModelConfig:
             return 0
         if self.int4_max_rows is not None:
             return self.int4_max_rows
-        native = native_int4_kernels() if self.torch_dtype == torch.bfloat16 else None
+        native = native_quantized_kernels() if self.torch_dtype == torch.bfloat16 else None
         if native is None:
             return TORCH_INT4_MAX_ROWS
         return AMX_INT4_MAX_ROWS if native.has_amx else VECTOR_INT4_MAX_ROWS

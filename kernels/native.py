@@ -53,10 +53,13 @@ _SIGNATURES = {  # entry point prefix -> (restype, argtypes, the dtypes it has a
     "spindle_amx_pack": (None, [_POINTER, _POINTER, _INT64, _INT64], (torch.bfloat16,)),
     "spindle_amx_linear": (ctypes.c_bool, [_POINTER] * 3 + [_INT64] * 3 + [_INT], (torch.bfloat16,)),
     "spindle_pack_int4": (None, [_POINTER] * 4 + [_INT64] * 2, (torch.bfloat16,)),
+    "spindle_pack_int8": (None, [_POINTER] * 3 + [_INT64] * 2, (torch.bfloat16,)),
+    "spindle_linear_int8": (ctypes.c_bool, [_POINTER] * 3 + [_INT64] * 3 + [_INT], (torch.bfloat16,)),
     "spindle_linear_int4": (ctypes.c_bool, [_POINTER] * 3 + [_INT64] * 3 + [_INT, ctypes.c_bool], (torch.bfloat16,)),
 }
 AMX_BLOCK = 32  # the AMX and 4-bit linear kernels' weights: both dimensions a multiple of this (4-bit groups too)
 INT4_BYTES_PER_GROUP = 20  # the 4-bit layout: 32 levels of 4 bits, an fp16 scale and an fp16 minimum
+INT8_BYTES_PER_GROUP = 34  # the 8-bit layout: 32 values of 8 bits and an fp16 scale
 
 
 class NativeKernelsUnavailable(RuntimeError):
@@ -89,7 +92,7 @@ class NativeKernels:
     entries: dict[tuple[str, torch.dtype], Callable[..., Any]]  # (entry point prefix, dtype) -> configured function
     has_amx: bool  # the AMX-BF16 linear kernel is built for this CPU and the process may use the tiles
     has_prompt_attention: bool  # the bf16 prompt attention kernel is built for this CPU (AVX512-BF16)
-    has_int4: bool  # a 4-bit linear kernel is built for this CPU: on the AMX tiles, or the vectors (AVX512-BF16)
+    has_quantized_linear: bool  # the 4- and 8-bit linear kernels are built for this CPU (AVX512-BF16; AMX for 4-bit)
 
     def decode_attention(
         self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: DecodeBatch, scale: float
@@ -244,7 +247,7 @@ class NativeKernels:
         """4-bit weights in the 4-bit kernel's layout, from ``levels`` [out, in] (uint8, 0-15) and the fp16
         ``scales`` and ``minimums`` [out, in / AMX_BLOCK] of each group of AMX_BLOCK input channels:
         w = level * scale + min."""
-        self._check_block_weight(levels.shape, self.has_int4, "4-bit")
+        self._check_block_weight(levels.shape, self.has_quantized_linear, "4-bit")
         groups = (levels.shape[0], levels.shape[1] // AMX_BLOCK)
         if levels.dtype != torch.uint8 or scales.shape != groups or minimums.shape != groups:
             raise ValueError("4-bit packing needs uint8 levels [out, in] and a scale and minimum per group")
@@ -257,6 +260,27 @@ class NativeKernels:
             levels.data_ptr(), scales.data_ptr(), minimums.data_ptr(), packed.data_ptr(), *levels.shape
         )
         return packed
+
+    def pack_int8(self, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """8-bit weights in the 8-bit kernel's layout, from ``values`` [out, in] (int8, -127 to 127) and the fp16
+        ``scales`` [out, in / AMX_BLOCK] of each group of AMX_BLOCK input channels: w = value * scale."""
+        self._check_block_weight(values.shape, self.has_quantized_linear, "8-bit")
+        groups = (values.shape[0], values.shape[1] // AMX_BLOCK)
+        if values.dtype != torch.int8 or scales.shape != groups or scales.dtype != torch.float16:
+            raise ValueError("8-bit packing needs int8 values [out, in] and an fp16 scale per group")
+        _check_rows(values)
+        _check_rows(scales)
+        packed = torch.empty(groups[0] * groups[1] * INT8_BYTES_PER_GROUP, dtype=torch.uint8)
+        self._entry("spindle_pack_int8", torch.bfloat16)(
+            values.data_ptr(), scales.data_ptr(), packed.data_ptr(), *values.shape
+        )
+        return packed
+
+    def linear_int8(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+        """``x @ W.T`` for ``x`` [rows, in] (bf16, contiguous) and W [out_features, in] packed by pack_int8."""
+        packed_bytes = out_features * x.shape[-1] // AMX_BLOCK * INT8_BYTES_PER_GROUP
+        kernel = (self.has_quantized_linear, "8-bit")
+        return self._linear_call("spindle_linear_int8", kernel, x, packed, torch.uint8, packed_bytes, out_features)
 
     def amx_linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
         """``x @ W.T`` for ``x`` [rows, in] (bf16, contiguous) and W [out_features, in] packed by pack_amx_weight."""
@@ -271,7 +295,7 @@ class NativeKernels:
         AMX tiles where there are any, unless ``use_tiles`` is False, else on the vector units."""
         groups = out_features * x.shape[-1] // AMX_BLOCK
         packed_bytes = groups * INT4_BYTES_PER_GROUP
-        kernel = (self.has_int4, "4-bit")
+        kernel = (self.has_quantized_linear, "4-bit")
         return self._linear_call(
             "spindle_linear_int4", kernel, x, packed, torch.uint8, packed_bytes, out_features, use_tiles
         )
@@ -388,9 +412,9 @@ def amx_kernels() -> NativeKernels | None:
     return _kernels_where(lambda kernels: kernels.has_amx)
 
 
-def native_int4_kernels() -> NativeKernels | None:
-    """The native kernels where their 4-bit linear kernel runs here, else None."""
-    return _kernels_where(lambda kernels: kernels.has_int4)
+def native_quantized_kernels() -> NativeKernels | None:
+    """The native kernels where their 4- and 8-bit linear kernels run here, else None."""
+    return _kernels_where(lambda kernels: kernels.has_quantized_linear)
 
 
 def _kernels_where(usable: Callable[[NativeKernels], bool]) -> NativeKernels | None:
@@ -429,15 +453,15 @@ def _load_once() -> NativeKernels | NativeKernelsUnavailable:
             entries[prefix, dtype] = entry
     library.spindle_amx_enable.restype = ctypes.c_bool
     library.spindle_prompt_attention_enable.restype = ctypes.c_bool
-    library.spindle_int4_enable.restype = ctypes.c_bool
+    library.spindle_quantized_linear_enable.restype = ctypes.c_bool
     has_amx = bool(library.spindle_amx_enable())
     has_prompt_attention = bool(library.spindle_prompt_attention_enable())
-    has_int4 = bool(library.spindle_int4_enable())
+    has_quantized_linear = bool(library.spindle_quantized_linear_enable())
     logger.debug(
         "native CPU kernels loaded from %s (AMX linear kernel: %s, prompt attention: %s, 4-bit linear kernel: %s)",
         path,
         has_amx,
         has_prompt_attention,
-        has_int4,
+        has_quantized_linear,
     )
-    return NativeKernels(library, entries, has_amx, has_prompt_attention, has_int4)
+    return NativeKernels(library, entries, has_amx, has_prompt_attention, has_quantized_linear)

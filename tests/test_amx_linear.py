@@ -20,10 +20,11 @@ def _amx_kernels():
     return kernels
 
 
-def _int4_kernels(use_tiles: bool):
-    """The native kernels, for the 4-bit kernel on the AMX tiles or on the vector units (skips where not built)."""
+def _quantized_kernels(use_tiles: bool):
+    """The native kernels, for the 4-bit kernel on the AMX tiles or the 4- and 8-bit ones on the vector units (skips
+    where not built)."""
     kernels = _amx_kernels() if use_tiles else _native_kernels()
-    if not kernels.has_int4:
+    if not kernels.has_quantized_linear:
         pytest.skip("this CPU has no AVX512-BF16")
     return kernels
 
@@ -86,7 +87,7 @@ def test_amx_linear_is_the_same_on_any_number_of_threads(threads: int) -> None:
 def test_the_4_bit_kernel_multiplies_by_its_levels_times_scales_plus_minimums(
     rows: int, out_features: int, in_features: int, use_tiles: bool
 ) -> None:
-    kernels = _int4_kernels(use_tiles)
+    kernels = _quantized_kernels(use_tiles)
     generator = torch.Generator().manual_seed(rows + out_features)
     weight = torch.randn(out_features, in_features, generator=generator)
     levels = GroupLevels.of(weight)
@@ -102,7 +103,7 @@ def test_the_4_bit_kernel_multiplies_by_its_levels_times_scales_plus_minimums(
 
 
 def test_bf16_4_bit_copies_use_the_native_kernel_where_the_shape_allows() -> None:
-    _int4_kernels(use_tiles=False)
+    _quantized_kernels(use_tiles=False)
     weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(3))
     assert isinstance(quantize_int4(weight, torch.bfloat16), NativeInt4Weight)
     assert isinstance(quantize_int4(weight, torch.float32), TorchInt4Weight)
@@ -152,3 +153,18 @@ def test_a_bf16_layer_computes_with_the_amx_copy_and_falls_back_where_it_cannot(
         torch.testing.assert_close(odd(x), F.linear(x, odd.weight))
     layer.pack(use_amx=False)
     assert layer.amx is None and layer.packed is not None
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize(("out_features", "in_features"), [(960, 576), (576, 1536)])
+def test_the_8_bit_kernel_multiplies_by_its_values_times_scales(rows: int, out_features: int, in_features: int) -> None:
+    kernels = _quantized_kernels(use_tiles=False)
+    generator = torch.Generator().manual_seed(rows * in_features)
+    values = torch.randint(-127, 128, (out_features, in_features), generator=generator, dtype=torch.int8)
+    scales = (torch.rand(out_features, in_features // 32, generator=generator) * 0.02).half()
+    # The weight the kernel computes with: each value times its group's fp16 scale, in fp32.
+    dequantized = (values.float().reshape(out_features, -1, 32) * scales.float()[..., None]).reshape(values.shape)
+    packed = kernels.pack_int8(values, scales)
+    assert packed.numel() == values.numel() * 17 // 16  # 8 bits a weight, and 16 bits of scale per 32
+    x = _bf16((rows, in_features), generator)
+    _assert_rounded_reference(kernels.linear_int8(x, packed, out_features), x, dequantized)

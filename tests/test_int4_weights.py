@@ -21,7 +21,7 @@ from engine.models.int4_weights import (
     TorchInt4Weight,
     quantize_int4,
 )
-from kernels.native import native_int4_kernels
+from kernels.native import native_quantized_kernels
 
 
 def dequantized_through_the_kernel(weight: Int4Weight, in_features: int, dtype: torch.dtype) -> torch.Tensor:
@@ -35,7 +35,7 @@ def test_q4_1_weights_of_the_default_model_are_reproduced_exactly(model_path) ->
     reader = GGUFReader(model_path)
     tensors = [t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q4_1]
     assert len(tensors) == 30 * 7
-    kernels = native_int4_kernels()
+    kernels = native_quantized_kernels()
     for tensor in tensors[:: len(tensors) // 12]:  # every projection kind, across the layers
         reference = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
         levels = GroupLevels.of(reference)
@@ -67,7 +67,7 @@ def test_small_steps_use_the_copy_and_larger_ones_the_dense_weight(dtype: torch.
     with torch.no_grad():
         layer.weight.copy_(torch.randn(48, 2 * GROUP_SIZE, generator=generator))
     copy = quantize_int4(layer.weight.float(), dtype)
-    layer.use_int4(copy, max_rows=4)
+    layer.use_compact(copy, max_rows=4)
     exact = TorchInt4Weight.pack(GroupLevels.of(layer.weight.float()), torch.float32)
     dequantized = dequantized_through_the_kernel(exact, 64, torch.float32)
     with torch.no_grad():
@@ -85,7 +85,7 @@ def test_auto_turns_the_copies_on_for_q4_1_projections_in_bf16_only(model_path) 
     assert open_model(model_path).linear_weights_are_q4_1
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     # By default, as many rows as the copies' kernel on this machine wins at.
-    native = native_int4_kernels()
+    native = native_quantized_kernels()
     expected = TORCH_INT4_MAX_ROWS if native is None else AMX_INT4_MAX_ROWS if native.has_amx else VECTOR_INT4_MAX_ROWS
     assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cpu) == expected
     assert ModelConfig().int4_rows(weights_are_q4_1=False, device=cpu) == 0

@@ -13,28 +13,36 @@ anything. Elsewhere it is oneDNN's blocked layout, which its matmuls otherwise r
 call: the same results bit for bit, 5-10% off a whole decode step at 1 and 8 sequences and 4% off a prefill
 (measured in one process, alternating). The plain weight stays for everything else that reads it.
 
-A layer may also hold a 4-bit copy of its weight (``Int4Weight``) that steps of up to ``int4_max_rows`` rows use.
+A layer may also hold a compact copy of its weight (4-bit ``Int4Weight``, 8-bit ``Int8Weight``) that steps of up to
+``compact_max_rows`` rows use: such steps spend their time reading the weight.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from engine.models.amx_weights import AmxWeight
-from engine.models.int4_weights import Int4Weight
 from kernels.shape_buckets import BUCKETED_DTYPES, bucket_rows, bucket_sizes
 
 
+class CompactWeight(Protocol):
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for ``x`` [rows, in] in the layer's dtype."""
+        ...
+
+
 class BucketedLinear(nn.Linear):
-    int4: Int4Weight | None = None
-    int4_max_rows: int = 0
+    compact: CompactWeight | None = None
+    compact_max_rows: int = 0
     amx: AmxWeight | None = None  # the weight in the native AMX kernel's layout
     packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout, where there is no AMX kernel
 
-    def use_int4(self, weight: Int4Weight, max_rows: int) -> None:
-        self.int4, self.int4_max_rows = weight, max_rows
+    def use_compact(self, weight: CompactWeight, max_rows: int) -> None:
+        self.compact, self.compact_max_rows = weight, max_rows
 
     @torch.inference_mode()
     def pack(self, use_amx: bool = True) -> None:
@@ -54,8 +62,8 @@ class BucketedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if self.int4 is not None and x.dim() == 2 and rows <= self.int4_max_rows:
-            out = self.int4.matmul(x)
+        if self.compact is not None and x.dim() == 2 and rows <= self.compact_max_rows:
+            out = self.compact.matmul(x)
             return out if self.bias is None else out + self.bias
         if not self.bucketed or x.dim() != 2:
             return F.linear(x, self.weight, self.bias)

@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from kernels.native import AMX_BLOCK, NativeKernels, native_int4_kernels
+from kernels.native import AMX_BLOCK, NativeKernels, native_quantized_kernels
 
 GROUP_SIZE = 32
 _LEVELS = 15
@@ -67,7 +67,7 @@ def supports_int4(weight: torch.Tensor) -> bool:
 def quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
     """The 4-bit copy of ``weight`` [out, in] for activations of ``dtype``, for the fastest kernel that takes it."""
     group_levels = GroupLevels.of(weight)
-    kernels = native_int4_kernels()
+    kernels = native_quantized_kernels()
     if kernels is not None and dtype == torch.bfloat16 and weight.shape[0] % AMX_BLOCK == 0:
         native = NativeInt4Weight.pack(kernels, group_levels)
         if native is not None:

@@ -26,6 +26,7 @@ from engine.errors import ModelLoadError
 from engine.model_spec import ModelSpec
 from engine.models.bucketed_linear import BucketedLinear
 from engine.models.int4_weights import quantize_int4, supports_int4
+from engine.models.int8_weights import LM_HEAD_INT8_MAX_ROWS, Int8Weight
 from engine.models.layer_ops import RotaryAngles, layer_ops_for
 from engine.parallel.group import TensorParallelGroup
 from engine.parallel.shard import TensorShard
@@ -217,7 +218,8 @@ class LlamaForCausalLM(nn.Module):
         combined projections.
 
         With ``int4_max_rows``, each decoder projection also gets a 4-bit copy for steps of at most that many rows,
-        quantized from the tensors as given (pass fp32 for the exact levels of a Q4_1 file)."""
+        quantized from the tensors as given (pass fp32 for the exact levels of a Q4_1 file), and in bf16 an LM head
+        stored as Q8_0 an 8-bit copy of its exact values, for steps of up to LM_HEAD_INT8_MAX_ROWS sampled rows."""
         spec = self.spec
         fused_slices = {
             "q_proj": ("qkv_proj", 0, spec.q_size),
@@ -236,6 +238,7 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, BucketedLinear)
         }
         staged: dict[str, torch.Tensor] = {}  # projections as given, until every part arrived, for their 4-bit copies
+        head = "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
         for hf_name, full_tensor in weights:
             tensor = self.tp.shard.cut(hf_name, full_tensor, spec.head_dim)
             name = hf_name.removeprefix("model.")
@@ -262,7 +265,11 @@ class LlamaForCausalLM(nn.Module):
                 if parts_loaded[target] == parts_needed[target]:
                     full = staged.pop(target)
                     if supports_int4(full):
-                        projections[target].use_int4(quantize_int4(full, param.dtype), int4_max_rows)
+                        projections[target].use_compact(quantize_int4(full, param.dtype), int4_max_rows)
+            if int4_max_rows and target == head and param.dtype == torch.bfloat16:
+                head_copy = Int8Weight.of_q8_0(tensor)
+                if head_copy is not None:
+                    self.lm_head.use_compact(head_copy, LM_HEAD_INT8_MAX_ROWS)
         missing = [name for name, needed in parts_needed.items() if parts_loaded[name] < needed]
         if missing:
             raise ModelLoadError(f"weights missing from the model files: {', '.join(missing[:5])}")

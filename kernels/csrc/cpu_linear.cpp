@@ -37,6 +37,11 @@ constexpr int64_t kTileDepth = 32, kBlockColumns = 32, kTileElements = 512;
 // is a (column, channel) pair as in the bf16 tiles. 640 bytes where bf16 takes 2048.
 constexpr int64_t kInt4StepBytes = 640, kInt4ScaleBytes = 64, kInt4TileBytes = 256;
 
+// The 8-bit layout (GGUF Q8_0's form: w = scale * value, values -127 to 127, an fp16 scale per 32 input channels),
+// per 32-column block and group: the 32 columns' scales, then the block's two tiles, each 16 tile rows of 32 signed
+// bytes (lane i as in the bf16 tiles). 1088 bytes where bf16 takes 2048.
+constexpr int64_t kInt8StepBytes = 1088, kInt8ScaleBytes = 64;
+
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 
@@ -44,9 +49,9 @@ constexpr int64_t kInt4StepBytes = 640, kInt4ScaleBytes = 64, kInt4TileBytes = 2
 // K in bf16, 12 in the 4-bit layout.
 constexpr int64_t kPrefetchBytes = 8192;
 
-// Asks for the 4-bit group kPrefetchBytes ahead of ``group``.
-inline void prefetch_int4_group(const uint8_t* group) {
-    for (int64_t line = 0; line < kInt4StepBytes; line += 64)
+// Asks for the group of ``step_bytes`` kPrefetchBytes ahead of ``group``.
+inline void prefetch_group(const uint8_t* group, int64_t step_bytes) {
+    for (int64_t line = 0; line < step_bytes; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(group) + kPrefetchBytes + line, _MM_HINT_T0);
 }
 
@@ -72,15 +77,16 @@ void unpack_levels(const uint8_t* levels, uint16_t* tiles) {
     }
 }
 
-// One group's fp16 scales and minimums (each of the block's 32 columns') in fp32, by column half.
+// One group's fp16 scales and minimums (each of the block's 32 columns') in fp32, by column half; a layout without
+// minimums has zeros.
 struct GroupScales {
     __m512 scale[2], minimum[2];
 
-    explicit GroupScales(const uint8_t* group) {
+    GroupScales(const uint8_t* group, bool has_minimums) {
         const auto* halves = reinterpret_cast<const __m256i*>(group);
         for (int half = 0; half < 2; ++half) {
             scale[half] = _mm512_cvtph_ps(_mm256_loadu_si256(halves + half));
-            minimum[half] = _mm512_cvtph_ps(_mm256_loadu_si256(halves + 2 + half));
+            minimum[half] = has_minimums ? _mm512_cvtph_ps(_mm256_loadu_si256(halves + 2 + half)) : _mm512_setzero_ps();
         }
     }
 
@@ -104,30 +110,53 @@ std::vector<float> group_sums(const uint16_t* x, int64_t rows, int64_t in_featur
     return sums;
 }
 
-// The 4-bit layout on the vector units (AVX512-BF16, no tiles): each unpacked tile row is one register of 16
-// columns x 2 channels, which vdpbf16ps multiplies by a broadcast pair of x's channels, exactly as the tiles would.
-// Per group, row and column half: four independent sums over the group's 16 channel pairs, then the group's scale
-// and minimum as in the AMX kernel. The levels are unpacked once per group for every 16 rows of the step.
-void linear_int4_vector(const uint16_t* x, const uint8_t* packed, uint16_t* out, int64_t rows, int64_t out_features,
-                        int64_t in_features, int threads) {
+// The 8-bit values of one group (two tiles) as exact bf16 integers, in the bf16 tile layout.
+void unpack_values(const uint8_t* values, uint16_t* tiles) {
+    for (int row = 0; row < 32; ++row) {  // 16 tile rows in each of the two tiles
+        const auto* bytes = reinterpret_cast<const __m128i*>(values + row * 32);
+        const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes)));
+        const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes + 1)));
+        _mm512_store_si512(tiles + row * 32, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low)));
+    }
+}
+
+// The two layouts the vector kernel reads: where a group's levels are, and whether it has minimums.
+struct Int4Layout {
+    static constexpr int64_t kStepBytes = kInt4StepBytes;
+    static constexpr bool kHasMinimums = true;
+    static void unpack(const uint8_t* group, uint16_t* tiles) { unpack_levels(group + 2 * kInt4ScaleBytes, tiles); }
+};
+struct Int8Layout {
+    static constexpr int64_t kStepBytes = kInt8StepBytes;
+    static constexpr bool kHasMinimums = false;
+    static void unpack(const uint8_t* group, uint16_t* tiles) { unpack_values(group + kInt8ScaleBytes, tiles); }
+};
+
+// The 4- and 8-bit layouts on the vector units (AVX512-BF16, no tiles): each unpacked tile row is one register of
+// 16 columns x 2 channels, which vdpbf16ps multiplies by a broadcast pair of x's channels, exactly as the tiles
+// would. Per group, row and column half: four independent sums over the group's 16 channel pairs, then the group's
+// scale (and minimum) as in the AMX kernel. The levels are unpacked once per group for every 16 rows of the step.
+template <typename Layout>
+void linear_vector(const uint16_t* x, const uint8_t* packed, uint16_t* out, int64_t rows, int64_t out_features,
+                   int64_t in_features, int threads) {
     constexpr int kSums = 4;
     const int64_t k_steps = in_features / kTileDepth, blocks = out_features / kBlockColumns;
-    const std::vector<float> sums = group_sums(x, rows, in_features);
+    const std::vector<float> sums = Layout::kHasMinimums ? group_sums(x, rows, in_features) : std::vector<float>();
 #pragma omp parallel num_threads(threads)
     {
         alignas(64) uint16_t tiles[2 * kTileElements];
         __m512 totals[kTileRows][2];
 #pragma omp for schedule(static)
         for (int64_t block = 0; block < blocks; ++block) {
-            const uint8_t* weights = packed + block * k_steps * kInt4StepBytes;
+            const uint8_t* weights = packed + block * k_steps * Layout::kStepBytes;
             for (int64_t first = 0; first < rows; first += kTileRows) {
                 const int count = static_cast<int>(std::min<int64_t>(rows - first, kTileRows));
                 for (int row = 0; row < count; ++row) totals[row][0] = totals[row][1] = _mm512_setzero_ps();
                 for (int64_t step = 0; step < k_steps; ++step) {
-                    const uint8_t* group = weights + step * kInt4StepBytes;
-                    if (first == 0) prefetch_int4_group(group);  // later row chunks find the block in cache
-                    unpack_levels(group + 2 * kInt4ScaleBytes, tiles);
-                    const GroupScales scales(group);
+                    const uint8_t* group = weights + step * Layout::kStepBytes;
+                    if (first == 0) prefetch_group(group, Layout::kStepBytes);  // later row chunks find it in cache
+                    Layout::unpack(group, tiles);
+                    const GroupScales scales(group, Layout::kHasMinimums);
                     for (int row = 0; row < count; ++row) {
                         const uint16_t* x_group = x + (first + row) * in_features + step * kTileDepth;
                         __m512 acc[2][kSums];
@@ -143,7 +172,8 @@ void linear_int4_vector(const uint16_t* x, const uint8_t* packed, uint16_t* out,
                                                                            reinterpret_cast<__m512bh>(levels));
                             }
                         }
-                        const __m512 row_sum = _mm512_set1_ps(sums[(first + row) * k_steps + step]);
+                        const __m512 row_sum =
+                            Layout::kHasMinimums ? _mm512_set1_ps(sums[(first + row) * k_steps + step]) : _mm512_setzero_ps();
                         for (int half = 0; half < 2; ++half) {
                             const __m512 product = _mm512_add_ps(_mm512_add_ps(acc[half][0], acc[half][1]),
                                                                  _mm512_add_ps(acc[half][2], acc[half][3]));
@@ -233,7 +263,7 @@ SPINDLE_GROUP_PRODUCT(odd_group_product, 2, 3, 5)
 // Adds one group's scaled product to the rows' totals: total += scale * product + minimum * (the row's sum of x).
 void scale_group(const uint8_t* group, const float* products, const float* row_sums, int64_t sum_stride, int count,
                  __m512 (*totals)[2]) {
-    const GroupScales scales(group);
+    const GroupScales scales(group, true);
     for (int row = 0; row < count; ++row) {
         const __m512 row_sum = _mm512_set1_ps(row_sums[row * sum_stride]);
         for (int half = 0; half < 2; ++half) {
@@ -272,7 +302,7 @@ void linear_int4(const uint16_t* x, const uint8_t* packed, uint16_t* out, int64_
                 const float* row_sums = sums.data() + first * k_steps;
                 for (int64_t step = 0; step < k_steps; ++step) {
                     const uint8_t* group = weights + step * kInt4StepBytes;
-                    if (first == 0) prefetch_int4_group(group);
+                    if (first == 0) prefetch_group(group, kInt4StepBytes);
                     const int parity = static_cast<int>(step % 2);
                     unpack_levels(group + 2 * kInt4ScaleBytes, tiles[parity]);
                     if (parity)
@@ -344,8 +374,9 @@ void amx_linear(const uint16_t* x, const uint16_t* packed, uint16_t* out, int64_
 // Whether this build targets AMX-BF16 and the kernel may use the tiles (asks Linux for them once per process).
 extern "C" bool spindle_amx_enable() { return spindle::amx_usable(); }
 
-// Whether this build has a 4-bit kernel: the AMX one, or the vector one (AVX512-BF16) that stands in for it.
-extern "C" bool spindle_int4_enable() {
+// Whether this build has the 4- and 8-bit kernels (they need AVX512-BF16; the 4-bit one uses AMX tiles too where
+// there are any).
+extern "C" bool spindle_quantized_linear_enable() {
 #if defined(__AVX512BF16__)
     return true;
 #else
@@ -408,6 +439,42 @@ extern "C" void spindle_pack_int4_bf16(const uint8_t* levels, const uint16_t* sc
         }
 }
 
+// Values [N, K] (int8, -127 to 127) with fp16 scales [N, K / 32] into the 8-bit layout, ``packed``
+// [N * K / 32 * 34] bytes.
+extern "C" void spindle_pack_int8_bf16(const int8_t* values, const uint16_t* scales, uint8_t* packed,
+                                       int64_t out_features, int64_t in_features) {
+    const int64_t k_steps = in_features / kTileDepth;
+    for (int64_t block = 0; block < out_features / kBlockColumns; ++block)
+        for (int64_t step = 0; step < k_steps; ++step) {
+            uint8_t* target = packed + (block * k_steps + step) * kInt8StepBytes;
+            auto* fp16 = reinterpret_cast<uint16_t*>(target);
+            for (int column = 0; column < kBlockColumns; ++column)
+                fp16[column] = scales[(block * kBlockColumns + column) * k_steps + step];
+            // Lane i of tile row r: column i / 2 of the half, channel 2 r + i % 2 of the group.
+            for (int half = 0; half < 2; ++half)
+                for (int row = 0; row < 16; ++row)
+                    for (int lane = 0; lane < 32; ++lane) {
+                        const int64_t column = block * kBlockColumns + half * 16 + lane / 2;
+                        const int64_t channel = step * kTileDepth + 2 * row + lane % 2;
+                        std::memcpy(target + kInt8ScaleBytes + (half * 16 + row) * 32 + lane,
+                                    values + column * in_features + channel, 1);
+                    }
+        }
+}
+
+// out [M, N] = x [M, K] @ W^T for W packed by spindle_pack_int8_bf16, on the vector units. False if this build has
+// no kernel (no AVX512-BF16).
+extern "C" bool spindle_linear_int8_bf16(const uint16_t* x, const uint8_t* packed, uint16_t* out, int64_t rows,
+                                         int64_t out_features, int64_t in_features, int threads) {
+#if defined(__AVX512BF16__)
+    linear_vector<Int8Layout>(x, packed, out, rows, out_features, in_features, threads);
+    return true;
+#else
+    (void)x, (void)packed, (void)out, (void)rows, (void)out_features, (void)in_features, (void)threads;
+    return false;
+#endif
+}
+
 // out [M, N] = x [M, K] @ W^T for W packed by spindle_pack_int4_bf16: on the tiles if asked and the process may use
 // them, else on the vector units. Made for small steps: the levels are unpacked again for each 16 rows. False if this build has neither kernel (no AVX512-BF16).
 extern "C" bool spindle_linear_int4_bf16(const uint16_t* x, const uint8_t* packed, uint16_t* out, int64_t rows,
@@ -419,7 +486,7 @@ extern "C" bool spindle_linear_int4_bf16(const uint16_t* x, const uint8_t* packe
     }
 #endif
 #if defined(__AVX512BF16__)
-    linear_int4_vector(x, packed, out, rows, out_features, in_features, threads);
+    linear_vector<Int4Layout>(x, packed, out, rows, out_features, in_features, threads);
     return true;
 #else
     (void)x, (void)packed, (void)out, (void)rows, (void)out_features, (void)in_features, (void)threads,
