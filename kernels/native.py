@@ -311,15 +311,23 @@ class NativeKernels:
         out_features: int,
         *options: bool,  # the entry point's arguments after the thread count
     ) -> torch.Tensor:
-        _check_rows(x)
-        _check_rows(packed)
+        # Called for every projection of every step: the checks are kept to what a few attribute reads tell.
         if x.dtype != torch.bfloat16 or x.dim() != 2:
             raise ValueError(f"the native linear kernels take torch.bfloat16 activations [rows, in], not {x.dtype}")
+        if not (x.is_contiguous() and x.is_cpu and packed.is_contiguous() and packed.is_cpu):
+            raise ValueError("the native kernels need contiguous CPU tensors")
         rows, in_features = x.shape
-        self._check_block_weight((out_features, in_features), *kernel)
-        if packed.dtype != packed_dtype or packed.numel() != packed_elements:
+        available, kind = kernel
+        if not available:
+            raise ValueError(f"the native kernels have no {kind} linear kernel on this CPU")
+        if (
+            packed.dtype != packed_dtype
+            or packed.numel() != packed_elements
+            or out_features % AMX_BLOCK
+            or in_features % AMX_BLOCK
+        ):
             raise ValueError(f"a packed weight of {packed.numel()} elements is not [{out_features}, {in_features}]")
-        output = x.new_empty(rows, out_features)
+        output = torch.empty((rows, out_features), dtype=torch.bfloat16)
         handled = self._entry(prefix, x.dtype)(
             x.data_ptr(),
             packed.data_ptr(),
@@ -351,7 +359,7 @@ class NativeKernels:
 
 def _check_rows(first: torch.Tensor, *others: torch.Tensor) -> None:
     for tensor in (first, *others):
-        if not tensor.is_contiguous() or tensor.device.type != "cpu" or tensor.dtype != first.dtype:
+        if not tensor.is_contiguous() or not tensor.is_cpu or tensor.dtype != first.dtype:
             raise ValueError("the native kernels need contiguous CPU tensors of one dtype")
 
 
