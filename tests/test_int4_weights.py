@@ -12,11 +12,10 @@ from torch.nn import functional as F
 from engine.config import AMX_INT4_MAX_ROWS, TORCH_INT4_MAX_ROWS, VECTOR_INT4_MAX_ROWS, ModelConfig
 from engine.errors import ConfigError
 from engine.loader import open_model
-from engine.models.bucketed_linear import BucketedLinear
+from engine.models.bucketed_linear import BucketedLinear, CompactWeight
 from engine.models.int4_weights import (
     GROUP_SIZE,
     GroupLevels,
-    Int4Weight,
     NativeInt4Weight,
     TorchInt4Weight,
     quantize_int4,
@@ -24,7 +23,7 @@ from engine.models.int4_weights import (
 from kernels.native import native_quantized_kernels
 
 
-def dequantized_through_the_kernel(weight: Int4Weight, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantized_through_the_kernel(weight: CompactWeight, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     return weight.matmul(torch.eye(in_features, dtype=dtype)).T
 
 

@@ -13,8 +13,8 @@ anything. Elsewhere it is oneDNN's blocked layout, which its matmuls otherwise r
 call: the same results bit for bit, 5-10% off a whole decode step at 1 and 8 sequences and 4% off a prefill
 (measured in one process, alternating). The plain weight stays for everything else that reads it.
 
-A layer may also hold a compact copy of its weight (4-bit ``Int4Weight``, 8-bit ``Int8Weight``) that steps of up to
-``compact_max_rows`` rows use: such steps spend their time reading the weight.
+A layer may also hold a compact copy of its weight (4-bit: engine/models/int4_weights.py; 8-bit: int8_weights.py)
+that steps of up to ``compact_max_rows`` rows use: such steps spend their time reading the weight.
 """
 
 from __future__ import annotations

@@ -23,22 +23,16 @@ the dense bf16 copy holds rounded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
+from engine.models.bucketed_linear import CompactWeight
 from kernels.native import AMX_BLOCK, NativeKernels, native_quantized_kernels
 
 GROUP_SIZE = 32
 _LEVELS = 15
 _MIDPOINT = 8  # PyTorch's kernel stores levels around 8: w = (level - 8) * scale + (min + 8 * scale)
 assert GROUP_SIZE == AMX_BLOCK
-
-
-class Int4Weight(Protocol):
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` for ``x`` [rows, in] in the layer's dtype."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -64,7 +58,7 @@ def supports_int4(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.device.type == "cpu" and weight.shape[1] % GROUP_SIZE == 0
 
 
-def quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
+def quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> CompactWeight:
     """The 4-bit copy of ``weight`` [out, in] for activations of ``dtype``, for the fastest kernel that takes it."""
     group_levels = GroupLevels.of(weight)
     kernels = native_quantized_kernels()
