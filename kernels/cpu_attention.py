@@ -66,6 +66,7 @@ class CpuAttentionMetadata:
     decode: DecodeBatch | list[DecodeGroup]
     prefills: list[PrefillChunk]  # chunks after a cached prefix
     fresh_prompts: list[FreshPrompts]
+    fresh_rows: torch.Tensor  # int32 [fresh prompts, 2]: every fresh prompt's (first row, rows), for the native kernel
 
 
 def write_kv(
@@ -245,7 +246,11 @@ class CpuAttentionBackend:
                 prefills.append(PrefillChunk(query_start, query_len, context_len, block_ids))
             query_start += query_len
         fresh_prompts = [FreshPrompts(rows, padded_len) for padded_len, rows in fresh.items()]
-        return CpuAttentionMetadata(layout.slot_mapping, num_decodes, decode, prefills, fresh_prompts)
+        # Built once here rather than by each layer's call.
+        fresh_rows = torch.tensor([row for group in fresh_prompts for row in group.rows], dtype=torch.int32)
+        return CpuAttentionMetadata(
+            layout.slot_mapping, num_decodes, decode, prefills, fresh_prompts, fresh_rows.reshape(-1, 2)
+        )
 
     def with_decode_tables(
         self,
@@ -287,7 +292,7 @@ class CpuAttentionBackend:
                 output[rows] = decode_attention(
                     query[rows], key_cache, value_cache, group.block_tables, group.bias, scale
                 )
-        self._attend_fresh_prompts(query, key, value, output, metadata.fresh_prompts, scale)
+        self._attend_fresh_prompts(query, key, value, output, metadata, scale)
         for chunk in metadata.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
             chunk_key = key_cache.index_select(0, chunk.block_ids).flatten(0, 1)[: chunk.context_len]
@@ -302,20 +307,18 @@ class CpuAttentionBackend:
         key: torch.Tensor,
         value: torch.Tensor,
         output: torch.Tensor,
-        fresh_prompts: list[FreshPrompts],
+        metadata: CpuAttentionMetadata,
         scale: float,
     ) -> None:
         """The native kernel where it is built for bf16 here (all the prompts in one call), else one batched fused
         attention per padded length."""
-        if not fresh_prompts:
+        if not metadata.fresh_prompts:
             return
         native = self.native
         if native is not None and native.has_prompt_attention and query.dtype == torch.bfloat16:
-            native.prompt_attention(
-                query, key, value, output, [row for group in fresh_prompts for row in group.rows], scale
-            )
+            native.prompt_attention(query, key, value, output, metadata.fresh_rows, scale)
             return
-        for prompts in fresh_prompts:
+        for prompts in metadata.fresh_prompts:
             attended = fresh_prompt_attention(query, key, value, prompts, scale)
             for index, (start, length) in enumerate(prompts.rows):
                 output[start : start + length] = attended[index, :length]

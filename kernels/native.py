@@ -132,12 +132,12 @@ class NativeKernels:
         key: torch.Tensor,
         value: torch.Tensor,
         output: torch.Tensor,
-        prompts: list[tuple[int, int]],
+        prompts: torch.Tensor,
         scale: float,
     ) -> None:
-        """Causal attention of prompts without a cached prefix, (first row, rows) each, into their rows of
-        ``output``: query and output [T, H, D], key and value [T, KVH, D], bf16, each row's heads contiguous (rows
-        may be strided)."""
+        """Causal attention of prompts without a cached prefix, ``prompts`` int32 [n, 2] of (first row, rows), into
+        their rows of ``output``: query and output [T, H, D], key and value [T, KVH, D], bf16, each row's heads
+        contiguous (rows may be strided)."""
         num_heads, head_dim = query.shape[1:]
         num_kv_heads = key.shape[1]
         if not self.has_prompt_attention:
@@ -146,25 +146,23 @@ class NativeKernels:
             if (
                 tensor.dtype != torch.bfloat16
                 or tensor.shape[1:] != (heads, head_dim)
-                or tensor.stride()[1:]
-                != (
-                    head_dim,
-                    1,
-                )
+                or tensor.stride()[1:] != (head_dim, 1)
             ):
                 raise ValueError("prompt attention needs bf16 rows of contiguous heads, query and output alike")
         if head_dim not in SUPPORTED_HEAD_DIMS or num_heads % num_kv_heads:
             raise ValueError(f"unsupported attention shape: query {tuple(query.shape)}, key {tuple(key.shape)}")
-        rows = torch.tensor(prompts, dtype=torch.int32).reshape(-1, 2)
-        if rows.numel() and (rows[:, 0].min() < 0 or (rows[:, 0] + rows[:, 1]).max() > query.shape[0]):
+        if prompts.dtype != torch.int32 or prompts.dim() != 2 or prompts.shape[1] != 2:
+            raise ValueError("prompt attention takes the prompts' (first row, rows) as int32 [n, 2]")
+        _check_rows(prompts)
+        if prompts.numel() and (prompts[:, 0].min() < 0 or (prompts[:, 0] + prompts[:, 1]).max() > query.shape[0]):
             raise ValueError("a prompt's rows lie outside the step's")
         self._entry("spindle_prompt_attention", torch.bfloat16)(
             query.data_ptr(),
             key.data_ptr(),
             value.data_ptr(),
             output.data_ptr(),
-            rows.data_ptr(),
-            rows.shape[0],
+            prompts.data_ptr(),
+            prompts.shape[0],
             num_heads,
             num_kv_heads,
             head_dim,

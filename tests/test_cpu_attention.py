@@ -247,7 +247,8 @@ def test_native_prompt_attention_is_the_fp32_result_rounded_once(gqa: int, head_
     value = torch.randn(total, 2 * num_kv_heads, head_dim).bfloat16()[:, num_kv_heads:]  # rows strided
     output = torch.full_like(query, float("nan"))
     scale = head_dim**-0.5
-    load_native_kernels().prompt_attention(query, key, value, output, list(zip(starts, lengths)), scale)
+    prompts = torch.tensor(list(zip(starts, lengths)), dtype=torch.int32)
+    load_native_kernels().prompt_attention(query, key, value, output, prompts, scale)
     group = num_heads // num_kv_heads
     for start, length in zip(starts, lengths):
         rows = slice(start, start + length)

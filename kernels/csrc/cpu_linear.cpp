@@ -456,8 +456,8 @@ extern "C" void spindle_pack_int8_bf16(const int8_t* values, const uint16_t* sca
                     for (int lane = 0; lane < 32; ++lane) {
                         const int64_t column = block * kBlockColumns + half * 16 + lane / 2;
                         const int64_t channel = step * kTileDepth + 2 * row + lane % 2;
-                        std::memcpy(target + kInt8ScaleBytes + (half * 16 + row) * 32 + lane,
-                                    values + column * in_features + channel, 1);
+                        target[kInt8ScaleBytes + (half * 16 + row) * 32 + lane] =
+                            static_cast<uint8_t>(values[column * in_features + channel]);
                     }
         }
 }
