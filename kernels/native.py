@@ -1,6 +1,7 @@
 """Build and load the native CPU kernels (kernels/csrc) with the system C++ compiler, called through ctypes.
 
-The sources (decode attention, prompt attention, a layer's elementwise ops, the AMX bf16 linear layers) are
+The sources (decode attention, prompt attention, a layer's elementwise ops, the bf16, 8- and 4-bit linear layers,
+and a decode step's decoder layers chained in one call) are
 compiled into one shared library once per source text, compiler and CPU (``-march=native``) into a cache directory
 (``$SPINDLE_KERNEL_CACHE``, default ``~/.cache/spindle/kernels``) and reused by every later process. No PyTorch
 headers are involved, so a build takes a few seconds. Where no compiler is found or the build fails,
@@ -30,7 +31,13 @@ logger = logging.getLogger("spindle.kernels")
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 # built into one library, with the headers beside them
-SOURCES = ("cpu_paged_attention.cpp", "cpu_prompt_attention.cpp", "cpu_layer_ops.cpp", "cpu_linear.cpp")
+SOURCES = (
+    "cpu_paged_attention.cpp",
+    "cpu_prompt_attention.cpp",
+    "cpu_layer_ops.cpp",
+    "cpu_linear.cpp",
+    "cpu_decode_layers.cpp",
+)
 LIBRARY_NAME = "spindle_cpu_kernels"
 FLAGS = ("-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)  # instantiated in the kernel source
@@ -56,14 +63,39 @@ _SIGNATURES = {  # entry point prefix -> (restype, argtypes, the dtypes it has a
     "spindle_pack_int8": (None, [_POINTER] * 3 + [_INT64] * 2, (torch.bfloat16,)),
     "spindle_linear_int8": (ctypes.c_bool, [_POINTER] * 3 + [_INT64] * 3 + [_INT], (torch.bfloat16,)),
     "spindle_linear_int4": (ctypes.c_bool, [_POINTER] * 3 + [_INT64] * 3 + [_INT, ctypes.c_bool], (torch.bfloat16,)),
+    "spindle_decode_layers": (ctypes.c_bool, [_POINTER] * 9 + [_INT64, _INT], (torch.bfloat16,)),
 }
 AMX_BLOCK = 32  # the AMX and 4-bit linear kernels' weights: both dimensions a multiple of this (4-bit groups too)
 INT4_BYTES_PER_GROUP = 20  # the 4-bit layout: 32 levels of 4 bits, an fp16 scale and an fp16 minimum
 INT8_BYTES_PER_GROUP = 34  # the 8-bit layout: 32 values of 8 bits and an fp16 scale
 
 
+DECODER_LAYER_FIELDS = 8  # a layer's row of the decoder's layer table: see kernels/csrc/cpu_decode_layers.cpp
+
+
 class NativeKernelsUnavailable(RuntimeError):
     pass
+
+
+class DecoderShape(ctypes.Structure):
+    """The model's shape as ``spindle_decode_layers`` reads it."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")),
+        ("block_size", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
+
+
+class _DecodeBatchArgs(ctypes.Structure):
+    _fields_ = [
+        ("block_tables", _POINTER),
+        ("context_lens", _POINTER),
+        ("row_counts", _POINTER),
+        ("sequences", ctypes.c_int64),
+        ("max_blocks", ctypes.c_int64),
+    ]
 
 
 @dataclass(frozen=True)
@@ -232,6 +264,57 @@ class NativeKernels:
             dim,
         )
         return q, k
+
+    def decode_layers(
+        self,
+        layer_table: torch.Tensor,
+        shape: DecoderShape,
+        batch: DecodeBatch,
+        final_norm: torch.Tensor,
+        residual: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """Every decoder layer of a decode step, then the final norm: ``residual`` [rows, hidden] holds the step's
+        embeddings and is left holding the residual stream; returns the final norm's output. ``layer_table`` int64
+        [layers, DECODER_LAYER_FIELDS] holds each layer's tensors' addresses (norm weights, 4-bit projections, bf16
+        K/V caches, in the order cpu_decode_layers.cpp names), which the caller keeps alive; each row's K/V goes to
+        its flat cache slot in ``slots`` (int64 [rows]). Everything bf16 but the tables."""
+        rows = residual.shape[0]
+        if not self.has_quantized_linear:
+            raise ValueError("the native kernels have no 4-bit linear kernel on this CPU")
+        if layer_table.dtype != torch.int64 or layer_table.shape != (shape.layers, DECODER_LAYER_FIELDS):
+            raise ValueError(f"a decoder layer table is int64 [{shape.layers}, {DECODER_LAYER_FIELDS}]")
+        if residual.shape != (rows, shape.hidden) or cos.shape != (rows, shape.head_dim) or sin.shape != cos.shape:
+            raise ValueError("decode_layers needs residual [rows, hidden] and cos/sin [rows, head_dim]")
+        if slots.dtype != torch.int64 or slots.shape != (rows,):
+            raise ValueError("decode_layers needs one int64 cache slot per row")
+        if residual.dtype != torch.bfloat16:
+            raise ValueError("decode_layers runs in torch.bfloat16")
+        _check_rows(residual, final_norm, cos, sin)
+        _check_rows(layer_table, slots)
+        tables = batch.block_tables
+        batch_args = _DecodeBatchArgs(
+            tables.data_ptr(), batch.context_lens.data_ptr(), batch.row_counts.data_ptr(), *tables.shape
+        )
+        output = torch.empty_like(residual)
+        handled = self._entry("spindle_decode_layers", torch.bfloat16)(
+            layer_table.data_ptr(),
+            ctypes.byref(shape),
+            ctypes.byref(batch_args),
+            final_norm.data_ptr(),
+            residual.data_ptr(),
+            output.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slots.data_ptr(),
+            rows,
+            torch.get_num_threads(),
+        )
+        if not handled:
+            raise ValueError(f"the native kernel has no instantiation for head_dim {shape.head_dim}")
+        return output
 
     def pack_amx_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """A bf16 weight [out, in] (both multiples of AMX_BLOCK) in the AMX linear kernel's tile layout."""

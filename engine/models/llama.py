@@ -28,6 +28,7 @@ from engine.models.bucketed_linear import BucketedLinear
 from engine.models.int4_weights import quantize_int4, supports_int4
 from engine.models.int8_weights import LM_HEAD_INT8_MAX_ROWS, Int8Weight
 from engine.models.layer_ops import RotaryAngles, layer_ops_for
+from engine.models.native_decoder import NativeDecoder
 from engine.parallel.group import TensorParallelGroup
 from engine.parallel.shard import TensorShard
 from kernels.backend import AttentionBackend
@@ -165,6 +166,8 @@ class VocabParallelEmbedding(nn.Embedding):
 
 
 class LlamaForCausalLM(nn.Module):
+    native_decoder: NativeDecoder | None = None  # set by load_weights where the weights allow one
+
     def __init__(self, spec: ModelSpec, tp: TensorParallelGroup | None = None) -> None:
         """``spec`` is the whole model's; ``tp`` says which shard of it this rank holds (default: all of it)."""
         super().__init__()
@@ -181,7 +184,13 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Flat batch [T] -> final hidden states [T, hidden] (normalised)."""
+        """Flat batch [T] -> final hidden states [T, hidden] (normalised): in one native call for a decode step
+        that the native decoder takes (engine/models/native_decoder.py), else layer by layer."""
+        decoder = self.native_decoder
+        if decoder is not None and decoder.accepts(input_ids.shape[0], ctx):
+            x = self.embed_tokens(input_ids)
+            rotary = self.rotary.angles(positions, x.dtype)
+            return decoder.forward(x, rotary.cos, rotary.sin, ctx)
         return self.run_layers(input_ids, positions, ctx, range(len(self.layers)))
 
     def run_layers(
@@ -273,3 +282,4 @@ class LlamaForCausalLM(nn.Module):
         missing = [name for name, needed in parts_needed.items() if parts_loaded[name] < needed]
         if missing:
             raise ModelLoadError(f"weights missing from the model files: {', '.join(missing[:5])}")
+        self.native_decoder = NativeDecoder.of(self) if int4_max_rows else None
