@@ -96,16 +96,20 @@ struct GroupScales {
     }
 };
 
-// Each row's sum of x over each group of 32 input channels: [rows][in_features / 32].
+// Each row's sum of x over each group of 32 input channels: [rows][in_features / 32]. A register holds a group as
+// 16 pairs of bf16; each pair's low element shifted up and its high element masked are those elements in fp32.
+// (Vectorised: the scalar loop, serial before the parallel part, took 26 of the 332 us of a layer's projections at
+// 32 rows.)
 std::vector<float> group_sums(const uint16_t* x, int64_t rows, int64_t in_features) {
     const int64_t k_steps = in_features / kTileDepth;
+    const __m512i high_halves = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
     std::vector<float> sums(rows * k_steps);
     for (int64_t row = 0; row < rows; ++row)
         for (int64_t step = 0; step < k_steps; ++step) {
-            float total = 0.0f;
-            for (int64_t i = 0; i < kTileDepth; ++i)
-                total += spindle::to_float(spindle::BFloat16{x[row * in_features + step * kTileDepth + i]});
-            sums[row * k_steps + step] = total;
+            const __m512i pairs = _mm512_loadu_si512(x + row * in_features + step * kTileDepth);
+            const __m512 low = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+            const __m512 high = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_halves));
+            sums[row * k_steps + step] = _mm512_reduce_add_ps(_mm512_add_ps(low, high));
         }
     return sums;
 }
