@@ -54,18 +54,6 @@ inline float bf16_to_float(uint16_t bits) {
     return value;
 }
 
-// exp(x) for 16 lanes of x <= 0, as spindle::exp_nonpositive computes it (numeric.h), 2^n applied by scalef.
-inline __m512 exp_nonpositive16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.6931471805599453f), x);
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    for (const float coefficient : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(coefficient));
-    return _mm512_scalef_ps(p, n);
-}
-
 // Scores of ``Rows`` query rows (each row's channel pairs broadcast from ``q[r]``) against ``Blocks`` consecutive
 // blocks of 16 packed keys, into ``scores[r]``: each key register serves every row, and the Rows x Blocks sums are
 // independent, which hides the instruction's latency.
@@ -121,9 +109,11 @@ inline void weigh_values(float* scores, int visible, const float* values, uint16
     const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(maxima));
     __m512 sums = _mm512_setzero_ps();
     for (int b = 0; b < blocks; ++b) {
-        const __m512 weights = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(scores + b * kKeysPerVector), max));
-        _mm512_storeu_ps(scores + b * kKeysPerVector, weights);
-        sums = b + 1 < blocks ? _mm512_add_ps(sums, weights) : _mm512_mask_add_ps(sums, last_lanes, sums, weights);
+        __m512 weights[1] = {_mm512_sub_ps(_mm512_loadu_ps(scores + b * kKeysPerVector), max)};
+        spindle::exp_nonpositive(weights);
+        _mm512_storeu_ps(scores + b * kKeysPerVector, weights[0]);
+        sums = b + 1 < blocks ? _mm512_add_ps(sums, weights[0])
+                              : _mm512_mask_add_ps(sums, last_lanes, sums, weights[0]);
     }
     const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sums));
     __m512 total[2][Lanes];

@@ -6,6 +6,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace spindle {
 
 struct BFloat16 {
@@ -54,6 +58,27 @@ inline float exp_nonpositive(float x) {
     std::memcpy(&p, &bits, sizeof(p));
     return p;
 }
+
+#if defined(__AVX512F__)
+// exp_nonpositive on N vectors of 16 lanes: the same reduction and polynomial (as fused multiply-adds), 2^n applied
+// by scalef. Each step runs for all N vectors before the next, so that their chains of dependent operations overlap:
+// a chain alone leaves most of the core idle (SiLU of 2048 x 1536 bf16: 8 vectors at a time, 0.33 ms against 0.55
+// for one).
+template <int N>
+inline void exp_nonpositive(__m512 (&x)[N]) {
+    __m512 n[N], r[N], p[N];
+    for (int v = 0; v < N; ++v) {
+        x[v] = _mm512_max_ps(x[v], _mm512_set1_ps(-87.0f));
+        n[v] = _mm512_roundscale_ps(_mm512_mul_ps(x[v], _mm512_set1_ps(1.4426950408889634f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r[v] = _mm512_fnmadd_ps(n[v], _mm512_set1_ps(0.6931471805599453f), x[v]);
+        p[v] = _mm512_set1_ps(1.0f / 5040.0f);
+    }
+    for (const float coefficient : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+        for (int v = 0; v < N; ++v) p[v] = _mm512_fmadd_ps(p[v], r[v], _mm512_set1_ps(coefficient));
+    for (int v = 0; v < N; ++v) x[v] = _mm512_scalef_ps(p[v], n[v]);
+}
+#endif
 
 // ``value`` rounded to T's precision, back in fp32: what an operator that returns a T would have produced.
 template <typename T>
