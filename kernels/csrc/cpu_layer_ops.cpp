@@ -30,31 +30,12 @@ using spindle::to_float;
 // own grain size).
 constexpr int64_t kParallelElements = 32768;
 
-// out = weight * round(x / rms(x)), where x = round(input + residual) is also written back to residual when given
-// (the residual stream after a sublayer), as HF's LlamaRMSNorm computes it: in fp32, rounded before the weight.
-template <typename T>
-void rms_norm(const T* input, T* residual, const T* weight, T* out, int64_t rows, int hidden, float eps) {
-#pragma omp parallel for if (rows * hidden >= kParallelElements)
-    for (int64_t row = 0; row < rows; ++row) {
-        const T* in = input + row * hidden;
-        T* dst = out + row * hidden;
-        const T* source = in;
-        if (residual != nullptr) {
-            T* res = residual + row * hidden;
-#pragma omp simd
-            for (int i = 0; i < hidden; ++i) store(to_float(in[i]) + to_float(res[i]), res + i);
-            source = res;
-        }
-        float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-        for (int i = 0; i < hidden; ++i) squares += to_float(source[i]) * to_float(source[i]);
-        const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(hidden) + eps);
-#pragma omp simd
-        for (int i = 0; i < hidden; ++i) {
-            store(to_float(weight[i]) * round_to<T>(to_float(source[i]) * inverse), dst + i);
-        }
-    }
-}
+// Whether bf16 rows go through the AVX512-BF16 paths below (hardware rounding) where they have one.
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Vectors = true;
+#else
+constexpr bool kBf16Vectors = false;
+#endif
 
 #if defined(__AVX512BF16__)
 // 16 bf16 values as fp32, and 16 fp32 values rounded to bf16 by the hardware (to nearest even, as store() rounds;
@@ -66,6 +47,9 @@ inline __m512 load_bf16x16(const BFloat16* source) {
 inline __m256i to_bf16x16(__m512 value) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(value)); }
 inline __m512 round_bf16x16(__m512 value) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16x16(value)), 16));
+}
+inline void store_bf16x16(__m512 value, BFloat16* out) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), to_bf16x16(value));
 }
 
 // Vectors that silu_and_mul_vectors takes at a time, their exp chains overlapping (see exp_nonpositive).
@@ -85,10 +69,54 @@ inline void silu_and_mul_vectors(const BFloat16* gate, const BFloat16* up, BFloa
         const __m512 numerator = _mm512_mask_blend_ps(non_negative, e[v], _mm512_set1_ps(1.0f));
         const __m512 sigmoid = _mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.0f), e[v]));
         const __m512 product = _mm512_mul_ps(round_bf16x16(_mm512_mul_ps(x[v], sigmoid)), load_bf16x16(up + 16 * v));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * v), to_bf16x16(product));
+        store_bf16x16(product, out + 16 * v);
     }
 }
 #endif
+
+// out = weight * round(x / rms(x)), where x = round(input + residual) is also written back to residual when given
+// (the residual stream after a sublayer), as HF's LlamaRMSNorm computes it: in fp32, rounded before the weight.
+template <typename T>
+void rms_norm(const T* input, T* residual, const T* weight, T* out, int64_t rows, int hidden, float eps) {
+#pragma omp parallel for if (rows * hidden >= kParallelElements)
+    for (int64_t row = 0; row < rows; ++row) {
+        const T* in = input + row * hidden;
+        T* dst = out + row * hidden;
+        const T* source = in;
+        // In bf16 with AVX512-BF16, the passes that round go 16 columns at a time through the hardware's rounding
+        // (2048 rows of 576 with the residual: 0.18 -> 0.12 ms); the loops after them take what is left.
+        [[maybe_unused]] constexpr bool kVectorised = kBf16Vectors && std::is_same_v<T, BFloat16>;
+        if (residual != nullptr) {
+            T* res = residual + row * hidden;
+            int i = 0;
+#if defined(__AVX512BF16__)
+            if constexpr (kVectorised)
+                for (; i + 16 <= hidden; i += 16)
+                    store_bf16x16(_mm512_add_ps(load_bf16x16(in + i), load_bf16x16(res + i)), res + i);
+#endif
+#pragma omp simd
+            for (int j = i; j < hidden; ++j) store(to_float(in[j]) + to_float(res[j]), res + j);
+            source = res;
+        }
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int i = 0; i < hidden; ++i) squares += to_float(source[i]) * to_float(source[i]);
+        const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(hidden) + eps);
+        int i = 0;
+#if defined(__AVX512BF16__)
+        if constexpr (kVectorised)
+            for (; i + 16 <= hidden; i += 16) {
+                const __m512 normed = round_bf16x16(_mm512_mul_ps(load_bf16x16(source + i), _mm512_set1_ps(inverse)));
+                store_bf16x16(_mm512_mul_ps(load_bf16x16(weight + i), normed), dst + i);
+            }
+#endif
+#pragma omp simd
+        for (int j = i; j < hidden; ++j) {
+            store(to_float(weight[j]) * round_to<T>(to_float(source[j]) * inverse), dst + j);
+        }
+    }
+}
+
 
 // out[r, i] = round(silu(gate[r, i])) * up[r, i] for gate_up = [gate | up] per row. The sigmoid takes e^-|x|
 // (at most 1, where exp_nonpositive applies) rather than libm's expf, which does not vectorise.
@@ -132,8 +160,22 @@ void rotary(const T* source, int64_t source_stride, const T* cos, const T* sin, 
             const T* x = source + row * source_stride + static_cast<int64_t>(head) * dim;
             T* dst = head < q_heads ? q_out + (row * q_heads + head) * dim
                                     : k_out + (row * k_heads + head - q_heads) * dim;
+            int first = 0;  // bf16 on AVX512-BF16: 16 columns at a time (2048 rows of 12 heads: 0.19 -> 0.10 ms)
+#if defined(__AVX512BF16__)
+            if constexpr (kBf16Vectors && std::is_same_v<T, BFloat16>)
+                for (; first + 16 <= half; first += 16) {
+                    const __m512 low = load_bf16x16(x + first), high = load_bf16x16(x + first + half);
+                    const __m512 negated_high = _mm512_sub_ps(_mm512_setzero_ps(), high);
+                    store_bf16x16(_mm512_add_ps(round_bf16x16(_mm512_mul_ps(low, load_bf16x16(c + first))),
+                                                round_bf16x16(_mm512_mul_ps(negated_high, load_bf16x16(s + first)))),
+                                  dst + first);
+                    store_bf16x16(_mm512_add_ps(round_bf16x16(_mm512_mul_ps(high, load_bf16x16(c + first + half))),
+                                                round_bf16x16(_mm512_mul_ps(low, load_bf16x16(s + first + half)))),
+                                  dst + first + half);
+                }
+#endif
 #pragma omp simd
-            for (int i = 0; i < half; ++i) {
+            for (int i = first; i < half; ++i) {
                 const float low = to_float(x[i]), high = to_float(x[i + half]);
                 store(round_to<T>(low * to_float(c[i])) + round_to<T>(-high * to_float(s[i])), dst + i);
                 store(round_to<T>(high * to_float(c[i + half])) + round_to<T>(low * to_float(s[i + half])),
