@@ -20,6 +20,8 @@ TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (0.0, 2**-6), torch.f
 MAX_ROUNDING_FLIPS = 1e-3  # of the elements, in bf16 and fp16
 # 1 and 37 rows run on the calling thread; 300 rows are shared out among the threads.
 ROWS = (1, 37, 300)
+# The native bf16 kernels take 16 or 128 columns at a time: the second size of each leaves a remainder to the rest.
+HIDDEN_SIZES, INTERMEDIATE_SIZES, HEAD_DIMS = (HIDDEN, 200), (INTERMEDIATE, 200), (HEAD_DIM, 40)
 
 
 @pytest.fixture(scope="module", params=["native", "torch"])
@@ -35,20 +37,23 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
         assert (actual != expected).float().mean().item() <= MAX_ROUNDING_FLIPS
 
 
-def hf_norm(dtype: torch.dtype, weight: torch.Tensor) -> LlamaRMSNorm:
-    norm = LlamaRMSNorm(HIDDEN, eps=EPS).to(dtype)
+def hf_norm(dtype: torch.dtype, weight: torch.Tensor, hidden: int) -> LlamaRMSNorm:
+    norm = LlamaRMSNorm(hidden, eps=EPS).to(dtype)
     norm.weight.data.copy_(weight)
     return norm
 
 
+@pytest.mark.parametrize("hidden", HIDDEN_SIZES)
 @pytest.mark.parametrize("dtype", TOLERANCES)
 @pytest.mark.parametrize("rows", ROWS)
-def test_rms_norm_and_residual_add_match_hugging_face(ops: LayerOps, dtype: torch.dtype, rows: int) -> None:
+def test_rms_norm_and_residual_add_match_hugging_face(
+    ops: LayerOps, dtype: torch.dtype, rows: int, hidden: int
+) -> None:
     generator = torch.Generator().manual_seed(rows)
-    x = (torch.randn(rows, HIDDEN, generator=generator) * 3).to(dtype)
-    residual = torch.randn(rows, HIDDEN, generator=generator).to(dtype)
-    weight = torch.randn(HIDDEN, generator=generator).to(dtype)
-    reference = hf_norm(dtype, weight)
+    x = (torch.randn(rows, hidden, generator=generator) * 3).to(dtype)
+    residual = torch.randn(rows, hidden, generator=generator).to(dtype)
+    weight = torch.randn(hidden, generator=generator).to(dtype)
+    reference = hf_norm(dtype, weight, hidden)
     with torch.inference_mode():
         assert_matches(ops.rms_norm(x, weight, EPS), reference(x))
         stream = residual.clone()
@@ -58,26 +63,28 @@ def test_rms_norm_and_residual_add_match_hugging_face(ops: LayerOps, dtype: torc
         assert_matches(normed, reference(added))
 
 
+@pytest.mark.parametrize("width", INTERMEDIATE_SIZES)
 @pytest.mark.parametrize("dtype", TOLERANCES)
 @pytest.mark.parametrize("rows", ROWS)
-def test_silu_and_mul_matches_hugging_face(ops: LayerOps, dtype: torch.dtype, rows: int) -> None:
-    gate_up = (torch.randn(rows, 2 * INTERMEDIATE, generator=torch.Generator().manual_seed(rows)) * 4).to(dtype)
-    gate, up = gate_up[:, :INTERMEDIATE], gate_up[:, INTERMEDIATE:]
+def test_silu_and_mul_matches_hugging_face(ops: LayerOps, dtype: torch.dtype, rows: int, width: int) -> None:
+    gate_up = (torch.randn(rows, 2 * width, generator=torch.Generator().manual_seed(rows)) * 4).to(dtype)
+    gate, up = gate_up[:, :width], gate_up[:, width:]
     assert_matches(ops.silu_and_mul(gate_up), ACT2FN["silu"](gate) * up)
 
 
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", TOLERANCES)
 @pytest.mark.parametrize("rows", ROWS)
-def test_rotary_of_q_and_k_matches_hugging_face(ops: LayerOps, dtype: torch.dtype, rows: int) -> None:
+def test_rotary_of_q_and_k_matches_hugging_face(ops: LayerOps, dtype: torch.dtype, rows: int, head_dim: int) -> None:
     generator = torch.Generator().manual_seed(rows)
-    width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    width = (HEADS + 2 * KV_HEADS) * head_dim
     qkv = torch.randn(rows, width, generator=generator).to(dtype)
-    angles = torch.rand(rows, HEAD_DIM // 2, generator=generator) * 100
+    angles = torch.rand(rows, head_dim // 2, generator=generator) * 100
     angles = torch.cat((angles, angles), dim=-1)  # rotate-half layout, as the rotary tables are
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     q, k = ops.rotary_qk(qkv, HEADS, KV_HEADS, RotaryAngles(cos, sin))
-    q_in = qkv[:, : HEADS * HEAD_DIM].reshape(rows, HEADS, HEAD_DIM)
-    k_in = qkv[:, HEADS * HEAD_DIM : (HEADS + KV_HEADS) * HEAD_DIM].reshape(rows, KV_HEADS, HEAD_DIM)
+    q_in = qkv[:, : HEADS * head_dim].reshape(rows, HEADS, head_dim)
+    k_in = qkv[:, HEADS * head_dim : (HEADS + KV_HEADS) * head_dim].reshape(rows, KV_HEADS, head_dim)
     q_expected, k_expected = apply_rotary_pos_emb(q_in, k_in, cos, sin, unsqueeze_dim=1)
     assert_matches(q, q_expected)
     assert_matches(k, k_expected)
