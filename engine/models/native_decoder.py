@@ -9,7 +9,7 @@ It takes a step when all of this holds, and otherwise the layer-by-layer path ru
 - the model is bf16 and every projection has a native 4-bit copy (``NativeInt4Weight``) for the step's row count;
 - the step is decode rows only (one per sequence, or a few verifying drafts) on the native CPU attention backend;
 - the K/V caches are plain bf16 blocks (no block codec) and nothing observes the layers' queries (KV policies);
-- there is one tensor-parallel rank.
+- there is one tensor-parallel rank, and the native attention kernel is built for the model's head size.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from engine.models.int4_weights import NativeInt4Weight
 from kernels.cpu_attention import CpuAttentionMetadata
-from kernels.native import DECODER_LAYER_FIELDS, DecodeBatch, DecoderShape, NativeKernels
+from kernels.native import DECODER_LAYER_FIELDS, SUPPORTED_HEAD_DIMS, DecodeBatch, DecoderShape, NativeKernels
 
 if TYPE_CHECKING:
     from engine.models.llama import AttentionContext, LlamaForCausalLM
@@ -41,6 +41,8 @@ class NativeDecoder:
         spec = model.spec
         if model.tp.world_size != 1 or model.norm.weight.dtype != torch.bfloat16 or not len(model.layers):
             return None
+        if spec.head_dim not in SUPPORTED_HEAD_DIMS or spec.num_heads % spec.num_kv_heads:
+            return None  # the attention kernel has no instantiation for it: fail here, not halfway through a step
         rows: list[list[int]] = []
         max_rows = []
         kernels = None
