@@ -1,9 +1,10 @@
 """A decode step's decoder layers in one native call, where the step and the model allow it.
 
 The layer-by-layer path makes about ten kernel calls per layer through ctypes and PyTorch, and at a few sequences
-their fixed cost is most of a decode step: the default model's 4-bit projections take about 1.3 ms of a one-sequence
-step that took 5.7. ``NativeDecoder`` hands every layer of such a step to kernels/csrc/cpu_decode_layers.cpp, which calls
-the same kernels in the same order, so the hidden states are the same bit for bit.
+their fixed cost is most of a decode step: the default model's 4-bit projections take about 1.3 ms of a
+one-sequence step that took 5.7. ``NativeDecoder`` hands every layer of such a step to
+kernels/csrc/cpu_decode_layers.cpp, which calls the same kernels in the same order, so the hidden states are the
+same bit for bit.
 
 It takes a step when all of this holds, and otherwise the layer-by-layer path runs:
 - the model is bf16 and every projection has a native 4-bit copy (``NativeInt4Weight``) for the step's row count;
