@@ -3,8 +3,8 @@
 //
 // A one-sequence decode step of the default model reads about 66 MB of 4-bit weights in its layers (their kernels
 // took 1.3 ms here) but made some 300 calls through ctypes and PyTorch, each a few microseconds of interpreter and
-// allocator work on top of the kernel's own: the step took 5.7 ms, 3.1 in one call. Here the step's scratch rows are allocated
-// once and the layers run back to back.
+// allocator work on top of the kernel's own: the step took 5.7 ms, 3.1 in one call. Here the step's scratch rows
+// are allocated once and the layers run back to back.
 //
 // Weights are the 4-bit copies of kernels/csrc/cpu_linear.cpp; the K/V caches plain bf16 blocks.
 
@@ -66,8 +66,8 @@ extern "C" bool spindle_decode_layers_bf16(const int64_t* layer_table, const Spi
     for (int64_t index = 0; index < shape->layers; ++index) {
         const int64_t* layer = layer_table + index * kLayerFields;
         // The first layer normalises the embeddings themselves; each later one adds the MLP output before it.
-        spindle_rms_norm_bf16(index ? sublayer.data() : residual, index ? residual : nullptr, at<void>(layer, kInputNorm),
-                              normed.data(), rows, hidden_int, shape->eps);
+        spindle_rms_norm_bf16(index ? sublayer.data() : residual, index ? residual : nullptr,
+                              at<void>(layer, kInputNorm), normed.data(), rows, hidden_int, shape->eps);
         spindle_linear_int4_bf16(normed.data(), at<uint8_t>(layer, kQkv), qkv.data(), rows, qkv_size, hidden, threads,
                                  true);
         spindle_rotary_bf16(qkv.data(), qkv_size, cos, sin, query.data(), key.data(), rows,

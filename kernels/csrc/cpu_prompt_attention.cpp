@@ -135,8 +135,7 @@ inline void weigh_values(float* scores, int visible, const float* values, uint16
     }
     for (int lane = 0; lane < Lanes; ++lane) {
         const __m512 result = _mm512_mul_ps(_mm512_add_ps(total[0][lane], total[1][lane]), inverse);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * lane),
-                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(result)));
+        spindle::store_bf16x16(result, out + 16 * lane);
     }
 }
 

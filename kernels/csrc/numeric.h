@@ -80,6 +80,22 @@ inline void exp_nonpositive(__m512 (&x)[N]) {
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// 16 bf16 values as fp32, and 16 fp32 values rounded to bf16 by the hardware (to nearest even, as store() rounds;
+// it also flushes fp32 subnormals, below 1.2e-38, to zero).
+inline __m512 load_bf16x16(const void* source) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(source)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m256i to_bf16x16(__m512 value) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(value)); }
+inline __m512 round_bf16x16(__m512 value) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16x16(value)), 16));
+}
+inline void store_bf16x16(__m512 value, void* out) {
+    _mm256_storeu_si256(static_cast<__m256i*>(out), to_bf16x16(value));
+}
+#endif
+
 // ``value`` rounded to T's precision, back in fp32: what an operator that returns a T would have produced.
 template <typename T>
 inline float round_to(float value) {
