@@ -26,6 +26,7 @@ import yaml
 from engine.errors import ConfigError
 from engine.kv_cache import KV_CACHE_BITS
 from engine.kv_policy import EvictionPolicy, PageSelectionPolicy, build_eviction_policy, build_page_selection
+from kernels.cpu_profile import CpuProfileError, cpu_profile
 from kernels.kv_codecs import CodecSettings
 from kernels.native import native_quantized_kernels
 from scheduler.config import SchedulerConfig
@@ -34,6 +35,7 @@ from scheduler.preemption import PREEMPTION_MODES
 ENV_PREFIX = "SPINDLE_"
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_DTYPE = "auto"  # bfloat16 where the CPU multiplies it in hardware, else float32 (ModelConfig.torch_dtype)
 WEIGHT_QUANTIZATIONS = ("auto", "none", "int4")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 
@@ -44,17 +46,21 @@ AMX_INT4_MAX_ROWS = 16  # the native kernel on AMX tiles, decode steps: 0.78x at
 # projections from memory: 0.38x at 1 row, 0.65x at 16, 0.85x at 32, 0.81x at 48, 0.93x at 64.
 VECTOR_INT4_MAX_ROWS = 48
 TORCH_INT4_MAX_ROWS = 4  # PyTorch's 4-bit kernel on AMX: 0.70x at 1 sequence, 0.94x at 4, 1.16x at 8
+F32_INT4_MAX_ROWS = 32  # the native kernel with fp32 activations (any CPU)
 
 
 @dataclass
 class ModelConfig:
     model: str | None = None  # a .gguf file or a Hugging Face directory; None: the embedded default model
     served_model_name: str | None = None
-    dtype: str = "bfloat16"
+    # auto | bfloat16 | float16 | float32. auto: bfloat16 on a CPU with bf16 dot products (AVX512-BF16, AMX), float32
+    # elsewhere, where bf16 matmuls are emulated (measured on AVX2: 28.5 ms per token against fp32's 4-bit kernels'
+    # far less, and a collapse at batch size). On a GPU, name the dtype.
+    dtype: str = AUTO_DTYPE
     seed: int = 0
     # auto | none | int4: 4-bit weight-only copies of the decoder's linear layers for small steps on the CPU (auto:
-    # int4 in bfloat16 when the model's own weights are GGUF Q4_1, which the copies reproduce; none otherwise: the CPU
-    # kernel is 4x slower than dense fp32 matmuls with fp32 activations)
+    # int4 in bfloat16 or float32 when the model's own weights are GGUF Q4_1, which the copies reproduce exactly and
+    # the native kernels take; none otherwise)
     weight_quantization: str = "auto"
     # Steps of at most this many tokens use the 4-bit copies, larger ones the dense weights. None: where the copies'
     # kernel stops beating the dense weights (measured: 16 rows for the native kernel on AMX tiles, 48 on AVX512-BF16
@@ -75,25 +81,30 @@ class ModelConfig:
         """How many rows a step may have to use the 4-bit copies; 0: build none."""
         if self.weight_quantization == "int4" and device.type != "cpu":
             raise ConfigError(f"weight_quantization int4 runs on the CPU only, not on {device.type}")
+        dtype = self.torch_dtype
+        native = native_quantized_kernels(dtype) if device.type == "cpu" and dtype != torch.float16 else None
         wanted = self.weight_quantization == "int4" or (
-            self.weight_quantization == "auto"
-            and weights_are_q4_1
-            and device.type == "cpu"
-            and self.torch_dtype == torch.bfloat16
+            self.weight_quantization == "auto" and weights_are_q4_1 and native is not None
         )
         if not wanted:
             return 0
         if self.int4_max_rows is not None:
             return self.int4_max_rows
-        native = native_quantized_kernels() if self.torch_dtype == torch.bfloat16 else None
         if native is None:
             return TORCH_INT4_MAX_ROWS
+        if dtype == torch.float32:
+            return F32_INT4_MAX_ROWS
         return AMX_INT4_MAX_ROWS if native.has_amx else VECTOR_INT4_MAX_ROWS
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == AUTO_DTYPE:
+            try:
+                return torch.bfloat16 if cpu_profile().has_native_bf16 else torch.float32
+            except CpuProfileError as exc:
+                raise ConfigError(str(exc)) from None
         if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {AUTO_DTYPE}, {', '.join(DTYPES)}, got {self.dtype!r}")
         return DTYPES[self.dtype]
 
 

@@ -215,7 +215,7 @@ class LLMEngine:
             "preemption: %s; disk tier: %s",
             self.model_name,
             self.load_seconds,
-            config.model.dtype,
+            str(dtype).removeprefix("torch."),
             self.device,
             self.ranks.tp.world_size,
             f"steps of up to {int4_rows} tokens" if int4_rows else "none",

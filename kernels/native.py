@@ -2,11 +2,13 @@
 
 The sources (decode attention, prompt attention, a layer's elementwise ops, the bf16, 8- and 4-bit linear layers,
 and a decode step's decoder layers chained in one call) are
-compiled into one shared library once per source text, compiler and CPU (``-march=native``) into a cache directory
-(``$SPINDLE_KERNEL_CACHE``, default ``~/.cache/spindle/kernels``) and reused by every later process. No PyTorch
-headers are involved, so a build takes a few seconds. Where no compiler is found or the build fails,
-``load_native_kernels`` raises NativeKernelsUnavailable with the reason, and the vectorised PyTorch paths serve
-instead.
+compiled into one shared library once per source text, compiler, CPU and CPU profile (``-march=native``, or the
+profile's target: kernels/cpu_profile.py) into a cache directory (``$SPINDLE_KERNEL_CACHE``, default
+``~/.cache/spindle/kernels``) and reused by every later process. No PyTorch headers are involved, so a build takes a
+few seconds. Each kernel has a path for every target (wide-vector code where the target has it, portable C++
+otherwise), and the library reports which it was built with. Where no compiler is found or the build fails,
+``load_native_kernels`` raises NativeKernelsUnavailable with the reason (logged once), and the vectorised PyTorch
+paths serve instead.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any
 
 import torch
 
+from kernels.cpu_profile import cpu_profile
+
 logger = logging.getLogger("spindle.kernels")
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
@@ -36,34 +40,41 @@ SOURCES = (
     "cpu_prompt_attention.cpp",
     "cpu_layer_ops.cpp",
     "cpu_linear.cpp",
+    "cpu_linear_f32.cpp",
     "cpu_decode_layers.cpp",
 )
 LIBRARY_NAME = "spindle_cpu_kernels"
-FLAGS = ("-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+# -Wno-psabi: the kernels pass 64-byte vectors between their own inline functions, whose ABI note is irrelevant here.
+FLAGS = ("-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)  # instantiated in the kernel source
 DTYPE_SUFFIXES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}  # entry points per type
 _POINTER, _INT, _INT64, _FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-_SIGNATURES = {  # entry point prefix -> (restype, argtypes, the dtypes it has an entry for)
-    "spindle_decode_attention": (
-        ctypes.c_bool,
-        [_POINTER] * 7 + [_INT] * 6 + [_FLOAT, _INT],
-        tuple(DTYPE_SUFFIXES),
-    ),
+_LINEAR = [_POINTER] * 3 + [_INT64] * 3 + [_INT]  # x, packed weight, out, rows, out and in features, threads
+
+
+def _for(dtypes: tuple[torch.dtype, ...], argtypes: list[Any]) -> dict[torch.dtype, list[Any]]:
+    return dict.fromkeys(dtypes, argtypes)
+
+
+_ALL_DTYPES = tuple(DTYPE_SUFFIXES)
+_BF16, _F32 = (torch.bfloat16,), (torch.float32,)
+_SIGNATURES = {  # entry point prefix -> (restype, {dtype it has an entry for: argtypes})
+    "spindle_decode_attention": (ctypes.c_bool, _for(_ALL_DTYPES, [_POINTER] * 7 + [_INT] * 6 + [_FLOAT, _INT])),
     "spindle_prompt_attention": (
         ctypes.c_bool,
-        [_POINTER] * 5 + [_INT] * 4 + [_INT64] * 4 + [_FLOAT, _INT],
-        (torch.bfloat16,),
+        _for(_BF16, [_POINTER] * 5 + [_INT] * 4 + [_INT64] * 4 + [_FLOAT, _INT]),
     ),
-    "spindle_rms_norm": (None, [_POINTER] * 4 + [_INT64, _INT, _FLOAT], tuple(DTYPE_SUFFIXES)),
-    "spindle_silu_and_mul": (None, [_POINTER, _POINTER, _INT64, _INT], tuple(DTYPE_SUFFIXES)),
-    "spindle_rotary": (None, [_POINTER, _INT64] + [_POINTER] * 4 + [_INT64, _INT, _INT, _INT], tuple(DTYPE_SUFFIXES)),
-    "spindle_amx_pack": (None, [_POINTER, _POINTER, _INT64, _INT64], (torch.bfloat16,)),
-    "spindle_amx_linear": (ctypes.c_bool, [_POINTER] * 3 + [_INT64] * 3 + [_INT], (torch.bfloat16,)),
-    "spindle_pack_int4": (None, [_POINTER] * 4 + [_INT64] * 2, (torch.bfloat16,)),
-    "spindle_pack_int8": (None, [_POINTER] * 3 + [_INT64] * 2, (torch.bfloat16,)),
-    "spindle_linear_int8": (ctypes.c_bool, [_POINTER] * 3 + [_INT64] * 3 + [_INT], (torch.bfloat16,)),
-    "spindle_linear_int4": (ctypes.c_bool, [_POINTER] * 3 + [_INT64] * 3 + [_INT, ctypes.c_bool], (torch.bfloat16,)),
-    "spindle_decode_layers": (ctypes.c_bool, [_POINTER] * 9 + [_INT64, _INT], (torch.bfloat16,)),
+    "spindle_rms_norm": (None, _for(_ALL_DTYPES, [_POINTER] * 4 + [_INT64, _INT, _FLOAT])),
+    "spindle_silu_and_mul": (None, _for(_ALL_DTYPES, [_POINTER, _POINTER, _INT64, _INT])),
+    "spindle_rotary": (None, _for(_ALL_DTYPES, [_POINTER, _INT64] + [_POINTER] * 4 + [_INT64, _INT, _INT, _INT])),
+    "spindle_amx_pack": (None, _for(_BF16, [_POINTER, _POINTER, _INT64, _INT64])),
+    "spindle_amx_linear": (ctypes.c_bool, _for(_BF16, _LINEAR)),
+    # 4- and 8-bit weights: a layout per activation dtype (bf16: cpu_linear.cpp, fp32: cpu_linear_f32.cpp)
+    "spindle_pack_int4": (None, _for(_BF16 + _F32, [_POINTER] * 4 + [_INT64] * 2)),
+    "spindle_pack_int8": (None, _for(_BF16 + _F32, [_POINTER] * 3 + [_INT64] * 2)),
+    "spindle_linear_int8": (ctypes.c_bool, _for(_BF16 + _F32, _LINEAR)),
+    "spindle_linear_int4": (ctypes.c_bool, {torch.bfloat16: [*_LINEAR, ctypes.c_bool], torch.float32: _LINEAR}),
+    "spindle_decode_layers": (ctypes.c_bool, _for(_BF16 + _F32, [_POINTER] * 9 + [_INT64, _INT])),
 }
 AMX_BLOCK = 32  # the AMX and 4-bit linear kernels' weights: both dimensions a multiple of this (4-bit groups too)
 INT4_BYTES_PER_GROUP = 20  # the 4-bit layout: 32 levels of 4 bits, an fp16 scale and an fp16 minimum
@@ -124,7 +135,9 @@ class NativeKernels:
     entries: dict[tuple[str, torch.dtype], Callable[..., Any]]  # (entry point prefix, dtype) -> configured function
     has_amx: bool  # the AMX-BF16 linear kernel is built for this CPU and the process may use the tiles
     has_prompt_attention: bool  # the bf16 prompt attention kernel is built for this CPU (AVX512-BF16)
-    has_quantized_linear: bool  # the 4- and 8-bit linear kernels are built for this CPU (AVX512-BF16; AMX for 4-bit)
+    # The activation dtypes the 4- and 8-bit linear kernels take here: fp32 everywhere; bf16 where the library is
+    # built for AVX512-BF16 (the 4-bit one on AMX tiles too where there are any)
+    quantized_linear_dtypes: frozenset[torch.dtype]
 
     def decode_attention(
         self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: DecodeBatch, scale: float
@@ -282,16 +295,14 @@ class NativeKernels:
         K/V caches, in the order cpu_decode_layers.cpp names), which the caller keeps alive; each row's K/V goes to
         its flat cache slot in ``slots`` (int64 [rows]). Everything bf16 but the tables."""
         rows = residual.shape[0]
-        if not self.has_quantized_linear:
-            raise ValueError("the native kernels have no 4-bit linear kernel on this CPU")
+        if residual.dtype not in self.quantized_linear_dtypes:
+            raise ValueError(f"the native kernels have no 4-bit linear kernel for {residual.dtype} on this CPU")
         if layer_table.dtype != torch.int64 or layer_table.shape != (shape.layers, DECODER_LAYER_FIELDS):
             raise ValueError(f"a decoder layer table is int64 [{shape.layers}, {DECODER_LAYER_FIELDS}]")
         if residual.shape != (rows, shape.hidden) or cos.shape != (rows, shape.head_dim) or sin.shape != cos.shape:
             raise ValueError("decode_layers needs residual [rows, hidden] and cos/sin [rows, head_dim]")
         if slots.dtype != torch.int64 or slots.shape != (rows,):
             raise ValueError("decode_layers needs one int64 cache slot per row")
-        if residual.dtype != torch.bfloat16:
-            raise ValueError("decode_layers runs in torch.bfloat16")
         _check_rows(residual, final_norm, cos, sin)
         _check_rows(layer_table, slots)
         tables = batch.block_tables
@@ -299,7 +310,7 @@ class NativeKernels:
             tables.data_ptr(), batch.context_lens.data_ptr(), batch.row_counts.data_ptr(), *tables.shape
         )
         output = torch.empty_like(residual)
-        handled = self._entry("spindle_decode_layers", torch.bfloat16)(
+        handled = self._entry("spindle_decode_layers", residual.dtype)(
             layer_table.data_ptr(),
             ctypes.byref(shape),
             ctypes.byref(batch_args),
@@ -318,17 +329,19 @@ class NativeKernels:
 
     def pack_amx_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """A bf16 weight [out, in] (both multiples of AMX_BLOCK) in the AMX linear kernel's tile layout."""
-        self._check_block_weight(weight.shape, self.has_amx, "AMX")
+        self._check_block_weight(weight.shape, weight.dtype, "AMX")
         _check_rows(weight)
         packed = torch.empty(weight.numel(), dtype=weight.dtype)
         self._entry("spindle_amx_pack", weight.dtype)(weight.data_ptr(), packed.data_ptr(), *weight.shape)
         return packed
 
-    def pack_int4(self, levels: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
-        """4-bit weights in the 4-bit kernel's layout, from ``levels`` [out, in] (uint8, 0-15) and the fp16
-        ``scales`` and ``minimums`` [out, in / AMX_BLOCK] of each group of AMX_BLOCK input channels:
-        w = level * scale + min."""
-        self._check_block_weight(levels.shape, self.has_quantized_linear, "4-bit")
+    def pack_int4(
+        self, levels: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor, activations: torch.dtype
+    ) -> torch.Tensor:
+        """4-bit weights in the layout of the 4-bit kernel for ``activations`` (bf16 or fp32), from ``levels``
+        [out, in] (uint8, 0-15) and the fp16 ``scales`` and ``minimums`` [out, in / AMX_BLOCK] of each group of
+        AMX_BLOCK input channels: w = level * scale + min."""
+        self._check_block_weight(levels.shape, activations, "4-bit")
         groups = (levels.shape[0], levels.shape[1] // AMX_BLOCK)
         if levels.dtype != torch.uint8 or scales.shape != groups or minimums.shape != groups:
             raise ValueError("4-bit packing needs uint8 levels [out, in] and a scale and minimum per group")
@@ -337,48 +350,52 @@ class NativeKernels:
         if scales.dtype != torch.float16:
             raise ValueError("4-bit scales and minimums are fp16")
         packed = torch.empty(groups[0] * groups[1] * INT4_BYTES_PER_GROUP, dtype=torch.uint8)
-        self._entry("spindle_pack_int4", torch.bfloat16)(
+        self._entry("spindle_pack_int4", activations)(
             levels.data_ptr(), scales.data_ptr(), minimums.data_ptr(), packed.data_ptr(), *levels.shape
         )
         return packed
 
-    def pack_int8(self, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """8-bit weights in the 8-bit kernel's layout, from ``values`` [out, in] (int8, -127 to 127) and the fp16
-        ``scales`` [out, in / AMX_BLOCK] of each group of AMX_BLOCK input channels: w = value * scale."""
-        self._check_block_weight(values.shape, self.has_quantized_linear, "8-bit")
+    def pack_int8(self, values: torch.Tensor, scales: torch.Tensor, activations: torch.dtype) -> torch.Tensor:
+        """8-bit weights in the layout of the 8-bit kernel for ``activations`` (bf16 or fp32), from ``values``
+        [out, in] (int8, -127 to 127) and the fp16 ``scales`` [out, in / AMX_BLOCK] of each group of AMX_BLOCK input
+        channels: w = value * scale."""
+        self._check_block_weight(values.shape, activations, "8-bit")
         groups = (values.shape[0], values.shape[1] // AMX_BLOCK)
         if values.dtype != torch.int8 or scales.shape != groups or scales.dtype != torch.float16:
             raise ValueError("8-bit packing needs int8 values [out, in] and an fp16 scale per group")
         _check_rows(values)
         _check_rows(scales)
         packed = torch.empty(groups[0] * groups[1] * INT8_BYTES_PER_GROUP, dtype=torch.uint8)
-        self._entry("spindle_pack_int8", torch.bfloat16)(
+        self._entry("spindle_pack_int8", activations)(
             values.data_ptr(), scales.data_ptr(), packed.data_ptr(), *values.shape
         )
         return packed
 
     def linear_int8(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-        """``x @ W.T`` for ``x`` [rows, in] (bf16, contiguous) and W [out_features, in] packed by pack_int8."""
+        """``x @ W.T`` for ``x`` [rows, in] (bf16 or fp32, contiguous) and W [out_features, in] packed by pack_int8
+        for x's dtype."""
         packed_bytes = out_features * x.shape[-1] // AMX_BLOCK * INT8_BYTES_PER_GROUP
-        kernel = (self.has_quantized_linear, "8-bit")
+        kernel = (x.dtype in self.quantized_linear_dtypes, "8-bit")
         return self._linear_call("spindle_linear_int8", kernel, x, packed, torch.uint8, packed_bytes, out_features)
 
     def amx_linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
         """``x @ W.T`` for ``x`` [rows, in] (bf16, contiguous) and W [out_features, in] packed by pack_amx_weight."""
         packed_elements = out_features * x.shape[-1]
-        kernel = (self.has_amx, "AMX")
+        kernel = (self.has_amx and x.dtype == torch.bfloat16, "AMX")
         return self._linear_call("spindle_amx_linear", kernel, x, packed, torch.bfloat16, packed_elements, out_features)
 
     def linear_int4(
         self, x: torch.Tensor, packed: torch.Tensor, out_features: int, use_tiles: bool = True
     ) -> torch.Tensor:
-        """``x @ W.T`` for ``x`` [rows, in] (bf16, contiguous) and W [out_features, in] packed by pack_int4: on the
-        AMX tiles where there are any, unless ``use_tiles`` is False, else on the vector units."""
+        """``x @ W.T`` for ``x`` [rows, in] (bf16 or fp32, contiguous) and W [out_features, in] packed by pack_int4
+        for x's dtype: in bf16 on the AMX tiles where there are any, unless ``use_tiles`` is False, else on the
+        vector units."""
         groups = out_features * x.shape[-1] // AMX_BLOCK
         packed_bytes = groups * INT4_BYTES_PER_GROUP
-        kernel = (self.has_quantized_linear, "4-bit")
+        kernel = (x.dtype in self.quantized_linear_dtypes, "4-bit")
+        options = (use_tiles,) if x.dtype == torch.bfloat16 else ()
         return self._linear_call(
-            "spindle_linear_int4", kernel, x, packed, torch.uint8, packed_bytes, out_features, use_tiles
+            "spindle_linear_int4", kernel, x, packed, torch.uint8, packed_bytes, out_features, *options
         )
 
     def _linear_call(
@@ -393,14 +410,14 @@ class NativeKernels:
         *options: bool,  # the entry point's arguments after the thread count
     ) -> torch.Tensor:
         # Called for every projection of every step: the checks are kept to what a few attribute reads tell.
-        if x.dtype != torch.bfloat16 or x.dim() != 2:
-            raise ValueError(f"the native linear kernels take torch.bfloat16 activations [rows, in], not {x.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"the native linear kernels take activations [rows, in], not {tuple(x.shape)}")
         if not (x.is_contiguous() and x.is_cpu and packed.is_contiguous() and packed.is_cpu):
             raise ValueError("the native kernels need contiguous CPU tensors")
         rows, in_features = x.shape
         available, kind = kernel
         if not available:
-            raise ValueError(f"the native kernels have no {kind} linear kernel on this CPU")
+            raise ValueError(f"the native kernels have no {kind} linear kernel for {x.dtype} on this CPU")
         if (
             packed.dtype != packed_dtype
             or packed.numel() != packed_elements
@@ -408,7 +425,7 @@ class NativeKernels:
             or in_features % AMX_BLOCK
         ):
             raise ValueError(f"a packed weight of {packed.numel()} elements is not [{out_features}, {in_features}]")
-        output = torch.empty((rows, out_features), dtype=torch.bfloat16)
+        output = torch.empty((rows, out_features), dtype=x.dtype)
         handled = self._entry(prefix, x.dtype)(
             x.data_ptr(),
             packed.data_ptr(),
@@ -423,10 +440,10 @@ class NativeKernels:
             raise ValueError(f"{prefix} was built without a kernel for this CPU")
         return output
 
-    @staticmethod
-    def _check_block_weight(shape: tuple[int, ...], available: bool, kind: str) -> None:
+    def _check_block_weight(self, shape: tuple[int, ...], activations: torch.dtype, kind: str) -> None:
+        available = self.has_amx if kind == "AMX" else activations in self.quantized_linear_dtypes
         if not available:
-            raise ValueError(f"the native kernels have no {kind} linear kernel on this CPU")
+            raise ValueError(f"the native kernels have no {kind} linear kernel for {activations} on this CPU")
         if len(shape) != 2 or shape[0] % AMX_BLOCK or shape[1] % AMX_BLOCK:
             raise ValueError(f"the {kind} linear kernel needs a weight [out, in], both multiples of {AMX_BLOCK}")
 
@@ -466,9 +483,11 @@ def _cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "spindle" / "kernels"
 
 
-def compile_command(compiler: str, target_cpu: str = "native") -> list[str]:
-    """The command that compiles the library for ``target_cpu`` (a ``-march`` value), less its output file."""
-    return [compiler, *FLAGS, f"-march={target_cpu}", *(str(SOURCE_DIR / name) for name in SOURCES)]
+def compile_command(compiler: str, target_cpu: str | None = None) -> list[str]:
+    """The command that compiles the library for ``target_cpu`` (a ``-march`` value; default: the CPU profile's),
+    less its output file."""
+    target = cpu_profile().compiler_target if target_cpu is None else target_cpu
+    return [compiler, *FLAGS, f"-march={target}", *(str(SOURCE_DIR / name) for name in SOURCES)]
 
 
 def _build(compiler: str) -> Path:
@@ -501,9 +520,9 @@ def amx_kernels() -> NativeKernels | None:
     return _kernels_where(lambda kernels: kernels.has_amx)
 
 
-def native_quantized_kernels() -> NativeKernels | None:
-    """The native kernels where their 4- and 8-bit linear kernels run here, else None."""
-    return _kernels_where(lambda kernels: kernels.has_quantized_linear)
+def native_quantized_kernels(activations: torch.dtype) -> NativeKernels | None:
+    """The native kernels where their 4- and 8-bit linear kernels run here for ``activations``, else None."""
+    return _kernels_where(lambda kernels: activations in kernels.quantized_linear_dtypes)
 
 
 def _kernels_where(usable: Callable[[NativeKernels], bool]) -> NativeKernels | None:
@@ -531,12 +550,15 @@ def _load_once() -> NativeKernels | NativeKernelsUnavailable:
         path = _build(_compiler())
         library = ctypes.CDLL(str(path))
     except NativeKernelsUnavailable as unavailable:
+        logger.warning("native CPU kernels unavailable, PyTorch's CPU paths serve instead: %s", unavailable)
         return unavailable
     except OSError as error:
-        return NativeKernelsUnavailable(f"loading the native kernels failed: {error}")
+        unavailable = NativeKernelsUnavailable(f"loading the native kernels failed: {error}")
+        logger.warning("native CPU kernels unavailable, PyTorch's CPU paths serve instead: %s", unavailable)
+        return unavailable
     entries = {}
-    for prefix, (restype, argtypes, dtypes) in _SIGNATURES.items():
-        for dtype in dtypes:
+    for prefix, (restype, signatures) in _SIGNATURES.items():
+        for dtype, argtypes in signatures.items():
             entry = getattr(library, f"{prefix}_{DTYPE_SUFFIXES[dtype]}")
             entry.restype, entry.argtypes = restype, argtypes
             entries[prefix, dtype] = entry
@@ -545,12 +567,13 @@ def _load_once() -> NativeKernels | NativeKernelsUnavailable:
     library.spindle_quantized_linear_enable.restype = ctypes.c_bool
     has_amx = bool(library.spindle_amx_enable())
     has_prompt_attention = bool(library.spindle_prompt_attention_enable())
-    has_quantized_linear = bool(library.spindle_quantized_linear_enable())
-    logger.debug(
-        "native CPU kernels loaded from %s (AMX linear kernel: %s, prompt attention: %s, 4-bit linear kernel: %s)",
-        path,
-        has_amx,
-        has_prompt_attention,
-        has_quantized_linear,
+    quantized = frozenset({torch.float32, *((torch.bfloat16,) if library.spindle_quantized_linear_enable() else ())})
+    profile = cpu_profile()
+    logger.info(
+        "native CPU kernels (%s): AMX linear %s, bf16 prompt attention %s, 4/8-bit linear for %s",
+        profile.describe(),
+        "yes" if has_amx else "no",
+        "yes" if has_prompt_attention else "no",
+        " and ".join(sorted(str(dtype).removeprefix("torch.") for dtype in quantized)),
     )
-    return NativeKernels(library, entries, has_amx, has_prompt_attention, has_quantized_linear)
+    return NativeKernels(library, entries, has_amx, has_prompt_attention, quantized)

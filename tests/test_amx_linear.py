@@ -24,7 +24,7 @@ def _quantized_kernels(use_tiles: bool):
     """The native kernels, for the 4-bit kernel on the AMX tiles or the 4- and 8-bit ones on the vector units (skips
     where not built)."""
     kernels = _amx_kernels() if use_tiles else _native_kernels()
-    if not kernels.has_quantized_linear:
+    if torch.bfloat16 not in kernels.quantized_linear_dtypes:
         pytest.skip("this CPU has no AVX512-BF16")
     return kernels
 
@@ -96,7 +96,7 @@ def test_the_4_bit_kernel_multiplies_by_its_levels_times_scales_plus_minimums(
     # (never rounded to bf16).
     groups = levels.levels.float().reshape(out_features, -1, 32)
     dequantized = (groups * scales.float()[..., None] + minimums.float()[..., None]).reshape(weight.shape)
-    packed = kernels.pack_int4(levels.levels.to(torch.uint8), scales, minimums)
+    packed = kernels.pack_int4(levels.levels.to(torch.uint8), scales, minimums, torch.bfloat16)
     assert packed.numel() * 2 == weight.numel() * 5 // 4  # 4 bits a weight, and 32 bits of scales per 32
     x = _bf16((rows, in_features), generator)
     _assert_rounded_reference(kernels.linear_int4(x, packed, out_features, use_tiles), x, dequantized)
@@ -105,9 +105,10 @@ def test_the_4_bit_kernel_multiplies_by_its_levels_times_scales_plus_minimums(
 def test_bf16_4_bit_copies_use_the_native_kernel_where_the_shape_allows() -> None:
     _quantized_kernels(use_tiles=False)
     weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(3))
-    assert isinstance(quantize_int4(weight, torch.bfloat16), NativeInt4Weight)
-    assert isinstance(quantize_int4(weight, torch.float32), TorchInt4Weight)
-    assert isinstance(quantize_int4(weight[:48], torch.bfloat16), TorchInt4Weight)  # 48 outputs: not a multiple of 32
+    for dtype in (torch.bfloat16, torch.float32):
+        copy = quantize_int4(weight, dtype)
+        assert isinstance(copy, NativeInt4Weight) and copy.activations == dtype
+        assert isinstance(quantize_int4(weight[:48], dtype), TorchInt4Weight)  # 48 outputs: not a multiple of 32
 
 
 def test_amx_linear_refuses_what_it_cannot_read() -> None:
@@ -118,7 +119,7 @@ def test_amx_linear_refuses_what_it_cannot_read() -> None:
         kernels.pack_amx_weight(torch.zeros(48, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="is not"):
         kernels.amx_linear(torch.zeros(3, 64, dtype=torch.bfloat16), packed, 96)
-    with pytest.raises(ValueError, match=r"take torch\.bfloat16 activations"):
+    with pytest.raises(ValueError, match=r"no AMX linear kernel for torch\.float32"):
         kernels.amx_linear(torch.zeros(3, 64), packed.float(), 64)
     with pytest.raises(ValueError, match="contiguous"):
         kernels.amx_linear(torch.zeros(64, 3, dtype=torch.bfloat16).t(), packed, 64)
@@ -126,9 +127,9 @@ def test_amx_linear_refuses_what_it_cannot_read() -> None:
         kernels.linear_int4(torch.zeros(3, 64, dtype=torch.bfloat16), packed, 64)  # a bf16 packing
     scales = torch.ones(64, 2, dtype=torch.float16)
     with pytest.raises(ValueError, match="uint8 levels"):
-        kernels.pack_int4(torch.zeros(64, 64, dtype=torch.int32), scales, scales)
+        kernels.pack_int4(torch.zeros(64, 64, dtype=torch.int32), scales, scales, torch.bfloat16)
     with pytest.raises(ValueError, match="fp16"):
-        kernels.pack_int4(torch.zeros(64, 64, dtype=torch.uint8), scales.float(), scales.float())
+        kernels.pack_int4(torch.zeros(64, 64, dtype=torch.uint8), scales.float(), scales.float(), torch.bfloat16)
 
 
 def test_a_bf16_layer_computes_with_the_amx_copy_and_falls_back_where_it_cannot() -> None:
@@ -164,7 +165,7 @@ def test_the_8_bit_kernel_multiplies_by_its_values_times_scales(rows: int, out_f
     scales = (torch.rand(out_features, in_features // 32, generator=generator) * 0.02).half()
     # The weight the kernel computes with: each value times its group's fp16 scale, in fp32.
     dequantized = (values.float().reshape(out_features, -1, 32) * scales.float()[..., None]).reshape(values.shape)
-    packed = kernels.pack_int8(values, scales)
+    packed = kernels.pack_int8(values, scales, torch.bfloat16)
     assert packed.numel() == values.numel() * 17 // 16  # 8 bits a weight, and 16 bits of scale per 32
     x = _bf16((rows, in_features), generator)
     _assert_rounded_reference(kernels.linear_int8(x, packed, out_features), x, dequantized)

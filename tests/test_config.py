@@ -65,7 +65,7 @@ def test_defaults() -> None:
     for section, cls in SECTION_CLASSES.items():
         assert dataclasses.asdict(getattr(config, section)) == field_defaults(cls), section
     assert config.model.model is None
-    assert config.model.dtype == "bfloat16"
+    assert config.model.dtype == "auto"
     assert config.cache.block_size == 16
     assert config.cache.kv_cache_memory == "1GiB"
     assert config.cache.kv_cache_bytes() == GIB
@@ -78,7 +78,7 @@ def test_preset_by_name_and_by_path(tmp_path: Path) -> None:
     preset.write_text("cache:\n  block_size: 32\nserver:\n  port: 9000\n")
     config = build_config(preset)
     assert (config.cache.block_size, config.server.port) == (32, 9000)
-    assert config.model.dtype == "bfloat16"  # untouched sections keep their defaults
+    assert config.model.dtype == "auto"  # untouched sections keep their defaults
     assert build_config(str(preset)).cache.block_size == 32
 
 

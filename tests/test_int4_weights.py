@@ -9,7 +9,13 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from torch.nn import functional as F
 
-from engine.config import AMX_INT4_MAX_ROWS, TORCH_INT4_MAX_ROWS, VECTOR_INT4_MAX_ROWS, ModelConfig
+from engine.config import (
+    AMX_INT4_MAX_ROWS,
+    F32_INT4_MAX_ROWS,
+    TORCH_INT4_MAX_ROWS,
+    VECTOR_INT4_MAX_ROWS,
+    ModelConfig,
+)
 from engine.errors import ConfigError
 from engine.loader import open_model
 from engine.models.bucketed_linear import BucketedLinear, CompactWeight
@@ -28,21 +34,26 @@ def dequantized_through_the_kernel(weight: CompactWeight, in_features: int, dtyp
 
 
 def test_q4_1_weights_of_the_default_model_are_reproduced_exactly(model_path) -> None:
-    """In fp32 through PyTorch's kernel, the file's values; in bf16 through the native kernel (on the AMX tiles and
-    on the vector units, where this CPU has them), those values rounded to bf16: the dense bf16 weights, bit for
-    bit."""
+    """In fp32 through PyTorch's kernel and the native fp32 kernel, the file's values as gguf dequantizes them; in
+    bf16 through the native kernel (on the AMX tiles and on the vector units, where this CPU has them), those values
+    rounded to bf16: the dense bf16 weights, bit for bit."""
     reader = GGUFReader(model_path)
     tensors = [t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q4_1]
     assert len(tensors) == 30 * 7
-    kernels = native_quantized_kernels()
+    f32_kernels = native_quantized_kernels(torch.float32)
+    assert f32_kernels is not None  # the fp32 kernel builds for every CPU profile
+    kernels = native_quantized_kernels(torch.bfloat16)
     for tensor in tensors[:: len(tensors) // 12]:  # every projection kind, across the layers
         reference = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
         levels = GroupLevels.of(reference)
         copy = TorchInt4Weight.pack(levels, torch.float32)
         assert torch.equal(dequantized_through_the_kernel(copy, reference.shape[1], torch.float32), reference)
+        f32_copy = NativeInt4Weight.pack(f32_kernels, levels, torch.float32)
+        assert f32_copy is not None
+        assert torch.equal(dequantized_through_the_kernel(f32_copy, reference.shape[1], torch.float32), reference)
         if kernels is None:
             continue
-        native = NativeInt4Weight.pack(kernels, levels)
+        native = NativeInt4Weight.pack(kernels, levels, torch.bfloat16)
         identity = torch.eye(reference.shape[1], dtype=torch.bfloat16)
         for use_tiles in (True, False) if kernels.has_amx else (False,):
             through_kernel = kernels.linear_int4(identity, native.packed, reference.shape[0], use_tiles).T
@@ -80,16 +91,18 @@ def test_small_steps_use_the_copy_and_larger_ones_the_dense_weight(dtype: torch.
     assert not torch.allclose(dequantized, layer.weight.float(), atol=1e-3)
 
 
-def test_auto_turns_the_copies_on_for_q4_1_projections_in_bf16_only(model_path) -> None:
+def test_auto_turns_the_copies_on_for_q4_1_projections_where_a_native_kernel_takes_them(model_path) -> None:
     assert open_model(model_path).linear_weights_are_q4_1
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     # By default, as many rows as the copies' kernel on this machine wins at.
-    native = native_quantized_kernels()
+    native = native_quantized_kernels(torch.bfloat16)
     expected = TORCH_INT4_MAX_ROWS if native is None else AMX_INT4_MAX_ROWS if native.has_amx else VECTOR_INT4_MAX_ROWS
-    assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cpu) == expected
+    assert ModelConfig(dtype="bfloat16").int4_rows(weights_are_q4_1=True, device=cpu) == (expected if native else 0)
+    assert ModelConfig(dtype="float32").int4_rows(weights_are_q4_1=True, device=cpu) == F32_INT4_MAX_ROWS
+    assert ModelConfig(dtype="float16").int4_rows(weights_are_q4_1=True, device=cpu) == 0
     assert ModelConfig().int4_rows(weights_are_q4_1=False, device=cpu) == 0
     assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cuda) == 0
-    assert ModelConfig(dtype="float32").int4_rows(weights_are_q4_1=True, device=cpu) == 0
+    assert ModelConfig(dtype="bfloat16", weight_quantization="int4").int4_rows(True, cpu) == expected
     assert ModelConfig(weight_quantization="none").int4_rows(weights_are_q4_1=True, device=cpu) == 0
     assert ModelConfig(weight_quantization="int4", int4_max_rows=8).int4_rows(False, cpu) == 8
     with pytest.raises(ConfigError, match="CPU only"):

@@ -11,6 +11,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.config import build_config
 from engine.models import AttentionContext, LlamaForCausalLM
+from kernels.native import native_quantized_kernels
 
 
 def _decoder_or_skip(llm: LLM):
@@ -20,11 +21,14 @@ def _decoder_or_skip(llm: LLM):
     return decoder
 
 
-@pytest.fixture(scope="module")
-def speculating_llm() -> Iterator[LLM]:
-    """bf16 with the 4-bit copies (the default), drafting n-grams: decode steps with one row per sequence and
-    verification steps with several."""
-    llm = LLM(config=build_config(None, {"speculative_method": "ngram", "speculative_max_batch_size": None}))
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def speculating_llm(request: pytest.FixtureRequest) -> Iterator[LLM]:
+    """Each dtype the decoder has kernels for, with the 4-bit copies (the default), drafting n-grams: decode steps
+    with one row per sequence and verification steps with several."""
+    if request.param == "bfloat16" and native_quantized_kernels(torch.bfloat16) is None:
+        pytest.skip("this CPU has no AVX512-BF16")
+    overrides = {"dtype": request.param, "speculative_method": "ngram", "speculative_max_batch_size": None}
+    llm = LLM(config=build_config(None, overrides))
     yield llm
     llm.close()
 
@@ -90,7 +94,7 @@ def test_steps_it_cannot_take_go_layer_by_layer(speculating_llm: LLM, monkeypatc
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"dtype": "float32"},  # the decoder runs bf16
+        {"dtype": "float16"},  # the decoder runs bf16 or fp32
         {"weight_quantization": "none"},  # no 4-bit copies
     ],
 )

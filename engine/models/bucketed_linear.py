@@ -9,9 +9,12 @@ exactly not at all.
 
 In bf16, ``pack`` keeps a second copy of the weight in the layout its kernel reads. On a CPU with AMX-BF16 that is
 the native AMX kernel's (``AmxWeight``), which takes every row count without padding and without compiling
-anything. Elsewhere it is oneDNN's blocked layout, which its matmuls otherwise rebuild from the plain weight on every
-call: the same results bit for bit, 5-10% off a whole decode step at 1 and 8 sequences and 4% off a prefill
-(measured in one process, alternating). The plain weight stays for everything else that reads it.
+anything. Elsewhere, where oneDNN packs bf16 weights at all (AVX-512BW/VL/DQ or AVX-NE-CONVERT: PyTorch raises an
+error without them, kernels/cpu_profile.py), it is oneDNN's blocked layout, which its matmuls otherwise rebuild from
+the plain weight on every call: 5-10% off a whole decode step at 1 and 8 sequences and 4% off a prefill (measured in
+one process, alternating), with the same results bit for bit where the CPU has bf16 dot products (within one bf16
+rounding elsewhere, where the two paths sum in different orders). The plain weight stays for everything else that
+reads it.
 
 A layer may also hold a compact copy of its weight (4-bit: engine/models/int4_weights.py; 8-bit: int8_weights.py)
 that steps of up to ``compact_max_rows`` rows use: such steps spend their time reading the weight.
@@ -26,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.models.amx_weights import AmxWeight
+from kernels.cpu_profile import cpu_profile
 from kernels.shape_buckets import BUCKETED_DTYPES, bucket_rows, bucket_sizes
 
 
@@ -47,13 +51,13 @@ class BucketedLinear(nn.Linear):
     @torch.inference_mode()
     def pack(self, use_amx: bool = True) -> None:
         """Keep a copy of the weight in its kernel's layout (bf16 on the CPU only; a no-op elsewhere): the native AMX
-        kernel's where it can run (unless ``use_amx`` is False), else oneDNN's. Call it again after changing the
-        weight."""
+        kernel's where it can run (unless ``use_amx`` is False), else oneDNN's where the CPU profile allows it. Call it
+        again after changing the weight."""
         self.amx = self.packed = None
         if not self.bucketed or self.weight.dtype != torch.bfloat16:
             return
         self.amx = AmxWeight.pack(self.weight) if use_amx else None
-        if self.amx is None and torch.backends.mkldnn.is_available():
+        if self.amx is None and torch.backends.mkldnn.is_available() and cpu_profile().onednn_packs_bf16:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
 
     @property

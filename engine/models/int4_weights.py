@@ -4,10 +4,13 @@ A decode step reads every weight once and, at a few dozen rows, does little arit
 weights' bytes: a 4-bit copy (with one scale and offset per group of 32 input channels) is about a quarter of bf16's.
 Two kernels multiply it:
 
-- ``NativeInt4Weight`` (bf16 on a CPU with AVX512-BF16): the native kernel multiplies the rows by each group's
-  levels (exact in bf16) and applies the group's scale and minimum to those fp32 dot products, so no weight is
-  rounded to bf16: on AMX tiles, 16 rows at a time, where the CPU has AMX-BF16, else on the vector units (vdpbf16ps),
-  which read the same layout. Ahead of the dense weights up to 16 rows on AMX, about 64 on the vector units.
+- ``NativeInt4Weight``, the native kernels:
+  - bf16 on a CPU with AVX512-BF16: the kernel multiplies the rows by each group's levels (exact in bf16) and applies
+    the group's scale and minimum to those fp32 dot products, so no weight is rounded to bf16: on AMX tiles, 16 rows
+    at a time, where the CPU has AMX-BF16, else on the vector units (vdpbf16ps), which read the same layout. Ahead of
+    the dense weights up to 16 rows on AMX, about 64 on the vector units.
+  - fp32 on any CPU (kernels/csrc/cpu_linear_f32.cpp): each weight rebuilt in fp32 exactly as the file's reader
+    dequantizes it, so the products are those of an fp32 model of the dequantized weights.
 - ``TorchInt4Weight``: PyTorch's CPU kernel ``_weight_int4pack_mm_for_cpu``, which falls behind the dense weights
   beyond about 4 rows.
 
@@ -61,9 +64,9 @@ def supports_int4(weight: torch.Tensor) -> bool:
 def quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> CompactWeight:
     """The 4-bit copy of ``weight`` [out, in] for activations of ``dtype``, for the fastest kernel that takes it."""
     group_levels = GroupLevels.of(weight)
-    kernels = native_quantized_kernels()
-    if kernels is not None and dtype == torch.bfloat16 and weight.shape[0] % AMX_BLOCK == 0:
-        native = NativeInt4Weight.pack(kernels, group_levels)
+    kernels = native_quantized_kernels(dtype)
+    if kernels is not None and weight.shape[0] % AMX_BLOCK == 0:
+        native = NativeInt4Weight.pack(kernels, group_levels, dtype)
         if native is not None:
             return native
     return TorchInt4Weight.pack(group_levels, dtype)
@@ -72,17 +75,20 @@ def quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> CompactWeight:
 @dataclass(frozen=True)
 class NativeInt4Weight:
     kernels: NativeKernels
-    packed: torch.Tensor  # levels, scales and minimums in the native kernel's layout
+    packed: torch.Tensor  # levels, scales and minimums in the native kernel's layout for the activations' dtype
     out_features: int
+    activations: torch.dtype
 
     @classmethod
-    def pack(cls, kernels: NativeKernels, group_levels: GroupLevels) -> NativeInt4Weight | None:
-        """The copy, or None where a scale or minimum is beyond fp16's range."""
+    def pack(
+        cls, kernels: NativeKernels, group_levels: GroupLevels, activations: torch.dtype
+    ) -> NativeInt4Weight | None:
+        """The copy for ``activations`` (bf16 or fp32), or None where a scale or minimum is beyond fp16's range."""
         levels = group_levels.levels.to(torch.uint8)
         scales, lows = group_levels.scale.half(), group_levels.low.half()
         if not (scales.isfinite().all() and lows.isfinite().all()):
             return None
-        return cls(kernels, kernels.pack_int4(levels, scales, lows), levels.shape[0])
+        return cls(kernels, kernels.pack_int4(levels, scales, lows, activations), levels.shape[0], activations)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.linear_int4(x.contiguous(), self.packed, self.out_features)

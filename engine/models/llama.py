@@ -227,8 +227,8 @@ class LlamaForCausalLM(nn.Module):
         combined projections.
 
         With ``int4_max_rows``, each decoder projection also gets a 4-bit copy for steps of at most that many rows,
-        quantized from the tensors as given (pass fp32 for the exact levels of a Q4_1 file), and in bf16 an LM head
-        stored as Q8_0 an 8-bit copy of its exact values, for steps of up to LM_HEAD_INT8_MAX_ROWS sampled rows."""
+        quantized from the tensors as given (pass fp32 for the exact levels of a Q4_1 file), and an LM head stored as
+        Q8_0 an 8-bit copy of its exact values, for steps of up to LM_HEAD_INT8_MAX_ROWS sampled rows."""
         spec = self.spec
         fused_slices = {
             "q_proj": ("qkv_proj", 0, spec.q_size),
@@ -275,8 +275,8 @@ class LlamaForCausalLM(nn.Module):
                     full = staged.pop(target)
                     if supports_int4(full):
                         projections[target].use_compact(quantize_int4(full, param.dtype), int4_max_rows)
-            if int4_max_rows and target == head and param.dtype == torch.bfloat16:
-                head_copy = Int8Weight.of_q8_0(tensor)
+            if int4_max_rows and target == head:
+                head_copy = Int8Weight.of_q8_0(tensor, param.dtype)
                 if head_copy is not None:
                     self.lm_head.use_compact(head_copy, LM_HEAD_INT8_MAX_ROWS)
         missing = [name for name, needed in parts_needed.items() if parts_loaded[name] < needed]

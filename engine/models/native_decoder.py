@@ -7,9 +7,11 @@ kernels/csrc/cpu_decode_layers.cpp, which calls the same kernels in the same ord
 same bit for bit.
 
 It takes a step when all of this holds, and otherwise the layer-by-layer path runs:
-- the model is bf16 and every projection has a native 4-bit copy (``NativeInt4Weight``) for the step's row count;
+- the model is bf16 or fp32 and every projection has a native 4-bit copy (``NativeInt4Weight``) for the step's row
+  count;
 - the step is decode rows only (one per sequence, or a few verifying drafts) on the native CPU attention backend;
-- the K/V caches are plain bf16 blocks (no block codec) and nothing observes the layers' queries (KV policies);
+- the K/V caches are plain blocks of the model's dtype (no block codec) and nothing observes the layers' queries (KV
+  policies);
 - there is one tensor-parallel rank, and the native attention kernel is built for the model's head size.
 """
 
@@ -40,7 +42,8 @@ class NativeDecoder:
     def of(cls, model: LlamaForCausalLM) -> NativeDecoder | None:
         """The decoder for ``model`` as loaded, or None where its weights don't allow one."""
         spec = model.spec
-        if model.tp.world_size != 1 or model.norm.weight.dtype != torch.bfloat16 or not len(model.layers):
+        dtype = model.norm.weight.dtype
+        if model.tp.world_size != 1 or dtype not in (torch.bfloat16, torch.float32) or not len(model.layers):
             return None
         if spec.head_dim not in SUPPORTED_HEAD_DIMS or spec.num_heads % spec.num_kv_heads:
             return None  # the attention kernel has no instantiation for it: fail here, not halfway through a step
@@ -51,13 +54,13 @@ class NativeDecoder:
             attention, mlp = layer.self_attn, layer.mlp
             projections = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
             compacts = [projection.compact for projection in projections]
-            if not all(isinstance(compact, NativeInt4Weight) for compact in compacts):
+            if not all(isinstance(compact, NativeInt4Weight) and compact.activations == dtype for compact in compacts):
                 return None
             kernels = compacts[0].kernels
             max_rows.extend(projection.compact_max_rows for projection in projections)
             qkv, o, gate_up, down = (compact.packed.data_ptr() for compact in compacts)
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            if any(norm.dtype != torch.bfloat16 or not norm.is_contiguous() for norm in norms):
+            if any(norm.dtype != dtype or not norm.is_contiguous() for norm in norms):
                 return None
             rows.append([norms[0].data_ptr(), qkv, o, norms[1].data_ptr(), gate_up, down, 0, 0])
         assert kernels is not None and len(rows[0]) == DECODER_LAYER_FIELDS
@@ -85,8 +88,11 @@ class NativeDecoder:
             and metadata.num_decodes == rows
             and not metadata.prefills
             and not metadata.fresh_prompts
-            and all(_plain_bf16(cache) for pair in ctx.kv_caches for cache in pair)
+            and all(self._plain(cache) for pair in ctx.kv_caches for cache in pair)
         )
+
+    def _plain(self, cache: object) -> bool:
+        return type(cache) is torch.Tensor and cache.dtype == self.final_norm.dtype and cache.is_contiguous()
 
     def forward(
         self, embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
@@ -102,7 +108,3 @@ class NativeDecoder:
         return self.kernels.decode_layers(
             table, self.shape, metadata.decode, self.final_norm, embeddings, cos, sin, metadata.slot_mapping
         )
-
-
-def _plain_bf16(cache: object) -> bool:
-    return type(cache) is torch.Tensor and cache.dtype == torch.bfloat16 and cache.is_contiguous()

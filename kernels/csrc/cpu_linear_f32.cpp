@@ -1,0 +1,266 @@
+// 4- and 8-bit weights with fp32 activations, on any CPU: out[M, N] = x[M, K] @ W[N, K]^T, all fp32 arithmetic.
+//
+// On CPUs without bf16 dot products (AVX2, AVX-512 without BF16, ARM), Spindle computes in fp32, and a decode step's
+// time is the bytes of its weights: fp32 copies are 8x the 4-bit ones. Written with GCC's generic vectors, so one
+// source compiles to AVX-512 (one register per vector), AVX2 (two), NEON or SSE2 (four), whatever -march says.
+//
+// Each weight is rebuilt exactly as a GGUF reader dequantizes it: level * scale + minimum (Q4_1) or value * scale
+// (Q8_0), fp16 scales widened to fp32. A level (4 bits) or value (8 bits) times an fp16 scale (11 significant bits)
+// is exact in fp32, so computing it fused with the addition rounds once, as the reference's separate multiply and add
+// do: the kernel multiplies by the very weights an fp32 reference model holds, and only the order of the sums
+// differs.
+//
+// The layouts, per block of 16 output columns and group of 32 input channels (blocks one after another, each block's
+// groups in order, so a thread streams its blocks front to back):
+// - 4-bit, 320 bytes: the 16 columns' fp16 scales, their fp16 minimums, then 16 rows of 16 bytes: row j's byte c
+//   holds column c's level of channel j (low nibble) and of channel j + 16 (high nibble).
+// - 8-bit, 544 bytes: the 16 columns' fp16 scales, then 32 rows of 16 signed bytes: row j's byte c is column c's
+//   value of channel j.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+// The accumulations below are written as multiply-adds; let the compiler fuse them (see above for why the
+// dequantization's fused rounding is exact).
+#pragma GCC optimize("fp-contract=fast")
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
+namespace {
+
+// The native vector: 16 fp32 lanes on AVX-512, 8 on AVX2, 4 elsewhere (NEON, SSE2); a block's 16 columns are
+// kParts of them.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+constexpr int kColumns = 16, kGroup = 32, kParts = kColumns / kLanes;
+constexpr int64_t kInt4GroupBytes = 320, kInt8GroupBytes = 544, kScaleBytes = 32;
+// Rows multiplied per pass over a block's weights: their sums stay in registers (16 vector registers on AVX2 and
+// NEON's 32 of a quarter the width, 32 on AVX-512).
+#if defined(__AVX512F__)
+constexpr int kRowChunk = 8;
+#else
+constexpr int kRowChunk = 4;
+#endif
+
+// 16 fp16 values widened to fp32. (GCC's generic conversion of a _Float16 vector goes element by element.)
+inline void load_halves(const uint8_t* source, Vec (&out)[kParts]) {
+#if defined(__AVX512F__)
+    out[0] = reinterpret_cast<Vec>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(source))));
+#elif defined(__AVX2__) && defined(__F16C__)
+    for (int p = 0; p < kParts; ++p)
+        out[p] = reinterpret_cast<Vec>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(source) + p)));
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    for (int p = 0; p < kParts; ++p)
+        out[p] = reinterpret_cast<Vec>(vcvt_f32_f16(vld1_f16(reinterpret_cast<const __fp16*>(source) + 4 * p)));
+#else
+    _Float16 halves[kColumns];
+    std::memcpy(halves, source, sizeof(halves));
+    for (int i = 0; i < kColumns; ++i) out[i / kLanes][i % kLanes] = static_cast<float>(halves[i]);
+#endif
+}
+
+// 16 bytes widened to int32, unsigned or signed.
+template <bool Signed>
+inline void load_bytes(const uint8_t* source, Ints (&out)[kParts]) {
+#if defined(__AVX512F__)
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(source));
+    out[0] = reinterpret_cast<Ints>(Signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
+#elif defined(__AVX2__)
+    for (int p = 0; p < kParts; ++p) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(source + 8 * p));
+        out[p] = reinterpret_cast<Ints>(Signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes));
+    }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    const uint8x16_t bytes = vld1q_u8(source);
+    const int16x8_t halves[2] = {
+        Signed ? vmovl_s8(vget_low_s8(vreinterpretq_s8_u8(bytes))) : vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(bytes))),
+        Signed ? vmovl_high_s8(vreinterpretq_s8_u8(bytes)) : vreinterpretq_s16_u16(vmovl_high_u8(bytes))};
+    for (int p = 0; p < kParts; ++p) {
+        const int16x8_t half = halves[p / 2];
+        out[p] = reinterpret_cast<Ints>(p % 2 ? vmovl_high_s16(half) : vmovl_s16(vget_low_s16(half)));
+    }
+#else
+    for (int i = 0; i < kColumns; ++i)
+        out[i / kLanes][i % kLanes] = Signed ? static_cast<int8_t>(source[i]) : source[i];
+#endif
+}
+
+// The 4-bit layout: ``Rows`` rows of x (row stride ``in_features``) against one block's ``groups`` groups, into
+// ``sums`` [Rows][kParts]. One row keeps two sets of sums (low and high channels) to halve its chain of dependent
+// additions; more rows are independent chains already.
+template <int Rows>
+inline void int4_block(const float* x, int64_t in_features, const uint8_t* block, int64_t groups,
+                       Vec (*sums)[kParts]) {
+    constexpr int kChains = Rows == 1 ? 2 : 1;
+    Vec acc[Rows][kChains][kParts] = {};
+    for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* group = block + g * kInt4GroupBytes;
+        Vec scale[kParts], minimum[kParts];
+        load_halves(group, scale);
+        load_halves(group + kScaleBytes, minimum);
+        const uint8_t* levels = group + 2 * kScaleBytes;
+        const float* xg = x + g * kGroup;
+        for (int j = 0; j < kGroup / 2; ++j) {
+            Ints packed[kParts];
+            load_bytes<false>(levels + j * kColumns, packed);
+            for (int p = 0; p < kParts; ++p) {
+                const Vec low = __builtin_convertvector(packed[p] & 0xF, Vec) * scale[p] + minimum[p];
+                const Vec high = __builtin_convertvector(packed[p] >> 4, Vec) * scale[p] + minimum[p];
+                for (int r = 0; r < Rows; ++r) {
+                    acc[r][0][p] += xg[r * in_features + j] * low;
+                    acc[r][kChains - 1][p] += xg[r * in_features + j + kGroup / 2] * high;
+                }
+            }
+        }
+    }
+    for (int r = 0; r < Rows; ++r)
+        for (int p = 0; p < kParts; ++p)
+            sums[r][p] = kChains == 1 ? acc[r][0][p] : acc[r][0][p] + acc[r][kChains - 1][p];
+}
+
+// The 8-bit layout, as int4_block.
+template <int Rows>
+inline void int8_block(const float* x, int64_t in_features, const uint8_t* block, int64_t groups,
+                       Vec (*sums)[kParts]) {
+    constexpr int kChains = Rows == 1 ? 2 : 1;
+    Vec acc[Rows][kChains][kParts] = {};
+    for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* group = block + g * kInt8GroupBytes;
+        Vec scale[kParts];
+        load_halves(group, scale);
+        const uint8_t* values = group + kScaleBytes;
+        const float* xg = x + g * kGroup;
+        for (int j = 0; j < kGroup; j += 2) {
+            Ints first[kParts], second[kParts];
+            load_bytes<true>(values + j * kColumns, first);
+            load_bytes<true>(values + (j + 1) * kColumns, second);
+            for (int p = 0; p < kParts; ++p) {
+                const Vec a = __builtin_convertvector(first[p], Vec) * scale[p];
+                const Vec b = __builtin_convertvector(second[p], Vec) * scale[p];
+                for (int r = 0; r < Rows; ++r) {
+                    acc[r][0][p] += xg[r * in_features + j] * a;
+                    acc[r][kChains - 1][p] += xg[r * in_features + j + 1] * b;
+                }
+            }
+        }
+    }
+    for (int r = 0; r < Rows; ++r)
+        for (int p = 0; p < kParts; ++p)
+            sums[r][p] = kChains == 1 ? acc[r][0][p] : acc[r][0][p] + acc[r][kChains - 1][p];
+}
+
+template <int Rows>
+struct Int4Block {
+    static void run(const float* x, int64_t in, const uint8_t* block, int64_t groups, Vec (*sums)[kParts]) {
+        int4_block<Rows>(x, in, block, groups, sums);
+    }
+};
+template <int Rows>
+struct Int8Block {
+    static void run(const float* x, int64_t in, const uint8_t* block, int64_t groups, Vec (*sums)[kParts]) {
+        int8_block<Rows>(x, in, block, groups, sums);
+    }
+};
+
+// ``Block`` (Int4Block or Int8Block) over ``count`` rows (1 to kRowChunk): one instantiation per row count.
+template <template <int> class Block>
+inline void block_rows(int count, const float* x, int64_t in_features, const uint8_t* block, int64_t groups,
+                       Vec (*sums)[kParts]) {
+    switch (count) {
+        case 1: Block<1>::run(x, in_features, block, groups, sums); break;
+        case 2: Block<2>::run(x, in_features, block, groups, sums); break;
+        case 3: Block<3>::run(x, in_features, block, groups, sums); break;
+#if defined(__AVX512F__)
+        case 4: Block<4>::run(x, in_features, block, groups, sums); break;
+        case 5: Block<5>::run(x, in_features, block, groups, sums); break;
+        case 6: Block<6>::run(x, in_features, block, groups, sums); break;
+        case 7: Block<7>::run(x, in_features, block, groups, sums); break;
+#endif
+        default: Block<kRowChunk>::run(x, in_features, block, groups, sums); break;
+    }
+}
+
+template <template <int> class Block>
+void linear(const float* x, const uint8_t* packed, float* out, int64_t rows, int64_t out_features,
+            int64_t in_features, int threads, int64_t group_bytes) {
+    const int64_t groups = in_features / kGroup, blocks = out_features / kColumns;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* block = packed + b * groups * group_bytes;
+        for (int64_t first = 0; first < rows; first += kRowChunk) {
+            const int count = static_cast<int>(std::min<int64_t>(kRowChunk, rows - first));
+            Vec sums[kRowChunk][kParts];
+            block_rows<Block>(count, x + first * in_features, in_features, block, groups, sums);
+            for (int r = 0; r < count; ++r)
+                std::memcpy(out + (first + r) * out_features + b * kColumns, sums[r], sizeof(sums[r]));
+        }
+    }
+}
+
+// The fp16 scale (and minimum) of each column of a block for one group, from [N, K / 32] tables.
+void pack_scales(const uint16_t* table, int64_t block, int64_t group, int64_t groups, uint8_t* target) {
+    auto* fp16 = reinterpret_cast<uint16_t*>(target);
+    for (int c = 0; c < kColumns; ++c) fp16[c] = table[(block * kColumns + c) * groups + group];
+}
+
+}  // namespace
+
+// Levels [N, K] (one per byte, 0-15) with fp16 scales and minimums [N, K / 32] into the 4-bit layout above.
+extern "C" void spindle_pack_int4_f32(const uint8_t* levels, const uint16_t* scales, const uint16_t* minimums,
+                                      uint8_t* packed, int64_t out_features, int64_t in_features) {
+    const int64_t groups = in_features / kGroup;
+    for (int64_t b = 0; b < out_features / kColumns; ++b)
+        for (int64_t g = 0; g < groups; ++g) {
+            uint8_t* target = packed + (b * groups + g) * kInt4GroupBytes;
+            pack_scales(scales, b, g, groups, target);
+            pack_scales(minimums, b, g, groups, target + kScaleBytes);
+            for (int j = 0; j < kGroup / 2; ++j)
+                for (int c = 0; c < kColumns; ++c) {
+                    const uint8_t* column = levels + (b * kColumns + c) * in_features + g * kGroup;
+                    target[2 * kScaleBytes + j * kColumns + c] =
+                        static_cast<uint8_t>((column[j] & 0xF) | (column[j + kGroup / 2] & 0xF) << 4);
+                }
+        }
+}
+
+// Values [N, K] (int8) with fp16 scales [N, K / 32] into the 8-bit layout above.
+extern "C" void spindle_pack_int8_f32(const int8_t* values, const uint16_t* scales, uint8_t* packed,
+                                      int64_t out_features, int64_t in_features) {
+    const int64_t groups = in_features / kGroup;
+    for (int64_t b = 0; b < out_features / kColumns; ++b)
+        for (int64_t g = 0; g < groups; ++g) {
+            uint8_t* target = packed + (b * groups + g) * kInt8GroupBytes;
+            pack_scales(scales, b, g, groups, target);
+            for (int j = 0; j < kGroup; ++j)
+                for (int c = 0; c < kColumns; ++c)
+                    target[kScaleBytes + j * kColumns + c] =
+                        static_cast<uint8_t>(values[(b * kColumns + c) * in_features + g * kGroup + j]);
+        }
+}
+
+// out [M, N] = x [M, K] @ W^T for W packed by spindle_pack_int4_f32 (N a multiple of 16, K of 32).
+extern "C" bool spindle_linear_int4_f32(const float* x, const uint8_t* packed, float* out, int64_t rows,
+                                        int64_t out_features, int64_t in_features, int threads) {
+    linear<Int4Block>(x, packed, out, rows, out_features, in_features, threads, kInt4GroupBytes);
+    return true;
+}
+
+// out [M, N] = x [M, K] @ W^T for W packed by spindle_pack_int8_f32.
+extern "C" bool spindle_linear_int8_f32(const float* x, const uint8_t* packed, float* out, int64_t rows,
+                                        int64_t out_features, int64_t in_features, int threads) {
+    linear<Int8Block>(x, packed, out, rows, out_features, in_features, threads, kInt8GroupBytes);
+    return true;
+}
