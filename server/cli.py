@@ -1,6 +1,6 @@
 """The ``spindle`` command: ``serve`` (the OpenAI-compatible server), ``router`` (one endpoint in front of several
-servers), ``generate`` (offline, one prompt), ``export-hf`` (the model as a Hugging Face directory) and ``bench``
-(load tests and throughput benchmarks)."""
+servers), ``generate`` (offline, one prompt), ``export-hf`` (the model as a Hugging Face directory), ``env`` (the CPU
+profile and kernels in use) and ``bench`` (load tests and throughput benchmarks)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ import sys
 from pathlib import Path
 
 from bench.cli import add_bench_commands
+from engine.capabilities import capability_report
 from engine.config import EngineConfig, add_config_arguments, config_from_args
 from engine.errors import SpindleError
+from kernels.cpu_profile import CpuProfileError, cpu_profile
+
+logger = logging.getLogger("spindle.server")
 
 
 def _torchrun_worker(config: EngineConfig) -> int | None:
@@ -55,6 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import run_server
 
     config = config_from_args(args)
+    for what, chosen in capability_report():
+        logger.info("%s: %s", what, chosen)
     worker_exit = _torchrun_worker(config)
     if worker_exit is not None:
         return worker_exit
@@ -84,6 +90,14 @@ def _export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env(args: argparse.Namespace) -> int:
+    report = capability_report()
+    width = max(len(what) for what, _ in report)
+    for what, chosen in report:
+        print(f"{what:<{width}}  {chosen}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spindle", description="Spindle LLM serving engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: embedded model)")
     export.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     export.set_defaults(handler=_export_hf)
+    env = commands.add_parser("env", help="show the CPU profile and the kernels Spindle runs here (no model needed)")
+    env.set_defaults(handler=_env)
     add_bench_commands(commands)
     return parser
 
@@ -119,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown `spindle bench`'s report
     args = build_parser().parse_args(argv)
     try:
+        cpu_profile()  # a profile name that does not exist is a configuration error, before anything is built
         return args.handler(args)
-    except SpindleError as exc:
+    except (SpindleError, CpuProfileError) as exc:
         print(f"spindle: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl+C, re-raised by uvicorn after its graceful shutdown

@@ -195,10 +195,10 @@ def test_disk_tier_survives_a_restart_byte_for_byte(source, prompts, tmp_path) -
     assert torch.equal(stored_blocks(second, hashes), original)
     second.close()
 
-    # Another KV codec, or 4-bit weights computing the short chunks, over the same directory: a subdirectory of
-    # their own, never reading these blocks.
+    # Another KV codec, or dense weights computing the short chunks where the 4-bit copies did (fp32 serves a Q4_1
+    # file's small steps from them), over the same directory: a subdirectory of their own, never reading these blocks.
     directories = {store.directory}
-    for overrides in ({"kv_cache_dtype": "int8"}, {"weight_quantization": "int4"}):
+    for overrides in ({"kv_cache_dtype": "int8"}, {"weight_quantization": "none"}):
         other = make_engine(source, 64, kv_disk_dir=str(tmp_path), **overrides)
         run(other, [prompt])
         assert other.offloader.disk_store.counters.hits == 0

@@ -8,7 +8,6 @@ type wherever the reference chain does, so they differ only where fp32's last bi
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from functools import cache
 from typing import Protocol
@@ -17,8 +16,6 @@ import torch
 from torch.nn import functional as F
 
 from kernels.native import NativeKernels, NativeKernelsUnavailable, load_native_kernels
-
-logger = logging.getLogger("spindle.models")
 
 
 @dataclass(frozen=True)
@@ -105,6 +102,5 @@ def layer_ops_for(device_type: str) -> LayerOps:
         return TORCH_LAYER_OPS
     try:
         return NativeLayerOps(load_native_kernels())
-    except NativeKernelsUnavailable as exc:
-        logger.warning("native CPU layer kernels unavailable, using PyTorch: %s", exc)
+    except NativeKernelsUnavailable:  # logged once, with the reason, where the build failed
         return TORCH_LAYER_OPS
