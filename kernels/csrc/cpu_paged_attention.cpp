@@ -81,14 +81,14 @@ struct Scratch {
 // Load 16 consecutive elements as fp32 with whole-vector conversions (no per-element inserts).
 typedef uint16_t Bits16x16 __attribute__((vector_size(32)));
 typedef uint32_t Bits32x16 __attribute__((vector_size(64)));
-typedef _Float16 Half16 __attribute__((vector_size(32)));
+typedef spindle::Half Half16 __attribute__((vector_size(32)));
 
 inline Vec16 load16(const float* source) {
     Vec16 v;
     std::memcpy(&v, source, sizeof(v));
     return v;
 }
-inline Vec16 load16(const _Float16* source) {
+inline Vec16 load16(const spindle::Half* source) {
     Half16 h;
     std::memcpy(&h, source, sizeof(h));
     return __builtin_convertvector(h, Vec16);
@@ -309,5 +309,5 @@ bool dispatch_head_dim(const T* query, const T* key_cache, const T* value_cache,
     }
 
 SPINDLE_DECODE_ENTRY(spindle_decode_attention_f32, float)
-SPINDLE_DECODE_ENTRY(spindle_decode_attention_f16, _Float16)
+SPINDLE_DECODE_ENTRY(spindle_decode_attention_f16, spindle::Half)
 SPINDLE_DECODE_ENTRY(spindle_decode_attention_bf16, BFloat16)

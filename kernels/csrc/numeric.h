@@ -16,8 +16,16 @@ struct BFloat16 {
     uint16_t bits;
 };
 
+// IEEE half precision. GCC 12's C++ has _Float16 on x86 but only the storage type __fp16 on ARM; every use here
+// converts to and from float, where the two behave alike.
+#if defined(__aarch64__) || defined(__arm__)
+using Half = __fp16;
+#else
+using Half = _Float16;
+#endif
+
 inline float to_float(float value) { return value; }
-inline float to_float(_Float16 value) { return static_cast<float>(value); }
+inline float to_float(Half value) { return static_cast<float>(value); }
 inline float to_float(BFloat16 value) {
     const uint32_t bits = static_cast<uint32_t>(value.bits) << 16;
     float result;
@@ -26,7 +34,7 @@ inline float to_float(BFloat16 value) {
 }
 
 inline void store(float value, float* out) { *out = value; }
-inline void store(float value, _Float16* out) { *out = static_cast<_Float16>(value); }
+inline void store(float value, Half* out) { *out = static_cast<Half>(value); }
 // Round to nearest even, as torch does; NaN stays NaN. Branch-free, so loops of it vectorise.
 inline void store(float value, BFloat16* out) {
     uint32_t bits;
