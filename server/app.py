@@ -110,6 +110,12 @@ def create_app(
     async def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=serving.model_name, max_model_len=serving.max_model_len)])
 
+    # The path converter keeps a slash in a model id ("org/name"), as OpenAI's and vLLM's ids may have one.
+    @app.get("/v1/models/{model:path}", responses=api_errors)
+    async def retrieve_model(model: str) -> ModelCard:
+        serving.check_model(model)
+        return ModelCard(id=serving.model_name, max_model_len=serving.max_model_len)
+
     @app.post("/tokenize", responses=api_errors)
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
         serving.check_model(request.model)
@@ -119,7 +125,7 @@ def create_app(
             tokens = serving.chat_prompt(request.messages, request.add_generation_prompt)
         else:
             prompt = request.prompt or ""
-            limits.check_text(len(prompt.encode()), "prompt")
+            limits.check_text(prompt, "prompt")
             tokens = serving.tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
         return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=serving.max_model_len)
 

@@ -27,13 +27,19 @@ class RequestLimits:
         if isinstance(stop, list) and len(stop) > self.max_stop_strings:
             raise APIError(400, f"{len(stop)} stop strings, more than {self.max_stop_strings}", param="stop")
 
-    def check_text(self, num_bytes: int, param: str) -> None:
-        """Refuse text that cannot fit in a prompt before tokenizing it, which holds the GIL (about 1 s per MB).
+    def check_text(self, text: str, param: str) -> None:
+        """Refuse text that is not Unicode (a lone surrogate, which JSON's \\ud800 escapes can carry, has no UTF-8
+        form), or that cannot fit in a prompt, before tokenizing it, which holds the GIL (about 1 s per MB).
 
         No token spells more than ``max_token_bytes`` bytes, so longer text has more tokens than any prompt may
         (one token's worth more allows for the space a SentencePiece tokenizer prepends). Tokenizers that fuse a
         run of unknown characters into one token would break this; those Spindle builds fall back to bytes.
         """
+        try:
+            num_bytes = len(text.encode())
+        except UnicodeEncodeError as exc:
+            bad = text[exc.start : exc.end].encode("unicode_escape").decode()
+            raise APIError(400, f"the {param} is not valid Unicode: a lone surrogate {bad}", param=param) from None
         if num_bytes > (self.max_prompt_tokens + 1) * self.max_token_bytes:
             raise APIError(
                 400,

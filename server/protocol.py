@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.structured.spec import StructuredOutputs
@@ -16,6 +16,14 @@ from engine.structured.spec import StructuredOutputs
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # A token id as a logit_bias key: ASCII digits only (int() also reads "²" and "٣"), short enough to convert cheaply.
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,12}")
+
+
+def _integral_float_as_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# A count or id: as in OpenAI's API, an integral float (2.0) counts as the integer; 2.5 and "2" are still refused.
+Integer = Annotated[int, BeforeValidator(_integral_float_as_int)]
 
 
 def random_id(prefix: str) -> str:
@@ -73,19 +81,19 @@ class SamplingFields(OpenAIModel):
     """Fields both endpoints share; ``to_sampling_params`` maps them onto the engine's SamplingParams."""
 
     model: str | None = None
-    n: int = 1  # bounded by the server's max_n
+    n: Integer = 1  # bounded by the server's max_n
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = Field(default=None, le=INT64_MAX)
+    top_k: Integer | None = Field(default=None, le=INT64_MAX)
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    seed: Integer | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Integer = 0
     logit_bias: dict[str, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -147,9 +155,9 @@ class SamplingFields(OpenAIModel):
 # ---------------------------------------------------------------- completions
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: Integer | None = 16
     echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    logprobs: Integer | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = None
 
@@ -236,10 +244,10 @@ class NamedToolChoice(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Integer | None = None
+    max_completion_tokens: Integer | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Integer | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ChatTool] | None = None

@@ -240,7 +240,7 @@ class Serving:
         prompts = []
         for item in _prompt_items(request):
             if isinstance(item, str):
-                self.limits.check_text(len(item.encode()), "prompt")
+                self.limits.check_text(item, "prompt")
                 prompts.append(self.tokenizer.encode(item))
                 await asyncio.sleep(0)  # tokenizing holds the GIL: let streams move between long prompts
             else:
@@ -362,11 +362,12 @@ class Serving:
     ) -> list[int]:
         try:
             conversation = [
-                {"role": m.role, "content": m.text()}
+                # OpenAI's "developer" messages are what chat templates call "system".
+                {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 | m.model_dump(include={"tool_calls", "tool_call_id"}, exclude_none=True)
                 for m in messages
             ]
-            self.limits.check_text(sum(len(m["content"].encode()) for m in conversation), "messages")
+            self.limits.check_text("".join(m["content"] for m in conversation), "messages")
             native = template_renders_tools(self.tokenizer.chat_template)
             return self.tokenizer.encode_chat(
                 conversation_with_tools(conversation, tools, native),
@@ -393,7 +394,8 @@ class Serving:
             request.chat_template_kwargs,
             None if tools is None else tools.tools,
         )
-        max_tokens = request.max_completion_tokens or request.max_tokens
+        # 0 is a value, not "unset": it is refused like max_tokens 0.
+        max_tokens = request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = _sampling_params(request, max_tokens, logprobs, None, constraint)
         self.check_length(len(prompt), params.max_tokens)

@@ -97,6 +97,11 @@ def test_models_version_health(client: openai.OpenAI, http: httpx.Client, offlin
     models = client.models.list().data
     assert [m.id for m in models] == [offline_llm.engine.model_name]
     assert models[0].max_model_len == offline_llm.engine.max_model_len
+    retrieved = client.models.retrieve(offline_llm.engine.model_name)  # the SDK's GET /v1/models/{id}
+    assert (retrieved.id, retrieved.object) == (offline_llm.engine.model_name, "model")
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("org/no-such-model")
+    assert missing.value.body["code"] == "model_not_found"
     assert http.get("/health").json() == {"status": "ok"}
     assert http.get("/version").json()["version"]
 
@@ -109,6 +114,17 @@ def test_tokenize_and_detokenize(http: httpx.Client, offline_llm: LLM) -> None:
     assert http.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": PROMPT}
     chat_tokens = http.post("/tokenize", json={"messages": CHAT}).json()["tokens"]
     assert chat_tokens == offline_llm.tokenizer.encode_chat(CHAT, add_generation_prompt=True)
+
+
+def test_a_developer_message_is_the_system_prompt(http: httpx.Client, offline_llm: LLM) -> None:
+    """OpenAI's developer role is the system role: it replaces the template's default system prompt instead of
+    following it as a turn of an unknown role."""
+    user = {"role": "user", "content": "Hi"}
+    as_developer = [{"role": "developer", "content": "Answer in French."}, user]
+    as_system = [{"role": "system", "content": "Answer in French."}, user]
+    tokens = http.post("/tokenize", json={"messages": as_developer}).json()["tokens"]
+    assert tokens == offline_llm.tokenizer.encode_chat(as_system, add_generation_prompt=True)
+    assert "developer" not in offline_llm.tokenizer.decode(tokens)
 
 
 def test_metrics(server: ServerProcess, client: openai.OpenAI, model: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,12 @@ def assert_error_shape(response: httpx.Response, status: int) -> dict[str, Any]:
     assert set(error) == {"message", "type", "param", "code"}
     assert isinstance(error["message"], str) and error["message"]
     return error
+
+
+def post_json(http: httpx.Client, path: str, body: dict[str, Any]) -> httpx.Response:
+    """As ``http.post(path, json=body)``, but with JSON's \\u escapes, as a client in any language may send them:
+    httpx writes UTF-8 and cannot encode a lone surrogate at all."""
+    return http.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
 
 
 def assert_still_serving(http: httpx.Client) -> None:
@@ -63,6 +70,11 @@ INVALID_PARAMETERS = [
     (COMPLETIONS, {"prompt": []}, "prompt"),
     (COMPLETIONS, {"prompt": [10**9]}, "prompt"),
     (COMPLETIONS, {"stream": True, "temperature": -1}, "temperature"),
+    (COMPLETIONS, {"prompt": "a lone surrogate \ud800"}, "prompt"),  # no UTF-8 form: once a 500 and a reset
+    (COMPLETIONS, {"prompt": ["fine", "\udfff"]}, "prompt"),
+    (CHAT, {"max_completion_tokens": 0}, "max_tokens"),  # once "unlimited"; refused as max_tokens 0 is
+    (CHAT, {"max_tokens": 0}, "max_tokens"),
+    (COMPLETIONS, {"max_tokens": 2.5}, "max_tokens"),
     (CHAT, {"top_logprobs": 2}, "top_logprobs"),
     (CHAT, {"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     (CHAT, {"messages": []}, "messages"),
@@ -79,7 +91,7 @@ INVALID_PARAMETERS = [
 )
 def test_invalid_parameter_is_400(path: str, fields: dict[str, Any], param: str, http: httpx.Client) -> None:
     base = {"prompt": "Hello", "max_tokens": 2} if path == COMPLETIONS else {"messages": MESSAGES, "max_tokens": 2}
-    error = assert_error_shape(http.post(path, json=base | fields), 400)
+    error = assert_error_shape(post_json(http, path, base | fields), 400)
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert_still_serving(http)
@@ -98,6 +110,22 @@ def test_context_window_is_400_with_the_numbers(http: httpx.Client, max_model_le
     chat = assert_error_shape(http.post(CHAT, json={"messages": MESSAGES, "max_tokens": max_model_len}), 400)
     assert chat["code"] == "context_length_exceeded"
     assert_still_serving(http)
+
+
+def test_integral_floats_count_as_integers(http: httpx.Client) -> None:
+    """As in OpenAI's API (JavaScript clients send every number as a float): 2.0 is 2."""
+    body = {"prompt": "Hello", "max_tokens": 2.0, "n": 1.0, "ignore_eos": True, "logprobs": 1.0}
+    response = http.post(COMPLETIONS, json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 2
+    chat = http.post(CHAT, json={"messages": MESSAGES, "max_completion_tokens": 3.0, "ignore_eos": True})
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 3, chat.text
+
+
+def test_a_lone_surrogate_to_tokenize_is_400_and_the_connection_stays_open(http: httpx.Client) -> None:
+    error = assert_error_shape(post_json(http, "/tokenize", {"prompt": "x\ud800y"}), 400)
+    assert error["param"] == "prompt" and "\\ud800" in error["message"]
+    assert_still_serving(http)  # the same keep-alive connection: uvicorn no longer resets it
 
 
 @pytest.mark.parametrize("path", [COMPLETIONS, CHAT, "/tokenize"])
