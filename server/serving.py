@@ -199,10 +199,11 @@ class Serving:
         started: Started,
         prompts: list[list[int]],
         opening: list[dict[str, Any]],
-        event: Callable[[Choice, RequestOutput], dict[str, Any]],
+        event: Callable[[Choice, RequestOutput], dict[str, Any] | None],
         usage_event: Callable[[UsageInfo], dict[str, Any]] | None,
     ) -> AsyncGenerator[str, None]:
-        """SSE lines: the ``opening`` events, one event per output that carries news, usage, then ``[DONE]``.
+        """SSE lines: the ``opening`` events, one event per output that carries news (``event`` may still find
+        none to send: None), usage, then ``[DONE]``.
 
         A failure after the response started can only be reported in-band, as an event in OpenAI's error shape.
         """
@@ -213,7 +214,9 @@ class Serving:
                 async for choice, output in outputs:
                     choice.add(output)
                     if output.new_text or output.finished or output.new_logprobs or output.new_token_ids:
-                        yield _sse(event(choice, output))
+                        payload = event(choice, output)
+                        if payload is not None:
+                            yield _sse(payload)
             if usage_event is not None:
                 yield _sse(usage_event(_usage(prompts, [choice for choice, _ in started])))
         except APIError as exc:
@@ -325,13 +328,15 @@ class Serving:
             body = CompletionResponse(id=request_id, model=self.model_name, choices=[choice])
             return body.model_dump(exclude={"usage"})
 
-        def event(choice: Choice, output: RequestOutput) -> dict[str, Any]:
+        def event(choice: Choice, output: RequestOutput) -> dict[str, Any] | None:
             text, logprobs = output.new_text, None
             if output.prompt_logprobs is not None:
                 # Echo with logprobs: the echoed prompt waits for its logprobs, which come with the first tokens.
                 text = self._prompt_text(choice) + text
             if request.logprobs is not None:
                 logprobs = self._completion_logprobs(choice, output.new_logprobs, output.prompt_logprobs)
+            elif not text and output.finish_reason is None and not request.return_token_ids:
+                return None  # a token whose text is held back (part of a stop string, or of a character): no news
             return chunk(
                 CompletionChoice(
                     index=choice.index,

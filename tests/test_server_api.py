@@ -233,6 +233,19 @@ def test_streamed_utf8_is_never_broken(client: openai.OpenAI, model: str) -> Non
     assert all("\ufffd" not in piece for piece in streamed.pieces)
 
 
+def test_held_back_text_sends_no_empty_chunks(client: openai.OpenAI, model: str, http: httpx.Client) -> None:
+    """A token that ends inside a character (an emoji spans several byte tokens) has no text of its own yet: its
+    empty chunk is not sent (as vLLM does), and the text still arrives whole."""
+    body = {"model": model, "prompt": "Emojis: 😀 😃 😄 😁", "max_tokens": 12, **GREEDY}
+    full = complete(client, **body).choices[0].text
+    assert not full.isascii()
+    with http.stream("POST", "/v1/completions", json=body | {"stream": True}) as response:
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    choices = [json.loads(event)["choices"][0] for event in events[:-1]]
+    assert all(choice["text"] or choice["finish_reason"] for choice in choices), choices
+    assert "".join(choice["text"] for choice in choices) == full
+
+
 # ---------------------------------------------------------------- stopping
 def test_stop_string_spanning_tokens_never_leaks(
     client: openai.OpenAI, model: str, greedy: Any, offline_llm: LLM
