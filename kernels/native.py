@@ -329,7 +329,7 @@ class NativeKernels:
 
     def pack_amx_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """A bf16 weight [out, in] (both multiples of AMX_BLOCK) in the AMX linear kernel's tile layout."""
-        self._check_block_weight(weight.shape, weight.dtype, "AMX")
+        self._check_block_weight(weight.shape, self.has_amx, "AMX")
         _check_rows(weight)
         packed = torch.empty(weight.numel(), dtype=weight.dtype)
         self._entry("spindle_amx_pack", weight.dtype)(weight.data_ptr(), packed.data_ptr(), *weight.shape)
@@ -341,7 +341,7 @@ class NativeKernels:
         """4-bit weights in the layout of the 4-bit kernel for ``activations`` (bf16 or fp32), from ``levels``
         [out, in] (uint8, 0-15) and the fp16 ``scales`` and ``minimums`` [out, in / AMX_BLOCK] of each group of
         AMX_BLOCK input channels: w = level * scale + min."""
-        self._check_block_weight(levels.shape, activations, "4-bit")
+        self._check_block_weight(levels.shape, activations in self.quantized_linear_dtypes, f"4-bit {activations}")
         groups = (levels.shape[0], levels.shape[1] // AMX_BLOCK)
         if levels.dtype != torch.uint8 or scales.shape != groups or minimums.shape != groups:
             raise ValueError("4-bit packing needs uint8 levels [out, in] and a scale and minimum per group")
@@ -359,7 +359,7 @@ class NativeKernels:
         """8-bit weights in the layout of the 8-bit kernel for ``activations`` (bf16 or fp32), from ``values``
         [out, in] (int8, -127 to 127) and the fp16 ``scales`` [out, in / AMX_BLOCK] of each group of AMX_BLOCK input
         channels: w = value * scale."""
-        self._check_block_weight(values.shape, activations, "8-bit")
+        self._check_block_weight(values.shape, activations in self.quantized_linear_dtypes, f"8-bit {activations}")
         groups = (values.shape[0], values.shape[1] // AMX_BLOCK)
         if values.dtype != torch.int8 or scales.shape != groups or scales.dtype != torch.float16:
             raise ValueError("8-bit packing needs int8 values [out, in] and an fp16 scale per group")
@@ -440,10 +440,10 @@ class NativeKernels:
             raise ValueError(f"{prefix} was built without a kernel for this CPU")
         return output
 
-    def _check_block_weight(self, shape: tuple[int, ...], activations: torch.dtype, kind: str) -> None:
-        available = self.has_amx if kind == "AMX" else activations in self.quantized_linear_dtypes
+    @staticmethod
+    def _check_block_weight(shape: tuple[int, ...], available: bool, kind: str) -> None:
         if not available:
-            raise ValueError(f"the native kernels have no {kind} linear kernel for {activations} on this CPU")
+            raise ValueError(f"the native kernels have no {kind} linear kernel on this CPU")
         if len(shape) != 2 or shape[0] % AMX_BLOCK or shape[1] % AMX_BLOCK:
             raise ValueError(f"the {kind} linear kernel needs a weight [out, in], both multiples of {AMX_BLOCK}")
 
@@ -549,11 +549,12 @@ def _load_once() -> NativeKernels | NativeKernelsUnavailable:
     try:
         path = _build(_compiler())
         library = ctypes.CDLL(str(path))
-    except NativeKernelsUnavailable as unavailable:
-        logger.warning("native CPU kernels unavailable, PyTorch's CPU paths serve instead: %s", unavailable)
-        return unavailable
-    except OSError as error:
-        unavailable = NativeKernelsUnavailable(f"loading the native kernels failed: {error}")
+    except (NativeKernelsUnavailable, OSError) as error:
+        unavailable = (
+            error
+            if isinstance(error, NativeKernelsUnavailable)
+            else NativeKernelsUnavailable(f"loading the native kernels failed: {error}")
+        )
         logger.warning("native CPU kernels unavailable, PyTorch's CPU paths serve instead: %s", unavailable)
         return unavailable
     entries = {}
