@@ -24,7 +24,7 @@ def capability_report() -> list[tuple[str, str]]:
     profile = cpu_profile()
     auto_dtype = str(ModelConfig(dtype=AUTO_DTYPE).torch_dtype).removeprefix("torch.")
     report = [
-        ("cpu profile", f"{profile.name} ({os.environ.get('SPINDLE_CPU_PROFILE', 'native')} requested)"),
+        ("cpu profile", profile.name),
         ("architecture", profile.architecture),
         ("kernel tier", profile.tier),
         ("native kernels target", f"-march={profile.compiler_target}"),
