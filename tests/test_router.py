@@ -22,7 +22,7 @@ from server.cli import build_parser
 from server.router.app import create_router_app
 from server.router.policy import LeastLoaded, PrefixAffinity, RoundRobin, prefix_key
 from server.router.pool import Replica, reported_load
-from tests.router_fakes import FakeReplica, free_port, serving
+from tests.router_fakes import FakeReplica, free_port, raw_get, serving
 
 # Generous: the fakes answer at once, but the machine running the tests may be busy.
 post = functools.partial(httpx.post, timeout=30)
@@ -323,3 +323,93 @@ def test_a_client_that_leaves_cancels_the_request_on_the_replica(stream: bool) -
                 post(f"{router}/v1/completions", json=body, timeout=0.5)
         assert replica.client_gone.wait(timeout=10), "the replica's request outlived its client"
         wait_until(lambda: router_metrics(router)[f'spindle:router_replica_load{{replica="{urls[0]}"}}'] == 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Malformed requests and paths
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_prefix_key_of_a_prompt_with_a_lone_surrogate() -> None:
+    """JSON's \\ud800 escape parses to a lone surrogate, which has no UTF-8 form: the key still reads the text."""
+    path = "/v1/chat/completions"
+    key = prefix_key(path, chat("\ud800" + SYSTEM, "hi"), 256)
+    assert key is not None and key == prefix_key(path, chat("\ud800" + SYSTEM, "bye"), 256)
+    assert key != prefix_key(path, chat("\udc00" + SYSTEM, "hi"), 256)
+    assert prefix_key("/v1/completions", {"prompt": "a\ud800b"}, 256) is not None
+
+
+UNREADABLE_BODIES = [
+    ("/v1/chat/completions", json.dumps(chat("\ud800", "hi")).encode()),
+    ("/v1/completions", b'{"prompt": "a\\udfffb"}'),
+    ("/v1/completions", b"[" * 30_000 + b"]" * 30_000),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": ' + b"[" * 30_000 + b"]" * 30_000 + b"}]}"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "content"),
+    UNREADABLE_BODIES,
+    ids=["chat-lone-surrogate", "completion-lone-surrogate", "nested-array", "nested-content"],
+)
+def test_a_body_the_router_cannot_read_gets_the_replicas_own_answer(path: str, content: bytes) -> None:
+    replica = FakeReplica("r")
+    with fakes(replica) as urls, router_over(urls) as router:
+        reply = post(f"{router}{path}", content=content, headers={"Content-Type": "application/json"})
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["message"] == "r: malformed JSON body"  # the replica's, passed through
+        assert [record["path"] for record in replica.received] == [path]
+
+
+ESCAPING_PATHS = [
+    "/v1/../metrics",
+    "/v1/%2e%2e/docs",
+    "/v1/..%2fhealth",
+    "/v1/models/../../metrics",
+    "/v1/models/%2E%2E/%2e%2e/docs",
+    "/v1/models/x/..%2F..%2F..%2Fhealth",
+    "/v1/models/./fake",
+    "/v1/chat/completions/../../../openapi.json",
+]
+
+
+def test_a_path_with_dot_segments_is_a_404_and_reaches_no_replica() -> None:
+    replica = FakeReplica("r")
+    with fakes(replica) as urls, router_over(urls) as router:
+        for target in ESCAPING_PATHS:
+            status, body = raw_get(router, target)
+            assert status == 404, (target, body[:200])
+            error = json.loads(body)["error"]
+            assert set(error) == {"message", "type", "param", "code"}, target
+            assert error["type"] == "not_found_error", target
+        assert replica.received == []
+
+
+def test_a_forwarded_path_reaches_the_replica_as_the_router_matched_it() -> None:
+    """Decoded once, by the router: the replica sees the path the router routed on, never a second decoding."""
+    replica = FakeReplica("r")
+    with fakes(replica) as urls, router_over(urls) as router:
+        for target, seen in [
+            ("/v1/models/org%2Fname", "/v1/models/org/name"),
+            ("/v1/models/a%20b:c", "/v1/models/a b:c"),
+            ("/v1/models/%252e%252e", "/v1/models/%2e%2e"),
+            ("/v1/models/..x/y..", "/v1/models/..x/y.."),
+            ("/v1/models/a%3Fb%23c", "/v1/models/a?b#c"),
+        ]:
+            status, body = raw_get(router, target)
+            assert status == 200, (target, body[:200])
+            assert replica.received[-1]["path"] == seen, target
+            assert json.loads(body)["id"] == seen.removeprefix("/v1/models/"), target
+        status, _ = raw_get(router, "/v1/models?next=/../metrics")
+        assert status == 200 and replica.received[-1]["path"] == "/v1/models"
+
+
+def test_a_header_value_outside_ascii_reaches_the_replica_byte_for_byte() -> None:
+    """HTTP allows bytes past ASCII in a header value (Latin-1 by tradition, UTF-8 in practice): no 500 for them."""
+    replica = FakeReplica("r")
+    with fakes(replica) as urls, router_over(urls) as router:
+        for value in ("Bearer caf\xe9", "Bearer café €".encode()):
+            status, body = raw_get(router, "/v1/models", {"Authorization": value})
+            assert status == 200, (value, body[:200])
+            sent = value if isinstance(value, str) else value.decode("latin-1")  # as the replica's server reads it
+            assert replica.received[-1]["authorization"] == sent

@@ -20,6 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import long_text
+from tests.router_fakes import raw_get
+from tests.test_router import ESCAPING_PATHS, UNREADABLE_BODIES
 
 if TYPE_CHECKING:
     from tests.server_fixtures import Launcher, ServerProcess
@@ -91,6 +93,21 @@ def test_the_router_returns_what_a_replica_returns(replicas: list[ServerProcess]
         httpx.get(f"{routers['prefix']}/v1/models", timeout=REQUEST_TIMEOUT).json()["data"][0]["id"]
         == direct[0]["model"]
     )
+
+
+def test_malformed_requests_get_the_replicas_own_answer(replicas: list[ServerProcess], routers: dict[str, str]) -> None:
+    """A body the router cannot read still goes to a replica, whose 400 the client gets; a path with dot segments
+    goes nowhere (404), where it would otherwise reach a replica's /metrics, /health or /docs."""
+    headers = {"Content-Type": "application/json"}
+    for path, content in UNREADABLE_BODIES:
+        direct = httpx.post(f"{replicas[0].url}{path}", content=content, headers=headers, timeout=REQUEST_TIMEOUT)
+        assert direct.status_code == 400, direct.text
+        for router in routers.values():
+            reply = httpx.post(f"{router}{path}", content=content, headers=headers, timeout=REQUEST_TIMEOUT)
+            assert (reply.status_code, reply.json()) == (400, direct.json())
+    for target in ESCAPING_PATHS:
+        status, body = raw_get(routers["prefix"], target)
+        assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error", (target, body[:200])
 
 
 def prefix_hit_rate(router: str, replicas: list[ServerProcess], systems: list[str]) -> float:

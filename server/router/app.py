@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import signal
+import urllib.parse
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -34,6 +35,15 @@ logger = logging.getLogger("spindle.router")
 # No read timeout: a long generation streams for minutes, and a non-streamed one is silent until it is done.
 _UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
 _CLIENT_CLOSED_REQUEST = 499  # nginx's status for a response nobody is left to read
+# The replicas' API, passed on to a replica. Only these: any other path is the router's own or a 404.
+_FORWARDED_ROUTES = (
+    ("/v1/models", "GET"),
+    ("/v1/models/{model:path}", "GET"),
+    ("/v1/completions", "POST"),
+    ("/v1/chat/completions", "POST"),
+    ("/tokenize", "POST"),
+    ("/detokenize", "POST"),
+)
 
 
 def create_router_app(config: EngineConfig) -> FastAPI:
@@ -83,22 +93,38 @@ def create_router_app(config: EngineConfig) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def forward(request: Request) -> Response:
+        path = request.scope["path"]  # decoded, as the route matched it (request.url.path is re-encoded)
+        if _has_dot_segment(path):
+            return error_response(404, "Not Found: a path with a '.' or '..' segment names no route")
         body = await request.body()
-        path = request.url.path
-        key = prefix_key(path, _json_or_none(body), settings.prefix_chars)
-        target = path + (f"?{request.url.query}" if request.url.query else "")
+        key = _routing_key(path, body, settings.prefix_chars)
+        target = _target(path, request.scope["query_string"])
         upstream = UpstreamRequest(request.method, target, forwarded_headers(request.headers.items()), body)
         return await _unless_disconnected(request, proxy.forward(upstream, policy.order(pool.healthy(), key)))
 
-    for path, methods in (("/v1/{rest:path}", ["GET", "POST"]), ("/tokenize", ["POST"]), ("/detokenize", ["POST"])):
-        app.add_api_route(path, forward, methods=methods, include_in_schema=False)
+    for path, method in _FORWARDED_ROUTES:
+        app.add_api_route(path, forward, methods=[method], include_in_schema=False)
     return app
 
 
-def _json_or_none(body: bytes) -> Any:
+def _has_dot_segment(path: str) -> bool:
+    """Whether ``path`` (decoded: "%2e%2e" and "..%2f" count) would lose segments to normalisation, as httpx
+    normalises every URL it sends: "/v1/models/../../metrics" would reach the replica's /metrics."""
+    return any(segment in (".", "..") for segment in path.split("/"))
+
+
+def _target(path: str, query_string: bytes) -> str:
+    """The matched ``path``, percent-encoded again so that the replica decodes it to the same path (a "%252e" the
+    router decoded to "%2e" must not reach the replica as "."), with the query string as the client sent it."""
+    target = urllib.parse.quote(path, safe="/")
+    return f"{target}?{query_string.decode('latin-1')}" if query_string else target
+
+
+def _routing_key(path: str, body: bytes, prefix_chars: int) -> bytes | None:
+    """The request's prefix key; None for a body the router cannot parse (the replica answers that with a 400)."""
     try:
-        return json.loads(body) if body else None
-    except ValueError:  # malformed: the replica answers it with a 400
+        return prefix_key(path, json.loads(body) if body else None, prefix_chars)
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python parses
         return None
 
 

@@ -41,7 +41,10 @@ def prefix_key(path: str, body: Any, prefix_chars: int) -> bytes | None:
         else:
             return None
     # The whole body's other fields (model, sampling) do not enter the prompt, so they do not enter the key.
-    return hashlib.blake2b(text[:prefix_chars].encode(), digest_size=16).digest() if text else None
+    if not text:
+        return None
+    # surrogatepass: a lone surrogate (JSON's "\ud800") has no UTF-8 form, yet it still routes; the replica refuses it.
+    return hashlib.blake2b(text[:prefix_chars].encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 class RoutingPolicy(Protocol):

@@ -43,17 +43,21 @@ _DROPPED_HEADERS = frozenset(
         "server",
     }
 )
+# A header's str stands for its bytes one for one, as Starlette reads them: a value past ASCII, which HTTP allows,
+# passes through unchanged (httpx would encode str as ASCII, and fail on it).
+_HEADER_ENCODING = "latin-1"
 
 
 def forwarded_headers(headers: httpx.Headers | list[tuple[str, str]] | dict[str, str]) -> dict[str, str]:
     """End-to-end headers (Authorization among them) to pass on, in either direction."""
-    return {name: value for name, value in httpx.Headers(headers).items() if name.lower() not in _DROPPED_HEADERS}
+    kept = httpx.Headers(headers, encoding=_HEADER_ENCODING).items()
+    return {name: value for name, value in kept if name.lower() not in _DROPPED_HEADERS}
 
 
 @dataclass(frozen=True)
 class UpstreamRequest:
     method: str
-    path: str  # with the query string
+    path: str  # percent-encoded, without dot segments (httpx would drop them), with the query string
     headers: dict[str, str]
     body: bytes
 
@@ -106,7 +110,10 @@ class Proxy:
         try:
             upstream = await self.client.send(
                 self.client.build_request(
-                    request.method, replica.url + request.path, headers=request.headers, content=request.body
+                    request.method,
+                    replica.url + request.path,
+                    headers=httpx.Headers(request.headers, encoding=_HEADER_ENCODING),
+                    content=request.body,
                 ),
                 stream=True,
             )
