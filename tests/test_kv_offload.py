@@ -8,8 +8,10 @@ instance over the same directory (a restart) too, and damaged files are rejected
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from engine import model_setup
 from engine.config import build_config
 from engine.errors import ConfigError
 from engine.kv_cache import KVCacheLayout
-from engine.kv_offload import BlockBytes, DiskPrefixStore, DiskStoreCounters, SwapCounters
+from engine.kv_offload import BlockBytes, DiskPrefixStore, DiskStoreCounters, SwapCounters, disk_store
 from engine.llm_engine import EngineCounters, LLMEngine
 from engine.loader import ModelSource, open_model
 from engine.models import build_model
@@ -272,6 +274,151 @@ def test_store_is_bounded_least_recently_used_first(tmp_path: Path) -> None:
     reopened = DiskPrefixStore(tmp_path, max_bytes=450, identity=bytes(16), bytes_per_block=100)
     assert reopened.lookup(4) and torch.equal(reopened.payload(4), blocks[4])
     reopened.close()
+
+
+def filled_store(directory: Path, **kwargs) -> DiskPrefixStore:
+    """A store holding blocks 1 to 4 of 100 bytes, each filled with its hash."""
+    store = DiskPrefixStore(directory, max_bytes=10_000, identity=bytes(16), bytes_per_block=100, **kwargs)
+    for h in range(1, 5):
+        store.put(h, torch.full((100,), h, dtype=torch.uint8))
+    store.flush()
+    assert store.num_blocks == 4
+    return store
+
+
+def failing_open(code: int, mode_letter: str, calls: list[str] | None = None) -> Callable[..., object]:
+    """``open`` for the store's module, raising ``code`` for files opened with ``mode_letter`` ("r" or "w")."""
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if mode_letter in mode:
+            if calls is not None:
+                calls.append(str(path))
+            raise OSError(code, os.strerror(code), str(path))
+        return open(path, mode, *args, **kwargs)
+
+    return fake_open
+
+
+def store_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "spindle.kv_offload" and r.levelno >= logging.WARNING]
+
+
+def test_a_block_path_that_is_a_directory_is_a_miss(tmp_path, caplog) -> None:
+    store = filled_store(tmp_path)
+    path = store.directory / f"{1:016x}.kvb"
+    path.unlink()
+    path.mkdir()
+    with caplog.at_level(logging.WARNING, logger="spindle.kv_offload"):
+        assert not store.lookup(1)
+        assert not store.lookup(1)  # forgotten: a plain miss, without reading the path again
+        assert store.lookup(2) and torch.equal(store.payload(2), torch.full((100,), 2, dtype=torch.uint8))
+    assert (store.counters.misses, store.counters.io_errors, store.counters.hits) == (2, 1, 1)
+    (warning,) = store_warnings(caplog)
+    assert "Is a directory" in warning
+    assert store.online
+    store.close()
+
+
+def test_a_read_only_store_is_a_miss_logged_once(tmp_path, caplog, monkeypatch) -> None:
+    store = filled_store(tmp_path)
+
+    def read_only(*args, **kwargs) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(disk_store.os, "utime", read_only)
+    with caplog.at_level(logging.WARNING, logger="spindle.kv_offload"):
+        assert not store.lookup(1)
+        assert not store.lookup(2)
+    assert (store.counters.misses, store.counters.io_errors, store.counters.hits) == (2, 2, 0)
+    (warning,) = store_warnings(caplog)  # once per cause, not once per block
+    assert "Read-only file system" in warning
+    store.close()
+
+
+def test_read_errors_are_misses_logged_once_per_cause(tmp_path, caplog, monkeypatch) -> None:
+    store = filled_store(tmp_path, max_consecutive_errors=10)
+    with caplog.at_level(logging.WARNING, logger="spindle.kv_offload"):
+        monkeypatch.setattr(disk_store, "open", failing_open(errno.EIO, "r"), raising=False)
+        assert not any(store.lookup(h) for h in (1, 2))
+        monkeypatch.setattr(disk_store, "open", failing_open(errno.EACCES, "r"), raising=False)
+        assert not any(store.lookup(h) for h in (3, 4))
+    assert (store.counters.misses, store.counters.io_errors) == (4, 4)
+    warnings = store_warnings(caplog)
+    assert len(warnings) == 2
+    assert "Input/output error" in warnings[0] and "Permission denied" in warnings[1]
+    assert store.online
+    store.close()
+
+
+def test_write_errors_skip_the_block_and_are_logged_once(tmp_path, caplog, monkeypatch) -> None:
+    store = DiskPrefixStore(tmp_path, max_bytes=10_000, identity=bytes(16), bytes_per_block=100)
+    monkeypatch.setattr(disk_store, "open", failing_open(errno.ENOSPC, "w"), raising=False)
+    with caplog.at_level(logging.WARNING, logger="spindle.kv_offload"):
+        for h in (1, 2, 3):
+            store.put(h, torch.full((100,), h, dtype=torch.uint8))
+        store.flush()
+    assert store.num_blocks == 0 and store.counters.written_blocks == 0 and store.counters.io_errors == 3
+    (warning,) = store_warnings(caplog)
+    assert "No space left on device" in warning
+    assert not list(store.directory.iterdir()), "no file, not even a temporary one, is left"
+    store.close()
+
+
+def test_repeated_io_errors_take_the_store_offline(tmp_path, caplog, monkeypatch) -> None:
+    store = filled_store(tmp_path, max_consecutive_errors=3)
+    calls: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="spindle.kv_offload"):
+        monkeypatch.setattr(disk_store, "open", failing_open(errno.EIO, "", calls), raising=False)
+        assert not store.lookup(1) and not store.lookup(2)
+        monkeypatch.undo()
+        assert store.lookup(3), "a success in between: errors in a row start again from zero"
+        store.end_step()
+        monkeypatch.setattr(disk_store, "open", failing_open(errno.EIO, "", calls), raising=False)
+        assert not store.lookup(4)
+        assert store.online
+        for h in (5, 6):
+            store.put(h, torch.full((100,), h, dtype=torch.uint8))
+        store.flush()
+        assert not store.online
+        monkeypatch.undo()  # the disk works again; the store no longer touches it
+        calls.clear()
+        assert not store.lookup(3) and not store.lookup(4)
+        store.put(7, torch.full((100,), 7, dtype=torch.uint8))
+        store.flush()
+    assert calls == [] and not (store.directory / f"{7:016x}.kvb").exists()
+    assert store.counters.io_errors == 5
+    warnings = store_warnings(caplog)  # the first lookup error, the first write error, going offline
+    assert len(warnings) == 3
+    assert warnings[0].startswith("prefix store: lookup failed")
+    assert warnings[1].startswith("prefix store: write failed")
+    assert "3 I/O errors in a row" in warnings[2] and "offline" in warnings[2]
+    store.close()
+
+
+def test_the_engine_serves_on_when_the_disk_tier_breaks(
+    source, prompts, uninterrupted, tmp_path, monkeypatch, caplog
+) -> None:
+    first = make_engine(source, 64, kv_disk_dir=str(tmp_path))
+    run(first, [prompts[0]])  # its blocks are on disk now
+    first.close()
+
+    engine = make_engine(source, 64, kv_disk_dir=str(tmp_path))
+    store = engine.offloader.disk_store
+    assert all(h in store for h in prompt_block_hashes(prompts[0]))
+    # The disk fails every read and write from now on (a dead or unmounted device).
+    monkeypatch.setattr(disk_store, "open", failing_open(errno.EIO, ""), raising=False)
+    with caplog.at_level(logging.WARNING, logger="spindle.kv_offload"):
+        assert run(engine, prompts) == uninterrupted
+        store.flush()
+        assert not store.online and store.counters.hits == 0
+        assert store.counters.io_errors == disk_store.MAX_CONSECUTIVE_IO_ERRORS
+        # Prefix lookups fall through to the offline tier now: plain misses, the prompts are computed again.
+        engine.kv_manager.pool.reset_prefix_cache()
+        assert run(engine, prompts) == uninterrupted
+    # One line per failing operation and one for going offline, however many blocks failed.
+    warnings = sorted(w.split(" failed")[0] if " failed" in w else "offline" for w in store_warnings(caplog))
+    assert warnings == ["offline", "prefix store: lookup", "prefix store: write"]
+    engine.close()
 
 
 @pytest.mark.parametrize(

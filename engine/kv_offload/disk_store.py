@@ -14,6 +14,10 @@ checksum; a file that fails (flipped bytes, truncation, another writer's format)
 a miss, so the block is recomputed. CRC-32 detects accidental corruption; the directory itself is trusted. The store
 is bounded in bytes: once past the bound, the least recently used files go (use is kept in file mtimes, so the order
 survives a restart).
+
+The tier is an optimisation, so a failing disk never fails a request: an I/O error on a lookup is a miss, on a write
+the block is not stored, each kind of error is logged once, and MAX_CONSECUTIVE_IO_ERRORS in a row take the store
+offline for the rest of the process (lookups miss without touching the disk, nothing is written).
 """
 
 from __future__ import annotations
@@ -46,12 +50,24 @@ MAX_PENDING_BYTES = 256 * 2**20
 # Verified blocks held for requests that could not be admitted yet, at most.
 MAX_STAGED_BYTES = 256 * 2**20
 _STALE_TEMPORARY_SECONDS = 3600
+# I/O errors in a row, with no successful read or write in between, that take the store offline. A failure costs no
+# more than a miss, so tolerating a few is cheap, and a success resets the count, so one unreadable file or a brief
+# hiccup leaves the tier on; a dead, unmounted or read-only disk fails every operation and gets here within a request
+# or two, after which the engine stops copying blocks for a disk that drops them and stops logging about it.
+MAX_CONSECUTIVE_IO_ERRORS = 5
+# What a failed file operation means for the block, for its warning.
+_CONSEQUENCES = {
+    "lookup": "counted as a miss, the block is recomputed",
+    "write": "the block is not stored",
+    "delete": "the file is left in place",
+}
 
 
 @dataclass
 class DiskStoreCounters:
     """Cumulative: blocks served from disk and bytes read, lookups that found nothing usable, blocks and bytes
-    written, corrupt files rejected, blocks not stored because the writer was behind; and the bytes stored now."""
+    written, corrupt files rejected, blocks not stored because the writer was behind, failed file operations; and
+    the bytes stored now."""
 
     hits: int = 0
     misses: int = 0
@@ -60,6 +76,7 @@ class DiskStoreCounters:
     written_bytes: int = 0
     corrupt_files: int = 0
     dropped_writes: int = 0
+    io_errors: int = 0
     stored_bytes: int = 0  # now, not cumulative: the files in the store
 
 
@@ -67,7 +84,14 @@ class DiskPrefixStore:
     """The store over one directory; ``lookup`` / ``payload`` / ``end_step`` run on the engine thread, files are
     written on the store's own thread."""
 
-    def __init__(self, directory: str | Path, max_bytes: int, identity: bytes, bytes_per_block: int) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        max_bytes: int,
+        identity: bytes,
+        bytes_per_block: int,
+        max_consecutive_errors: int = MAX_CONSECUTIVE_IO_ERRORS,
+    ) -> None:
         if len(identity) != 16:
             raise ValueError("identity must be a 16-byte digest")
         self.directory = Path(directory) / identity.hex()
@@ -83,6 +107,10 @@ class DiskPrefixStore:
         self._pending: set[int] = set()
         self._pending_bytes = 0
         self._queue: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue()
+        self._max_consecutive_errors = max_consecutive_errors
+        self._consecutive_errors = 0
+        self._logged_errors: set[tuple[str, int | str]] = set()  # (operation, errno or exception name)
+        self._online = True
         self._scan()
         self._writer = threading.Thread(target=self._write_loop, name="spindle-kv-disk-writer", daemon=True)
         self._writer.start()
@@ -95,9 +123,17 @@ class DiskPrefixStore:
     def __contains__(self, block_hash: int) -> bool:
         return block_hash in self._index
 
+    @property
+    def online(self) -> bool:
+        """False once repeated I/O errors took the store offline: lookups miss and blocks are not stored."""
+        return self._online
+
     # ------------------------------------------------------------------ engine thread
     def lookup(self, block_hash: int) -> bool:
         """Read and verify the block's file, and keep its payload for ``payload`` (see ``end_step``)."""
+        if not self._online:
+            self.counters.misses += 1
+            return False
         if block_hash in self._staged:
             return True
         with self._lock:
@@ -109,13 +145,18 @@ class DiskPrefixStore:
             return False
         path = self._path(block_hash)
         try:
-            with open(path, "rb") as file:
-                data = bytearray(os.fstat(file.fileno()).st_size)
-                file.readinto(data)
-            os.utime(path)
+            data = self._read(path)
         except FileNotFoundError:  # evicted by the writer thread since the index was read
             self.counters.misses += 1
             return False
+        except OSError as exc:
+            # Forgotten, so a request waiting for admission does not hit the same error every step; a new write of
+            # the block replaces the file.
+            self._forget(block_hash)
+            self.counters.misses += 1
+            self._io_error("lookup", exc)
+            return False
+        self._io_succeeded()
         problem = self._check(block_hash, data)
         if problem is not None:
             logger.warning("prefix store: %s is corrupt (%s); deleted, the block will be recomputed", path, problem)
@@ -141,12 +182,13 @@ class DiskPrefixStore:
         for block_hash in self._loaded:
             self._staged.pop(block_hash, None)
         self._loaded.clear()
-        if len(self._staged) * self.bytes_per_block > MAX_STAGED_BYTES:
+        if not self._online or len(self._staged) * self.bytes_per_block > MAX_STAGED_BYTES:
             self._staged.clear()
 
     def put(self, block_hash: int, payload: torch.Tensor) -> None:
-        """Queue a block for writing unless it is stored or queued already; ``payload`` must not change after."""
-        if block_hash in self._index or block_hash in self._pending:
+        """Queue a block for writing unless it is stored or queued already, or the store is offline; ``payload`` must
+        not change after."""
+        if not self._online or block_hash in self._index or block_hash in self._pending:
             return
         if self._pending_bytes + payload.numel() > MAX_PENDING_BYTES:
             self.counters.dropped_writes += 1
@@ -169,6 +211,54 @@ class DiskPrefixStore:
     # ------------------------------------------------------------------ files
     def _path(self, block_hash: int) -> Path:
         return self.directory / f"{block_hash:016x}{_SUFFIX}"
+
+    @staticmethod
+    def _read(path: Path) -> bytearray:
+        """The file's bytes; marks it used (its mtime orders eviction)."""
+        with open(path, "rb") as file:
+            data = bytearray(os.fstat(file.fileno()).st_size)
+            file.readinto(data)
+        os.utime(path)
+        return data
+
+    def _io_succeeded(self) -> None:
+        with self._lock:
+            self._consecutive_errors = 0
+
+    def _io_error(self, operation: str, exc: OSError) -> None:
+        """Count a failed file operation (any thread): logged once per operation and kind of error, and
+        MAX_CONSECUTIVE_IO_ERRORS in a row take the store offline."""
+        cause = (operation, exc.errno if exc.errno is not None else type(exc).__name__)
+        with self._lock:
+            self.counters.io_errors += 1
+            self._consecutive_errors += 1
+            in_a_row = self._consecutive_errors
+            first_of_its_kind = cause not in self._logged_errors
+            self._logged_errors.add(cause)
+            going_offline = self._online and in_a_row >= self._max_consecutive_errors
+            if going_offline:
+                self._online = False
+        if first_of_its_kind:
+            logger.warning(
+                "prefix store: %s failed in %s: %s; %s (logged once per kind of error)",
+                operation,
+                self.directory,
+                exc,
+                _CONSEQUENCES[operation],
+            )
+        if going_offline:
+            logger.warning(
+                "prefix store: %d I/O errors in a row; the disk tier in %s is offline until restart, prefixes are "
+                "recomputed",
+                in_a_row,
+                self.directory,
+            )
+
+    def _unlink(self, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            self._io_error("delete", exc)
 
     def _check(self, block_hash: int, data: bytearray) -> str | None:
         """Why the file's bytes cannot be served as the block, or None if they can."""
@@ -205,12 +295,16 @@ class DiskPrefixStore:
                     path.unlink()
         self._evict_over_bound()
 
-    def _remove(self, block_hash: int) -> None:
+    def _forget(self, block_hash: int) -> None:
+        """Drop the block from the index (its file, if any, stays)."""
         with self._lock:
             size = self._index.pop(block_hash, None)
             if size is not None:
                 self.counters.stored_bytes -= size
-        self._path(block_hash).unlink(missing_ok=True)
+
+    def _remove(self, block_hash: int) -> None:
+        self._forget(block_hash)
+        self._unlink(self._path(block_hash))
 
     def _evict_over_bound(self) -> None:
         while True:
@@ -219,7 +313,7 @@ class DiskPrefixStore:
                     return
                 block_hash, size = self._index.popitem(last=False)
                 self.counters.stored_bytes -= size
-            self._path(block_hash).unlink(missing_ok=True)
+            self._unlink(self._path(block_hash))
 
     # ------------------------------------------------------------------ writer thread
     def _write_loop(self) -> None:
@@ -228,9 +322,10 @@ class DiskPrefixStore:
             try:
                 if item is None:
                     return
-                self._write(*item)
+                if self._online:  # else drained unwritten
+                    self._write(*item)
             except OSError as exc:  # a full or read-only disk: the block is simply not stored
-                logger.warning("prefix store: cannot write a block to %s: %s", self.directory, exc)
+                self._io_error("write", exc)
             finally:
                 if item is not None:
                     with self._lock:
@@ -249,10 +344,12 @@ class DiskPrefixStore:
                 file.write(data)
             os.replace(temporary, path)
         except OSError:
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the original error is the one to report
+                temporary.unlink(missing_ok=True)
             raise
         size = len(header) + len(data)
         with self._lock:
+            self._consecutive_errors = 0
             self._index[block_hash] = size
             self.counters.stored_bytes += size
         self.counters.written_blocks += 1

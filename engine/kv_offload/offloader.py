@@ -66,6 +66,8 @@ class KVOffloader:
         if store is None:
             return
         store.end_step()
+        if not store.online:  # it would not store them: skip the copies
+            return
         new = [(block_id, block_hash) for block_id, block_hash in registered if block_hash not in store]
         if new:
             rows = self.blocks.gather([block_id for block_id, _ in new])
