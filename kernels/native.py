@@ -41,13 +41,17 @@ SOURCES = (
     "cpu_layer_ops.cpp",
     "cpu_linear.cpp",
     "cpu_linear_f32.cpp",
+    "cpu_linear_q8.cpp",
     "cpu_decode_layers.cpp",
 )
 LIBRARY_NAME = "spindle_cpu_kernels"
 # -Wno-psabi: the kernels pass 64-byte vectors between their own inline functions, whose ABI note is irrelevant here.
 FLAGS = ("-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)  # instantiated in the kernel source
-DTYPE_SUFFIXES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}  # entry points per type
+# The 4-bit kernel that takes fp32 activations and quantizes them to int8 per group of 32 channels inside
+# (cpu_linear_q8.cpp: lossy, faster) is named by this activation "type"; it reads and writes fp32.
+INT8_ACTIVATIONS = torch.int8
+DTYPE_SUFFIXES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", INT8_ACTIVATIONS: "q8"}
 _POINTER, _INT, _INT64, _FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _LINEAR = [_POINTER] * 3 + [_INT64] * 3 + [_INT]  # x, packed weight, out, rows, out and in features, threads
 
@@ -56,8 +60,8 @@ def _for(dtypes: tuple[torch.dtype, ...], argtypes: list[Any]) -> dict[torch.dty
     return dict.fromkeys(dtypes, argtypes)
 
 
-_ALL_DTYPES = tuple(DTYPE_SUFFIXES)
-_BF16, _F32 = (torch.bfloat16,), (torch.float32,)
+_ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BF16, _F32, _Q8 = (torch.bfloat16,), (torch.float32,), (INT8_ACTIVATIONS,)
 _SIGNATURES = {  # entry point prefix -> (restype, {dtype it has an entry for: argtypes})
     "spindle_decode_attention": (ctypes.c_bool, _for(_ALL_DTYPES, [_POINTER] * 7 + [_INT] * 6 + [_FLOAT, _INT])),
     "spindle_prompt_attention": (
@@ -69,12 +73,13 @@ _SIGNATURES = {  # entry point prefix -> (restype, {dtype it has an entry for: a
     "spindle_rotary": (None, _for(_ALL_DTYPES, [_POINTER, _INT64] + [_POINTER] * 4 + [_INT64, _INT, _INT, _INT])),
     "spindle_amx_pack": (None, _for(_BF16, [_POINTER, _POINTER, _INT64, _INT64])),
     "spindle_amx_linear": (ctypes.c_bool, _for(_BF16, _LINEAR)),
-    # 4- and 8-bit weights: a layout per activation dtype (bf16: cpu_linear.cpp, fp32: cpu_linear_f32.cpp)
-    "spindle_pack_int4": (None, _for(_BF16 + _F32, [_POINTER] * 4 + [_INT64] * 2)),
+    # 4- and 8-bit weights: a layout per activation dtype (bf16: cpu_linear.cpp, fp32: cpu_linear_f32.cpp, int8:
+    # cpu_linear_q8.cpp)
+    "spindle_pack_int4": (None, _for(_BF16 + _F32 + _Q8, [_POINTER] * 4 + [_INT64] * 2)),
     "spindle_pack_int8": (None, _for(_BF16 + _F32, [_POINTER] * 3 + [_INT64] * 2)),
     "spindle_linear_int8": (ctypes.c_bool, _for(_BF16 + _F32, _LINEAR)),
-    "spindle_linear_int4": (ctypes.c_bool, {torch.bfloat16: [*_LINEAR, ctypes.c_bool], torch.float32: _LINEAR}),
-    "spindle_decode_layers": (ctypes.c_bool, _for(_BF16 + _F32, [_POINTER] * 9 + [_INT64, _INT])),
+    "spindle_linear_int4": (ctypes.c_bool, {torch.bfloat16: [*_LINEAR, ctypes.c_bool]} | _for(_F32 + _Q8, _LINEAR)),
+    "spindle_decode_layers": (ctypes.c_bool, _for(_BF16 + _F32 + _Q8, [_POINTER] * 9 + [_INT64, _INT])),
 }
 AMX_BLOCK = 32  # the AMX and 4-bit linear kernels' weights: both dimensions a multiple of this (4-bit groups too)
 INT4_BYTES_PER_GROUP = 20  # the 4-bit layout: 32 levels of 4 bits, an fp16 scale and an fp16 minimum
@@ -136,7 +141,8 @@ class NativeKernels:
     has_amx: bool  # the AMX-BF16 linear kernel is built for this CPU and the process may use the tiles
     has_prompt_attention: bool  # the bf16 prompt attention kernel is built for this CPU (AVX512-BF16)
     # The activation dtypes the 4- and 8-bit linear kernels take here: fp32 everywhere; bf16 where the library is
-    # built for AVX512-BF16 (the 4-bit one on AMX tiles too where there are any)
+    # built for AVX512-BF16 (the 4-bit one on AMX tiles too where there are any); INT8_ACTIVATIONS (4-bit only)
+    # everywhere
     quantized_linear_dtypes: frozenset[torch.dtype]
 
     def decode_attention(
@@ -288,14 +294,17 @@ class NativeKernels:
         cos: torch.Tensor,
         sin: torch.Tensor,
         slots: torch.Tensor,
+        activations: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Every decoder layer of a decode step, then the final norm: ``residual`` [rows, hidden] holds the step's
         embeddings and is left holding the residual stream; returns the final norm's output. ``layer_table`` int64
         [layers, DECODER_LAYER_FIELDS] holds each layer's tensors' addresses (norm weights, 4-bit projections, bf16
         K/V caches, in the order cpu_decode_layers.cpp names), which the caller keeps alive; each row's K/V goes to
-        its flat cache slot in ``slots`` (int64 [rows]). Everything bf16 but the tables."""
+        its flat cache slot in ``slots`` (int64 [rows]). Everything of the residual's dtype but the tables; the
+        projections are packed for ``activations`` (default: that dtype; INT8_ACTIVATIONS with fp32)."""
         rows = residual.shape[0]
-        if residual.dtype not in self.quantized_linear_dtypes:
+        activations = _activations_of(residual, activations)
+        if activations not in self.quantized_linear_dtypes:
             raise ValueError(f"the native kernels have no 4-bit linear kernel for {residual.dtype} on this CPU")
         if layer_table.dtype != torch.int64 or layer_table.shape != (shape.layers, DECODER_LAYER_FIELDS):
             raise ValueError(f"a decoder layer table is int64 [{shape.layers}, {DECODER_LAYER_FIELDS}]")
@@ -310,7 +319,7 @@ class NativeKernels:
             tables.data_ptr(), batch.context_lens.data_ptr(), batch.row_counts.data_ptr(), *tables.shape
         )
         output = torch.empty_like(residual)
-        handled = self._entry("spindle_decode_layers", residual.dtype)(
+        handled = self._entry("spindle_decode_layers", activations)(
             layer_table.data_ptr(),
             ctypes.byref(shape),
             ctypes.byref(batch_args),
@@ -385,17 +394,31 @@ class NativeKernels:
         return self._linear_call("spindle_amx_linear", kernel, x, packed, torch.bfloat16, packed_elements, out_features)
 
     def linear_int4(
-        self, x: torch.Tensor, packed: torch.Tensor, out_features: int, use_tiles: bool = True
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        out_features: int,
+        use_tiles: bool = True,
+        activations: torch.dtype | None = None,
     ) -> torch.Tensor:
         """``x @ W.T`` for ``x`` [rows, in] (bf16 or fp32, contiguous) and W [out_features, in] packed by pack_int4
-        for x's dtype: in bf16 on the AMX tiles where there are any, unless ``use_tiles`` is False, else on the
-        vector units."""
+        for ``activations`` (default: x's dtype; INT8_ACTIVATIONS with fp32 x): in bf16 on the AMX tiles where there
+        are any, unless ``use_tiles`` is False, else on the vector units."""
+        activations = _activations_of(x, activations)
         groups = out_features * x.shape[-1] // AMX_BLOCK
         packed_bytes = groups * INT4_BYTES_PER_GROUP
-        kernel = (x.dtype in self.quantized_linear_dtypes, "4-bit")
+        kernel = (activations in self.quantized_linear_dtypes, "4-bit")
         options = (use_tiles,) if x.dtype == torch.bfloat16 else ()
         return self._linear_call(
-            "spindle_linear_int4", kernel, x, packed, torch.uint8, packed_bytes, out_features, *options
+            "spindle_linear_int4",
+            kernel,
+            x,
+            packed,
+            torch.uint8,
+            packed_bytes,
+            out_features,
+            *options,
+            entry=activations,
         )
 
     def _linear_call(
@@ -408,6 +431,7 @@ class NativeKernels:
         packed_elements: int,
         out_features: int,
         *options: bool,  # the entry point's arguments after the thread count
+        entry: torch.dtype | None = None,  # the entry point's activation type, if not x's dtype
     ) -> torch.Tensor:
         # Called for every projection of every step: the checks are kept to what a few attribute reads tell.
         if x.dim() != 2:
@@ -426,7 +450,7 @@ class NativeKernels:
         ):
             raise ValueError(f"a packed weight of {packed.numel()} elements is not [{out_features}, {in_features}]")
         output = torch.empty((rows, out_features), dtype=x.dtype)
-        handled = self._entry(prefix, x.dtype)(
+        handled = self._entry(prefix, entry or x.dtype)(
             x.data_ptr(),
             packed.data_ptr(),
             output.data_ptr(),
@@ -453,6 +477,17 @@ class NativeKernels:
             dtypes = ", ".join(str(known) for name, known in self.entries if name == prefix)
             raise ValueError(f"{prefix} takes {dtypes}, not {dtype}")
         return entry
+
+
+def _activations_of(x: torch.Tensor, activations: torch.dtype | None) -> torch.dtype:
+    """The kernels' activation type for ``x``: its dtype, or INT8_ACTIVATIONS, which takes fp32."""
+    if activations is None:
+        return x.dtype
+    if activations == INT8_ACTIVATIONS and x.dtype != torch.float32:
+        raise ValueError(f"the int8-activation kernels take fp32 activations, not {x.dtype}")
+    if activations not in (INT8_ACTIVATIONS, x.dtype):
+        raise ValueError(f"weights packed for {activations} activations cannot multiply {x.dtype} ones")
+    return activations
 
 
 def _check_rows(first: torch.Tensor, *others: torch.Tensor) -> None:
@@ -568,7 +603,8 @@ def _load_once() -> NativeKernels | NativeKernelsUnavailable:
     library.spindle_quantized_linear_enable.restype = ctypes.c_bool
     has_amx = bool(library.spindle_amx_enable())
     has_prompt_attention = bool(library.spindle_prompt_attention_enable())
-    quantized = frozenset({torch.float32, *((torch.bfloat16,) if library.spindle_quantized_linear_enable() else ())})
+    bf16 = (torch.bfloat16,) if library.spindle_quantized_linear_enable() else ()
+    quantized = frozenset({torch.float32, INT8_ACTIVATIONS, *bf16})
     profile = cpu_profile()
     logger.info(
         "native CPU kernels (%s): AMX linear %s, bf16 prompt attention %s, 4/8-bit linear for %s",

@@ -6,8 +6,8 @@
 // allocator work on top of the kernel's own: the step took 5.7 ms, 3.1 in one call. Here the step's scratch rows
 // are allocated once and the layers run back to back.
 //
-// In bf16 the weights are the 4-bit copies of kernels/csrc/cpu_linear.cpp, in fp32 those of cpu_linear_f32.cpp; the
-// K/V caches are plain blocks of the activations' type.
+// In bf16 the weights are the 4-bit copies of kernels/csrc/cpu_linear.cpp, in fp32 those of cpu_linear_f32.cpp (or,
+// with int8-quantized activations, of cpu_linear_q8.cpp); the K/V caches are plain blocks of the activations' type.
 
 #include <cstdint>
 #include <cstring>
@@ -32,6 +32,8 @@ bool spindle_linear_int4_bf16(const uint16_t* x, const uint8_t* packed, uint16_t
                               int64_t out_features, int64_t in_features, int threads, bool use_tiles);
 bool spindle_linear_int4_f32(const float* x, const uint8_t* packed, float* out, int64_t rows, int64_t out_features,
                              int64_t in_features, int threads);
+bool spindle_linear_int4_q8(const float* x, const uint8_t* packed, float* out, int64_t rows, int64_t out_features,
+                            int64_t in_features, int threads);
 }
 
 namespace {
@@ -79,6 +81,10 @@ struct F32Kernels {
     static constexpr auto rotary = spindle_rotary_f32;
     static constexpr auto decode_attention = spindle_decode_attention_f32;
     static constexpr auto linear_int4 = spindle_linear_int4_f32;
+};
+// fp32 activations, quantized to int8 inside each projection (cpu_linear_q8.cpp)
+struct Q8Kernels : F32Kernels {
+    static constexpr auto linear_int4 = spindle_linear_int4_q8;
 };
 
 template <typename Kernels>
@@ -147,4 +153,11 @@ extern "C" bool spindle_decode_layers_f32(const int64_t* layer_table, const Spin
                                           int64_t rows, int threads) {
     return decode_layers<F32Kernels>(layer_table, shape, batch, final_norm, residual, out, cos, sin, slots, rows,
                                      threads);
+}
+extern "C" bool spindle_decode_layers_q8(const int64_t* layer_table, const SpindleDecoderShape* shape,
+                                         const SpindleDecodeBatch* batch, const void* final_norm, float* residual,
+                                         float* out, const float* cos, const float* sin, const int64_t* slots,
+                                         int64_t rows, int threads) {
+    return decode_layers<Q8Kernels>(layer_table, shape, batch, final_norm, residual, out, cos, sin, slots, rows,
+                                    threads);
 }

@@ -14,6 +14,10 @@ void spindle_pack_int4_f32(const uint8_t* levels, const uint16_t* scales, const 
                            int64_t out_features, int64_t in_features);
 bool spindle_linear_int4_f32(const float* x, const uint8_t* packed, float* out, int64_t rows, int64_t out_features,
                              int64_t in_features, int threads);
+void spindle_pack_int4_q8(const uint8_t* levels, const uint16_t* scales, const uint16_t* minimums, uint8_t* packed,
+                          int64_t out_features, int64_t in_features);
+bool spindle_linear_int4_q8(const float* x, const uint8_t* packed, float* out, int64_t rows, int64_t out_features,
+                            int64_t in_features, int threads);
 void spindle_pack_int8_f32(const int8_t* values, const uint16_t* scales, uint8_t* packed, int64_t out_features,
                            int64_t in_features);
 bool spindle_linear_int8_f32(const float* x, const uint8_t* packed, float* out, int64_t rows, int64_t out_features,
@@ -72,23 +76,33 @@ void check_linear(int rows, int out_features, int in_features) {
     std::vector<uint8_t> packed4(out_features * in_features * 5 / 8), packed8(out_features * in_features * 17 / 16);
     spindle_pack_int4_f32(levels.data(), scales.data(), minimums.data(), packed4.data(), out_features, in_features);
     spindle_pack_int8_f32(values.data(), scales.data(), packed8.data(), out_features, in_features);
+    std::vector<uint8_t> packed_q8(packed4.size());
+    spindle_pack_int4_q8(levels.data(), scales.data(), minimums.data(), packed_q8.data(), out_features, in_features);
     const std::vector<float> x = normal(rows * in_features);
-    std::vector<float> out4(rows * out_features), out8(rows * out_features);
+    // Integers up to 127 with 127 in every group of 32 are their own int8 quantization: the int8-activation kernel's
+    // result is then the exact product too.
+    std::vector<float> grid(rows * in_features);
+    for (int i = 0; i < rows * in_features; ++i) grid[i] = i % 32 ? static_cast<float>(value(random_engine)) : 127.0f;
+    std::vector<float> out4(rows * out_features), out8(rows * out_features), out_q8(rows * out_features);
     spindle_linear_int4_f32(x.data(), packed4.data(), out4.data(), rows, out_features, in_features, 2);
     spindle_linear_int8_f32(x.data(), packed8.data(), out8.data(), rows, out_features, in_features, 2);
+    spindle_linear_int4_q8(grid.data(), packed_q8.data(), out_q8.data(), rows, out_features, in_features, 2);
     for (int r = 0; r < rows; ++r)
         for (int n = 0; n < out_features; ++n) {
-            double sum4 = 0, sum8 = 0, magnitude4 = 0, magnitude8 = 0;
+            double sum4 = 0, sum8 = 0, sum_q8 = 0, magnitude4 = 0, magnitude8 = 0, magnitude_q8 = 0;
             for (int k = 0; k < in_features; ++k) {
                 const int g = n * groups + k / 32;
                 const double w4 = levels[n * in_features + k] * scale[g] + minimum[g];
                 const double w8 = values[n * in_features + k] * scale[g];
-                const double xk = x[r * in_features + k];
+                const double xk = x[r * in_features + k], gk = grid[r * in_features + k];
                 sum4 += xk * w4, sum8 += xk * w8, magnitude4 += std::fabs(xk * w4), magnitude8 += std::fabs(xk * w8);
+                sum_q8 += gk * w4, magnitude_q8 += std::fabs(gk * w4);
             }
             const double got4 = out4[r * out_features + n], got8 = out8[r * out_features + n];
+            const double got_q8 = out_q8[r * out_features + n];
             check(std::fabs(got4 - sum4) <= magnitude4 * 1e-6, "linear_int4_f32", got4, sum4);
             check(std::fabs(got8 - sum8) <= magnitude8 * 1e-6, "linear_int8_f32", got8, sum8);
+            check(std::fabs(got_q8 - sum_q8) <= magnitude_q8 * 1e-6, "linear_int4_q8", got_q8, sum_q8);
         }
 }
 
