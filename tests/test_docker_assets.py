@@ -536,6 +536,18 @@ def test_build_context_holds_the_package(dockerfile: list[tuple[str, str]]) -> N
     assert copies == [". ."], f"expected the context copied whole (what it holds is checked above): {copies}"
 
 
+def test_the_installed_package_carries_every_kernel_source() -> None:
+    """A non-editable install (the image's) compiles the native kernels from its own copy of kernels/csrc: every
+    source and header there must be package data."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["kernels"]
+    sources = [path.relative_to(REPO / "kernels") for path in (REPO / "kernels" / "csrc").iterdir()]
+    assert any(path.suffix == ".h" for path in sources)
+    missing = [str(path) for path in sources if not any(path.match(pattern) for pattern in patterns)]
+    assert not missing, f"not shipped with the package: {missing}"
+
+
 def _serve_flags() -> set[str]:
     """The flags `spindle serve --help` lists."""
     from server.cli import build_parser
