@@ -12,7 +12,7 @@ import torch
 
 from engine.config import AUTO_DTYPE, ModelConfig
 from kernels.cpu_profile import cpu_profile
-from kernels.native import NativeKernelsUnavailable, load_native_kernels
+from kernels.native import INT8_ACTIVATIONS, NativeKernelsUnavailable, load_native_kernels
 
 
 def _yes(flag: bool) -> str:
@@ -47,7 +47,10 @@ def capability_report() -> list[tuple[str, str]]:
         kernels = load_native_kernels()
     except NativeKernelsUnavailable as exc:
         return [*report, ("native kernels", f"unavailable, PyTorch's CPU paths serve instead: {exc}")]
-    dtypes = " and ".join(sorted(str(dtype).removeprefix("torch.") for dtype in kernels.quantized_linear_dtypes))
+    names = {INT8_ACTIVATIONS: "fp32 quantized to int8 (4-bit; --activation-quantization int8)"}
+    dtypes = " and ".join(
+        sorted(names.get(dtype, str(dtype).removeprefix("torch.")) for dtype in kernels.quantized_linear_dtypes)
+    )
     return [
         *report,
         ("native kernels", "built"),

@@ -28,7 +28,7 @@ from engine.kv_cache import KV_CACHE_BITS
 from engine.kv_policy import EvictionPolicy, PageSelectionPolicy, build_eviction_policy, build_page_selection
 from kernels.cpu_profile import CpuProfileError, cpu_profile
 from kernels.kv_codecs import CodecSettings
-from kernels.native import native_quantized_kernels
+from kernels.native import INT8_ACTIVATIONS, native_quantized_kernels
 from scheduler.config import SchedulerConfig
 from scheduler.preemption import PREEMPTION_MODES
 
@@ -37,6 +37,7 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO_DTYPE = "auto"  # bfloat16 where the CPU multiplies it in hardware, else float32 (ModelConfig.torch_dtype)
 WEIGHT_QUANTIZATIONS = ("auto", "none", "int4")
+ACTIVATION_QUANTIZATIONS = ("none", "int8")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 
 
@@ -66,6 +67,10 @@ class ModelConfig:
     # kernel stops beating the dense weights (measured: 16 rows for the native kernel on AMX tiles, 48 on AVX512-BF16
     # vectors, 4 for PyTorch's).
     int4_max_rows: int | None = None
+    # none | int8. int8: with float32 activations, the 4-bit copies' native kernel quantizes each row's activations
+    # to int8 per group of 32 channels (scale max|x| / 127, as llama.cpp does) and multiplies in integers: lossy
+    # (greedy tokens may differ from the fp32 model's), faster on CPUs without bf16 dot products. No effect in bf16.
+    activation_quantization: str = "none"
 
     def __post_init__(self) -> None:
         _ = self.torch_dtype  # validates the name now rather than when the model is loaded
@@ -73,6 +78,11 @@ class ModelConfig:
             raise ValueError(
                 f"weight_quantization must be one of {', '.join(WEIGHT_QUANTIZATIONS)}, "
                 f"got {self.weight_quantization!r}"
+            )
+        if self.activation_quantization not in ACTIVATION_QUANTIZATIONS:
+            raise ValueError(
+                f"activation_quantization must be one of {', '.join(ACTIVATION_QUANTIZATIONS)}, "
+                f"got {self.activation_quantization!r}"
             )
         if self.int4_max_rows is not None and self.int4_max_rows < 1:
             raise ValueError(f"int4_max_rows must be >= 1, got {self.int4_max_rows}")
@@ -95,6 +105,13 @@ class ModelConfig:
         if dtype == torch.float32:
             return F32_INT4_MAX_ROWS
         return AMX_INT4_MAX_ROWS if native.has_amx else VECTOR_INT4_MAX_ROWS
+
+    @property
+    def int4_activations(self) -> torch.dtype:
+        """The activation type the 4-bit copies are packed for: the model's dtype, or INT8_ACTIVATIONS (fp32
+        activations quantized inside the kernel)."""
+        dtype = self.torch_dtype
+        return INT8_ACTIVATIONS if self.activation_quantization == "int8" and dtype == torch.float32 else dtype
 
     @property
     def torch_dtype(self) -> torch.dtype:

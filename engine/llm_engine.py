@@ -27,6 +27,7 @@ from engine.spec.draft_length import DraftLengthController
 from engine.spec.draft_model import open_draft_model
 from engine.spec.registry import build_drafter
 from engine.structured.compiler import GrammarCompiler
+from kernels.native import INT8_ACTIVATIONS
 from kernels.page_selecting_backend import PageSelectingBackend
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.output import RequestUpdate, ScheduledRequest, SchedulerOutput, SchedulerStats
@@ -38,6 +39,13 @@ logger = logging.getLogger("spindle.engine")
 # A step is timed for the preemption policy's prefill rate when at least this many of its tokens are prefill.
 _MIN_PREFILL_TOKENS_TIMED = 64
 _WORKER_EXIT_GRACE_SECONDS = 2.0  # after a failed collective, how long a dying worker may take to exit
+
+
+def _describe_int4(rows: int, activations: torch.dtype) -> str:
+    if not rows:
+        return "none"
+    quantized = " with int8-quantized activations" if activations == INT8_ACTIVATIONS else ""
+    return f"steps of up to {rows} tokens{quantized}"
 
 
 @dataclass
@@ -189,7 +197,7 @@ class LLMEngine:
             logger.info("prefix-cache disk tier off: it needs prefix caching")
         int4_rows = config.model.int4_rows(self.source.linear_weights_are_q4_1, self.device)
         self.preemption, self.offloader = build_offload(
-            config.cache, layout, kv_caches, self.source, prefix_caching, int4_rows
+            config.cache, layout, kv_caches, self.source, prefix_caching, int4_rows, config.model.int4_activations
         )
         disk_store = self.offloader.disk_store if self.offloader is not None else None
         self.kv_manager = KVCacheManager(num_blocks, layout.block_size, prefix_caching, disk_store)
@@ -218,7 +226,7 @@ class LLMEngine:
             str(dtype).removeprefix("torch."),
             self.device,
             self.ranks.tp.world_size,
-            f"steps of up to {int4_rows} tokens" if int4_rows else "none",
+            _describe_int4(int4_rows, config.model.int4_activations),
             layout.kv_cache_dtype,
             codecs.describe(),
             num_blocks,

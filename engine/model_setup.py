@@ -78,7 +78,9 @@ def build_runner(
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     int4_rows = config.model.int4_rows(source.linear_weights_are_q4_1, device)
-    model = build_model(source, config.model.torch_dtype, device, progress, tp, int4_rows)
+    model = build_model(
+        source, config.model.torch_dtype, device, progress, tp, int4_rows, config.model.int4_activations
+    )
     model.warm_up(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
     if device.type == "cpu":
         spec = model.spec

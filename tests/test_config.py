@@ -9,6 +9,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
@@ -134,11 +135,27 @@ def test_coercion_from_strings(field: str, text: object, section: str, expected:
         ({"kv_cache_memory": "nan"}, "kv_cache_memory"),
         ({"max_num_seqs": 0}, "max_num_seqs"),
         ({"port": "http"}, "port"),
+        ({"activation_quantization": "int4"}, "activation_quantization"),
     ],
 )
 def test_bad_values_name_the_field(overrides: dict, named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         build_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "activation_quantization", "packed_for"),
+    [
+        ("float32", "int8", torch.int8),
+        ("float32", "none", torch.float32),
+        ("bfloat16", "int8", torch.bfloat16),  # quantizing activations is an fp32 kernel: no effect in bf16
+    ],
+)
+def test_the_4_bit_copies_are_packed_for_int8_activations_only_in_fp32(
+    dtype: str, activation_quantization: str, packed_for: torch.dtype
+) -> None:
+    config = build_config(None, {"dtype": dtype, "activation_quantization": activation_quantization})
+    assert config.model.int4_activations == packed_for
 
 
 @pytest.mark.parametrize(

@@ -21,13 +21,19 @@ def _decoder_or_skip(llm: LLM):
     return decoder
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "int8"], ids=["fp32", "bf16", "fp32-int8-activations"])
 def speculating_llm(request: pytest.FixtureRequest) -> Iterator[LLM]:
-    """Each dtype the decoder has kernels for, with the 4-bit copies (the default), drafting n-grams: decode steps
-    with one row per sequence and verification steps with several."""
+    """Each activation type the decoder has kernels for, with the 4-bit copies (the default), drafting n-grams:
+    decode steps with one row per sequence and verification steps with several."""
     if request.param == "bfloat16" and native_quantized_kernels(torch.bfloat16) is None:
         pytest.skip("this CPU has no AVX512-BF16")
-    overrides = {"dtype": request.param, "speculative_method": "ngram", "speculative_max_batch_size": None}
+    dtype, activations = ("float32", "int8") if request.param == "int8" else (request.param, "none")
+    overrides = {
+        "dtype": dtype,
+        "activation_quantization": activations,
+        "speculative_method": "ngram",
+        "speculative_max_batch_size": None,
+    }
     llm = LLM(config=build_config(None, overrides))
     yield llm
     llm.close()

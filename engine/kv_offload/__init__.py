@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from engine.config import CacheConfig
 from engine.errors import ConfigError
 from engine.kv_cache import KVCacheLayout
@@ -38,12 +40,14 @@ def build_offload(
     source: ModelSource,
     prefix_caching: bool,
     int4_rows: int,
+    int4_activations: torch.dtype,
 ) -> tuple[PreemptionPolicy, KVOffloader | None]:
     """The preemption policy for the scheduler, and the offloader when a tier is configured (else None).
 
     The disk tier needs prefix caching (its blocks are found by prefix hash): without it none is opened. Its
     identity covers what decides the stored K/V bits, including ``int4_rows`` (steps of up to that many tokens run
-    on the 4-bit weight copies; 0: none), since short prefill chunks then compute their K/V from other weights.
+    on the 4-bit weight copies; 0: none) and what those are packed for (``int4_activations``: int8-quantized
+    activations change the K/V too), since short prefill chunks then compute their K/V from other weights.
     """
     swap_file = None
     swap_space = None
@@ -68,6 +72,7 @@ def build_offload(
                     "kv_cache_dtype": layout.kv_cache_dtype,
                     "block_size": layout.block_size,
                     "int4_rows": int4_rows,
+                    "int4_activations": str(int4_activations) if int4_rows else "none",
                 },
                 _model_files(source),
             )

@@ -19,12 +19,14 @@ def build_model(
     progress: bool = True,
     tp: TensorParallelGroup | None = None,
     int4_max_rows: int = 0,
+    int4_activations: torch.dtype | None = None,
 ) -> LlamaForCausalLM:
     """Build the architecture (``tp``'s shard of it) without initialising weights (on "meta"), then fill it from the
     model files.
 
     ``int4_max_rows`` > 0 adds 4-bit copies of the decoder's projections for steps of up to that many rows; the
-    weights are then read in fp32 so that the copies start from the exact values."""
+    weights are then read in fp32 so that the copies start from the exact values; they are packed for
+    ``int4_activations`` (default: ``dtype``; kernels.native.INT8_ACTIVATIONS to quantize fp32 activations)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(source.spec, tp)
     model = model.to_empty(device=device).to(dtype)
@@ -34,7 +36,7 @@ def build_model(
         if isinstance(module, RotaryEmbedding):
             module.reset_tables()
     load_dtype = torch.float32 if int4_max_rows else dtype
-    model.load_weights(source.iter_weights(load_dtype, progress), int4_max_rows)
+    model.load_weights(source.iter_weights(load_dtype, progress), int4_max_rows, int4_activations)
     for module in model.modules():
         if isinstance(module, BucketedLinear):
             module.pack()

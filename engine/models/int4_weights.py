@@ -11,6 +11,8 @@ Two kernels multiply it:
     the dense weights up to 16 rows on AMX, about 64 on the vector units.
   - fp32 on any CPU (kernels/csrc/cpu_linear_f32.cpp): each weight rebuilt in fp32 exactly as the file's reader
     dequantizes it, so the products are those of an fp32 model of the dequantized weights.
+  - fp32 quantized to int8 per group inside the kernel (``INT8_ACTIVATIONS``, kernels/csrc/cpu_linear_q8.cpp, with
+    ``activation_quantization: int8``): integer dot products of the levels, lossy and faster.
 - ``TorchInt4Weight``: PyTorch's CPU kernel ``_weight_int4pack_mm_for_cpu``, which falls behind the dense weights
   beyond about 4 rows.
 
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.models.bucketed_linear import CompactWeight
-from kernels.native import AMX_BLOCK, NativeKernels, native_quantized_kernels
+from kernels.native import AMX_BLOCK, INT8_ACTIVATIONS, NativeKernels, native_quantized_kernels
 
 GROUP_SIZE = 32
 _LEVELS = 15
@@ -61,15 +63,16 @@ def supports_int4(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.device.type == "cpu" and weight.shape[1] % GROUP_SIZE == 0
 
 
-def quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> CompactWeight:
-    """The 4-bit copy of ``weight`` [out, in] for activations of ``dtype``, for the fastest kernel that takes it."""
+def quantize_int4(weight: torch.Tensor, activations: torch.dtype) -> CompactWeight:
+    """The 4-bit copy of ``weight`` [out, in] for ``activations`` (a dtype, or INT8_ACTIVATIONS), for the fastest
+    kernel that takes it (PyTorch's, exact in fp32, where no native one does)."""
     group_levels = GroupLevels.of(weight)
-    kernels = native_quantized_kernels(dtype)
+    kernels = native_quantized_kernels(activations)
     if kernels is not None and weight.shape[0] % AMX_BLOCK == 0:
-        native = NativeInt4Weight.pack(kernels, group_levels, dtype)
+        native = NativeInt4Weight.pack(kernels, group_levels, activations)
         if native is not None:
             return native
-    return TorchInt4Weight.pack(group_levels, dtype)
+    return TorchInt4Weight.pack(group_levels, torch.float32 if activations == INT8_ACTIVATIONS else activations)
 
 
 @dataclass(frozen=True)
@@ -77,13 +80,14 @@ class NativeInt4Weight:
     kernels: NativeKernels
     packed: torch.Tensor  # levels, scales and minimums in the native kernel's layout for the activations' dtype
     out_features: int
-    activations: torch.dtype
+    activations: torch.dtype  # bf16, fp32 or INT8_ACTIVATIONS (fp32 in and out)
 
     @classmethod
     def pack(
         cls, kernels: NativeKernels, group_levels: GroupLevels, activations: torch.dtype
     ) -> NativeInt4Weight | None:
-        """The copy for ``activations`` (bf16 or fp32), or None where a scale or minimum is beyond fp16's range."""
+        """The copy for ``activations`` (bf16, fp32 or INT8_ACTIVATIONS), or None where a scale or minimum is beyond
+        fp16's range."""
         levels = group_levels.levels.to(torch.uint8)
         scales, lows = group_levels.scale.half(), group_levels.low.half()
         if not (scales.isfinite().all() and lows.isfinite().all()):
@@ -91,7 +95,7 @@ class NativeInt4Weight:
         return cls(kernels, kernels.pack_int4(levels, scales, lows, activations), levels.shape[0], activations)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.linear_int4(x.contiguous(), self.packed, self.out_features)
+        return self.kernels.linear_int4(x.contiguous(), self.packed, self.out_features, activations=self.activations)
 
 
 @dataclass(frozen=True)

@@ -222,12 +222,18 @@ class LlamaForCausalLM(nn.Module):
         """Logits over the whole vocabulary; under tensor parallelism on rank 0 only (None on the others)."""
         return self.tp.gather_vocab(self.lm_head(hidden).float())
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], int4_max_rows: int = 0) -> None:
+    def load_weights(
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        int4_max_rows: int = 0,
+        int4_activations: torch.dtype | None = None,
+    ) -> None:
         """Copy Hugging Face-named tensors in (this rank's shard of each), fusing q/k/v and gate/up into their
         combined projections.
 
         With ``int4_max_rows``, each decoder projection also gets a 4-bit copy for steps of at most that many rows,
-        quantized from the tensors as given (pass fp32 for the exact levels of a Q4_1 file), and an LM head stored as
+        quantized from the tensors as given (pass fp32 for the exact levels of a Q4_1 file) and packed for
+        ``int4_activations`` (default: the parameters' dtype), and an LM head stored as
         Q8_0 an 8-bit copy of its exact values, for steps of up to LM_HEAD_INT8_MAX_ROWS sampled rows."""
         spec = self.spec
         fused_slices = {
@@ -274,7 +280,8 @@ class LlamaForCausalLM(nn.Module):
                 if parts_loaded[target] == parts_needed[target]:
                     full = staged.pop(target)
                     if supports_int4(full):
-                        projections[target].use_compact(quantize_int4(full, param.dtype), int4_max_rows)
+                        copy = quantize_int4(full, int4_activations or param.dtype)
+                        projections[target].use_compact(copy, int4_max_rows)
             if int4_max_rows and target == head:
                 head_copy = Int8Weight.of_q8_0(tensor, param.dtype)
                 if head_copy is not None:

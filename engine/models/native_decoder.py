@@ -8,7 +8,7 @@ same bit for bit.
 
 It takes a step when all of this holds, and otherwise the layer-by-layer path runs:
 - the model is bf16 or fp32 and every projection has a native 4-bit copy (``NativeInt4Weight``) for the step's row
-  count;
+  count, all packed for the same activations (the model's dtype, or fp32 quantized to int8);
 - the step is decode rows only (one per sequence, or a few verifying drafts) on the native CPU attention backend;
 - the K/V caches are plain blocks of the model's dtype (no block codec) and nothing observes the layers' queries (KV
   policies);
@@ -24,7 +24,14 @@ import torch
 
 from engine.models.int4_weights import NativeInt4Weight
 from kernels.cpu_attention import CpuAttentionMetadata
-from kernels.native import DECODER_LAYER_FIELDS, SUPPORTED_HEAD_DIMS, DecodeBatch, DecoderShape, NativeKernels
+from kernels.native import (
+    DECODER_LAYER_FIELDS,
+    INT8_ACTIVATIONS,
+    SUPPORTED_HEAD_DIMS,
+    DecodeBatch,
+    DecoderShape,
+    NativeKernels,
+)
 
 if TYPE_CHECKING:
     from engine.models.llama import AttentionContext, LlamaForCausalLM
@@ -37,6 +44,7 @@ class NativeDecoder:
     weights: torch.Tensor  # int64 [layers, DECODER_LAYER_FIELDS]: the layer table without the caches' addresses
     final_norm: torch.Tensor
     max_rows: int  # the most rows the 4-bit copies take
+    activations: torch.dtype  # what the copies are packed for: the model's dtype, or INT8_ACTIVATIONS in fp32
 
     @classmethod
     def of(cls, model: LlamaForCausalLM) -> NativeDecoder | None:
@@ -50,11 +58,17 @@ class NativeDecoder:
         rows: list[list[int]] = []
         max_rows = []
         kernels = None
+        first = model.layers[0].self_attn.qkv_proj.compact
+        activations = first.activations if isinstance(first, NativeInt4Weight) else None
+        if activations not in (dtype, INT8_ACTIVATIONS if dtype == torch.float32 else dtype):
+            return None
         for layer in model.layers:
             attention, mlp = layer.self_attn, layer.mlp
             projections = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
             compacts = [projection.compact for projection in projections]
-            if not all(isinstance(compact, NativeInt4Weight) and compact.activations == dtype for compact in compacts):
+            if not all(
+                isinstance(compact, NativeInt4Weight) and compact.activations == activations for compact in compacts
+            ):
                 return None
             kernels = compacts[0].kernels
             max_rows.extend(projection.compact_max_rows for projection in projections)
@@ -76,7 +90,7 @@ class NativeDecoder:
             scale=model.layers[0].self_attn.scale,
         )
         weights = torch.tensor(rows, dtype=torch.int64)
-        return cls(kernels, shape, weights, model.norm.weight.detach(), min(max_rows))
+        return cls(kernels, shape, weights, model.norm.weight.detach(), min(max_rows), activations)
 
     def accepts(self, rows: int, ctx: AttentionContext) -> bool:
         metadata = ctx.metadata
@@ -106,5 +120,13 @@ class NativeDecoder:
         )
         self.shape.block_size = ctx.kv_caches[0][0].shape[1]
         return self.kernels.decode_layers(
-            table, self.shape, metadata.decode, self.final_norm, embeddings, cos, sin, metadata.slot_mapping
+            table,
+            self.shape,
+            metadata.decode,
+            self.final_norm,
+            embeddings,
+            cos,
+            sin,
+            metadata.slot_mapping,
+            self.activations,
         )
