@@ -77,6 +77,7 @@ class EngineCounters:
     spec_drafts: int = 0  # request steps that verified drafts
     spec_draft_tokens: int = 0  # draft tokens verified
     spec_accepted_tokens: int = 0  # of those, accepted
+    step_reruns: int = 0  # model runs over part of a failed step's batch, to find the requests that failed it
     swap: SwapCounters = field(default_factory=SwapCounters)  # bytes moved by swap preemption
     disk: DiskStoreCounters = field(default_factory=DiskStoreCounters)  # the prefix-cache disk tier
 
@@ -374,6 +375,7 @@ class LLMEngine:
             scheduled, scheduled.scheduled, rows, prompt_logprobs_from
         )
         self._observe_prefill(scheduled, time.perf_counter() - started)
+        failures |= self._grammar_failures(sampled)
         for rid in failures:
             self.scheduler.finish_request(rid, FinishReason.ERROR)
         for rid, entries in prompt_logprobs.items():
@@ -414,6 +416,8 @@ class LLMEngine:
         advances seeded generators and grammar matchers) comes last, so a raising run has not consumed them. (An
         attention-scored KV policy may record a retried chunk's queries twice: its scores then weigh them double.)
         """
+        if len(items) < len(scheduled.scheduled):
+            self.counters.step_reruns += 1
         try:
             sampled, prompt_logprobs = self.runner.execute(
                 dataclasses.replace(scheduled, scheduled=items), rows, prompt_logprobs_from
@@ -433,6 +437,16 @@ class LLMEngine:
         first = self._execute_isolating(scheduled, items[:half], rows, prompt_logprobs_from)
         second = self._execute_isolating(scheduled, items[half:], rows, prompt_logprobs_from)
         return first[0] | second[0], first[1] | second[1], first[2] | second[2]
+
+    def _grammar_failures(self, sampled: dict[str, list[SampledToken]]) -> dict[str, str]:
+        """The requests whose grammar failed while sampling (the sampler marks their rows rather than failing the
+        step): request id -> error naming the constraint's parameter. Their tokens are dropped from ``sampled``."""
+        failures = {}
+        for rid in [rid for rid in sampled if self._states[rid].row.grammar_error is not None]:
+            state = self._states[rid]
+            failures[rid] = f"invalid {_failed_grammar_param(state)}: {state.row.grammar_error}"
+            del sampled[rid]
+        return failures
 
     def _observe_prefill(self, scheduled: SchedulerOutput, seconds: float) -> None:
         """Feed the preemption policy's recompute estimate from steps that were mostly prefill."""
@@ -552,8 +566,15 @@ class LLMEngine:
             finished=True,
             finish_reason=FinishReason.ERROR.value,
             error=message,
+            error_param=_failed_grammar_param(state),
             times=state.times,
         )
 
     def _count_finished(self, reason: str) -> None:
         self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
+
+
+def _failed_grammar_param(state: _RequestState) -> str | None:
+    """The parameter of a request that its own grammar failed (the client's error); None for any other request."""
+    constraint = state.params.structured_outputs
+    return constraint.param if constraint is not None and state.row.grammar_error is not None else None

@@ -32,5 +32,8 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     error: str | None = None
+    # With error: the request parameter whose value failed it (the client's error, e.g. a grammar that fails once
+    # decoding); None when the engine failed.
+    error_param: str | None = None
     num_cached_tokens: int = 0
     times: RequestTimes | None = None

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.sampling_params import SamplingParams
-from engine.structured.spec import GrammarError
+from engine.structured.spec import error_summary
 
 if TYPE_CHECKING:
     from engine.structured import GrammarMatcher, PendingMasks
@@ -28,6 +28,8 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     eos_token_ids: frozenset[int]
     matcher: GrammarMatcher | None = None  # with structured output: where the output stands in its grammar
+    # Set by the sampler when the grammar itself failed on this row: its request fails alone, its token is dropped.
+    grammar_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,19 @@ def sampling_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     return torch.softmax(logits, dim=-1)
 
 
+def _advance(matcher: GrammarMatcher, token_id: int, is_eos: bool) -> str | None:
+    """Move ``matcher`` by the token sampled under its mask; what went wrong when the grammar failed instead."""
+    if matcher.error is not None:  # computing the mask failed: the mask allowed only the end of sequence
+        return f"the grammar failed: {error_summary(matcher.error)}"
+    if is_eos:
+        return None if matcher.finished else "the grammar refused the end of sequence its own mask allowed"
+    if matcher.accepts([token_id]) != 1:
+        return f"the grammar refused token {token_id} its own mask allowed"
+    if not matcher.advance(token_id):  # llguidance may find an error only once it consumes the token
+        return f"the grammar failed at token {token_id}: {error_summary(matcher.error or '')}"
+    return None
+
+
 class Sampler:
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow], masks: PendingMasks | None = None
@@ -144,18 +159,12 @@ class Sampler:
         adjust_logits(logits, rows)
         token_ids = self._choose(logits, rows).tolist()
         results = [self._result(token_ids[i], i, rows[i], raw_logprobs) for i in range(len(rows))]
-        # Matchers move last and only once every row is known to be fine, so a failed call changes no state and
-        # can be re-run (the engine does, to isolate the request that fails).
-        constrained = [
-            (row.matcher, token_id, token_id in row.eos_token_ids)
-            for row, token_id in zip(rows, token_ids)
-            if row.matcher is not None
-        ]
-        for matcher, token_id, is_eos in constrained:
-            if not (matcher.finished if is_eos else matcher.accepts([token_id]) == 1):
-                raise GrammarError(f"the grammar refused token {token_id} its own mask allowed: {matcher.error}")
-        for matcher, token_id, _ in constrained:
-            matcher.advance(token_id)
+        # Matchers move last, so a call that raises changes no state and can be re-run (the engine does, to isolate
+        # the request that fails). A grammar that fails marks its own row instead of raising: its request is the
+        # only one to fail, and the step need not be run again.
+        for row, token_id in zip(rows, token_ids):
+            if row.matcher is not None:
+                row.grammar_error = _advance(row.matcher, token_id, token_id in row.eos_token_ids)
         return results
 
     @staticmethod

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from engine.structured.compiler import GrammarCompiler
@@ -40,12 +41,13 @@ async def structured_outputs(request: SamplingFields, compiler: GrammarCompiler)
 
 
 async def compiled(spec: StructuredOutputs, param: str, compiler: GrammarCompiler) -> StructuredOutputs:
-    """``spec``, once compiled into the cache in a worker thread; a 400 naming ``param`` if it does not compile."""
+    """``spec``, once compiled into the cache in a worker thread, carrying ``param`` for errors found while it runs;
+    a 400 naming ``param`` if it does not compile."""
     try:
         await asyncio.to_thread(compiler.compile, spec)
     except GrammarError as exc:
         raise APIError(400, f"invalid {param}: {exc}", param=param) from exc
-    return spec
+    return dataclasses.replace(spec, param=param)
 
 
 def _requested(request: SamplingFields) -> list[tuple[str, str, Any]]:

@@ -22,14 +22,18 @@ import server.app
 from engine.async_engine import AsyncEngine, aged_priority
 from engine.config import ServerConfig, build_config
 from engine.sampling_params import SamplingParams
+from engine.structured import StructuredOutputs
+from scheduler.output import SchedulerOutput
 from scheduler.request import Request
 from scheduler.waiting_queue import WaitingQueue
 from tests.test_server_app import make_app
+from tests.test_structured import late_failing_grammar
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from engine.llm import LLM
+    from engine.outputs import RequestOutput
     from engine.sampler import SamplingRow
 
 pytest_plugins = ["tests.server_fixtures"]
@@ -157,6 +161,70 @@ def test_a_request_whose_output_fails_is_failed_alone(offline_llm: LLM, monkeypa
     assert tokens == {"a": alone, "b": alone}
     stats = llm_engine.stats()
     assert stats.num_free_blocks == stats.num_blocks
+
+
+def test_a_grammar_failing_mid_output_fails_its_request_without_rerunning_the_step(
+    offline_llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grammar that llguidance compiles but that fails on the token its request samples fails that request alone,
+    as the request's own error: its batch mates get the tokens they get alone, and each step runs the model once (no
+    bisection of the batch to find the failing request)."""
+    llm_engine = offline_llm.engine
+    tokenizer = llm_engine.tokenizer
+    prompt = tokenizer.encode("Once upon a time")
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    alone = offline_llm.generate([prompt], params)[0].outputs[0].token_ids
+    b = tokenizer.encode("b", add_special_tokens=False)[0]
+    grammar = StructuredOutputs("grammar", late_failing_grammar())
+    bad = SamplingParams(temperature=0.0, max_tokens=6, logit_bias={b: 100.0}, structured_outputs=grammar)
+    for request_id, request_params in (("a", params), ("bad", bad), ("b", params)):
+        llm_engine.add_request(request_id, prompt, request_params)
+    runs: list[list[str]] = []
+    real_execute = llm_engine.runner.execute
+
+    def execute(output: SchedulerOutput, *args: Any) -> Any:
+        runs.append([item.request_id for item in output.scheduled])
+        return real_execute(output, *args)
+
+    monkeypatch.setattr(llm_engine.runner, "execute", execute)
+    reruns = llm_engine.counters.step_reruns
+    tokens: dict[str, list[int]] = {"a": [], "b": []}
+    finished: dict[str, RequestOutput] = {}
+    while llm_engine.has_unfinished_requests():
+        ran = len(runs)
+        for output in llm_engine.step():
+            if output.request_id in tokens:
+                tokens[output.request_id].extend(output.new_token_ids)
+            if output.finished:
+                finished[output.request_id] = output
+        assert len(runs) - ran <= 1  # the step's batch ran once
+    assert sorted(runs[0]) == ["a", "b", "bad"]  # the failing request shared its batch
+    assert llm_engine.counters.step_reruns == reruns
+    failed = finished["bad"]
+    assert (failed.finish_reason, failed.error_param, failed.new_token_ids) == ("error", "structured_outputs", [])
+    assert "Current row has 2002 items" in (failed.error or "") and "<state>" not in (failed.error or "")
+    assert [(finished[r].finish_reason, finished[r].error) for r in "ab"] == [("length", None)] * 2
+    assert tokens == {"a": alone, "b": alone}
+    stats = llm_engine.stats()
+    assert stats.num_free_blocks == stats.num_blocks
+
+
+def test_fifty_thousand_choices_are_400_at_once(engine: AsyncEngine) -> None:
+    """Refused before compiling (which would take seconds) or running (where it would fail)."""
+    app = make_app(engine)
+    body = {"prompt": "A colour:", "max_tokens": 4, "guided_choice": [f"option {i}" for i in range(50_000)]}
+
+    async def scenario() -> httpx.Response:
+        async with asgi_client(app) as client:
+            return await client.post(COMPLETIONS, json=body)
+
+    started = time.monotonic()
+    response = asyncio.run(scenario())
+    assert time.monotonic() - started < 2.0
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "guided_choice")
+    assert "at most 1999 options" in error["message"] and "50000" in error["message"]
 
 
 # ---------------------------------------------------------------- the engine loop dies

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 import jsonschema
+import llguidance
 import pytest
 import torch
 
@@ -196,3 +197,72 @@ def test_json_schema_outputs_are_valid_when_finished(tokenizer: Tokenizer, compi
             tokens.append(token)
         assert matcher.finished
         jsonschema.validate(json.loads(tokenizer.decode(tokens)), PERSON)
+
+
+# ---------------------------------------------------------------- grammars that compile but fail once running
+def late_failing_grammar(rows: int = 2001) -> str:
+    """Lark that llguidance compiles and starts, whose "b" branch fails when taken: a row of ``rows`` alternatives
+    passes llguidance's parser limit on the items of one row."""
+    alternatives = " | ".join(f'"x{i}"' for i in range(rows))
+    return f'start: "a" | "b" big\nbig: {alternatives}'
+
+
+@pytest.mark.parametrize(
+    ("build", "problem"),
+    [
+        (lambda: StructuredOutputs.json_schema({"$ref": "#"}), "allows no output"),
+        (lambda: StructuredOutputs("grammar", 'start: "x" start'), "Too many items"),
+        (lambda: StructuredOutputs.choice([f"option {i}" for i in range(50_000)]), "at most 1999 options"),
+    ],
+    ids=["self_reference", "endless_recursion", "fifty_thousand_choices"],
+)
+def test_grammars_that_fail_on_their_first_step_are_refused_when_compiled(
+    compiler: GrammarCompiler, build: Any, problem: str
+) -> None:
+    with pytest.raises(GrammarError, match=re.escape(problem)) as refused:
+        compiler.compile(build())
+    assert "<state>" not in str(refused.value) and "\n" not in str(refused.value)  # no parser dump
+
+
+def test_the_most_choices_allowed_still_decode(tokenizer: Tokenizer, compiler: GrammarCompiler) -> None:
+    options = [f"option {i}" for i in range(1999)]
+    matcher = compiler.matcher(StructuredOutputs.choice(options))
+    for token in encode(tokenizer, "option 1998"):
+        assert matcher.advance(token), matcher.error
+    assert matcher.finished
+
+
+def test_a_grammar_failing_mid_output_fails_its_row_alone(tokenizer: Tokenizer, compiler: GrammarCompiler) -> None:
+    """The sampler marks the row whose grammar fails on its token (llguidance finds the error only as it consumes
+    it); the other rows get their tokens and their matchers move, and nothing raises: the step need not run again."""
+    bad_spec = StructuredOutputs("grammar", late_failing_grammar())
+    b = encode(tokenizer, "b")[0]
+    good_spec = StructuredOutputs("regex", "[0-9]{2}")
+    rows = [
+        SamplingRow(SamplingParams(temperature=0.0, logit_bias={b: 100.0}), None, [1], [], tokenizer.eos_token_ids),
+        SamplingRow(SamplingParams(temperature=0.0), None, [1], [], tokenizer.eos_token_ids),
+    ]
+    rows[0].matcher, rows[1].matcher = compiler.matcher(bad_spec), compiler.matcher(good_spec)
+    logits = torch.randn(2, tokenizer.vocab_size, generator=torch.Generator().manual_seed(0))
+    tokens = Sampler()(logits, rows, GrammarMasks().start([row.matcher for row in rows]))
+    assert rows[0].grammar_error is not None and "Current row has" in rows[0].grammar_error
+    assert "\n" not in rows[0].grammar_error
+    assert rows[1].grammar_error is None and tokenizer.decode([tokens[1].token_id]).isdigit()
+    assert rows[1].matcher.accepts(encode(tokenizer, "0")) == 1 and not rows[1].matcher.finished  # type: ignore[union-attr]
+
+
+def test_a_matcher_in_its_error_state_fails_its_row(tokenizer: Tokenizer, compiler: GrammarCompiler) -> None:
+    """A grammar whose mask computation itself fails (it allows no output) fails its row in the sampler, not the
+    step: here built without the compiler's check, as a grammar failing later than its first step would be."""
+    ll_tokenizer = compiler._llg_tokenizer()
+    grammar = llguidance.LLMatcher.grammar_from_json_schema({"$ref": "#"})
+    broken = GrammarMatcher(llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0), compiler.vocab_size)
+    rows = [
+        SamplingRow(SamplingParams(temperature=0.0), None, [1], [], tokenizer.eos_token_ids, broken),
+        SamplingRow(SamplingParams(temperature=0.0), None, [1], [], tokenizer.eos_token_ids),
+    ]
+    logits = torch.randn(2, tokenizer.vocab_size, generator=torch.Generator().manual_seed(1))
+    expected = int(logits[1].argmax())
+    tokens = Sampler()(logits, rows, GrammarMasks().start([row.matcher for row in rows]))
+    assert rows[0].grammar_error is not None and "NoExtensionBias" in rows[0].grammar_error
+    assert tokens[1].token_id == expected and rows[1].grammar_error is None

@@ -7,9 +7,10 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import llguidance
+import numpy as np
 
 from engine.structured.matcher import GrammarMatcher
-from engine.structured.spec import GrammarError, StructuredOutputs
+from engine.structured.spec import GrammarError, StructuredOutputs, error_summary
 
 if TYPE_CHECKING:
     from engine.tokenizer import Tokenizer
@@ -50,11 +51,27 @@ class GrammarCompiler:
         compiled = llguidance.LLMatcher(self._llg_tokenizer(), _grammar(spec), log_level=0)
         if compiled.is_error():
             raise GrammarError(compiled.get_error())
+        self._check_first_step(compiled.deep_copy())
         with self._lock:
             self._cache[spec] = compiled
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return compiled
+
+    def _check_first_step(self, matcher: llguidance.LLMatcher) -> None:
+        """Raise GrammarError for a grammar that compiles but fails once decoding starts: llguidance finds some
+        errors (a schema that only refers to itself, a parser limit passed) only when it computes a mask or consumes
+        a token. Computes the first mask and consumes the lowest allowed token, on a copy of the compiled matcher."""
+        bitmask = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+        if matcher.is_error():
+            cause = error_summary(matcher.get_error())
+            if cause == "NoExtensionBias":  # llguidance's word for: no byte can begin the output
+                raise GrammarError(f"the grammar allows no output: no text matches it ({cause})")
+            raise GrammarError(f"the grammar fails before its first token: {cause}")
+        allowed = np.flatnonzero(np.unpackbits(bitmask, count=self.vocab_size, bitorder="little"))
+        token = next((int(t) for t in allowed if int(t) not in self._tokenizer.eos_token_ids), None)
+        if token is not None and not matcher.consume_token(token):
+            raise GrammarError(f"the grammar fails at its first token: {error_summary(matcher.get_error())}")
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         # Built on first use (about 0.3 s for a 49k vocabulary), so that servers without structured output skip it.

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from engine.errors import SpindleError
 
 Kind = Literal["json", "json_object", "regex", "choice", "grammar"]
+# llguidance may parse the options as one grammar row (of their count plus one items) and then fails at the first
+# token, over its row limit (LLParserLimits.max_items_in_row, 2000); a longer list also takes seconds to compile.
+MAX_CHOICES = 1999
 
 
 class GrammarError(SpindleError, ValueError):
     """A schema, regex or grammar is invalid, unsatisfiable, or uses a feature the grammar engine lacks."""
+
+
+def error_summary(error: str) -> str:
+    """The first line of an llguidance error: what went wrong, without the parser state and grammar it appends."""
+    return error.split("\n", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,8 @@ class StructuredOutputs:
 
     kind: Kind
     value: str = ""
+    # The request field it came from, which errors name; not part of the cache key.
+    param: str = field(default="structured_outputs", compare=False)
 
     @classmethod
     def json_schema(cls, schema: Mapping[str, Any] | bool | str) -> StructuredOutputs:
@@ -41,6 +51,8 @@ class StructuredOutputs:
     def choice(cls, options: Sequence[str]) -> StructuredOutputs:
         if not options or not all(isinstance(option, str) for option in options):
             raise GrammarError("choice must be a non-empty list of strings")
+        if len(options) > MAX_CHOICES:
+            raise GrammarError(f"choice may list at most {MAX_CHOICES} options, got {len(options)}")
         return cls("choice", json.dumps(list(options)))
 
     @classmethod
