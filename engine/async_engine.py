@@ -121,6 +121,11 @@ class AsyncEngine:
         return self._started and not self._closed and self._abort_at is None
 
     @property
+    def is_draining(self) -> bool:
+        """True from drain() on: the server is shutting down."""
+        return self._abort_at is not None
+
+    @property
     def unavailable_reason(self) -> str:
         if self.error is not None:
             return f"the engine failed: {self.error!r}"

@@ -279,7 +279,15 @@ class ServerConfig:
     max_concurrent_requests_per_key: int | None = None  # API requests in flight per key (429 past it); None: no cap
     priority_aging_seconds: float = 10.0  # waiting this long counts as one step of priority; 0: strict priority
     log_prompts: bool = False  # log each request's prompt text (at INFO)
+    max_stored_responses: int = 1000  # Responses API objects kept for retrieval and follow-ups (LRU); 0: none
     shutdown_timeout: float = 30.0
+    # Slow or idle clients cannot hold connections: seconds to send a request's headers (from connecting, or from
+    # the request's first byte on a kept-alive connection), to send its whole body once the headers are in, and
+    # between requests on an idle keep-alive connection. Past them the connection is closed.
+    header_read_timeout: float = 10.0
+    body_read_timeout: float = 60.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 1024  # open HTTP connections; a request on one past them gets 503 and its connection closes
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -289,12 +297,17 @@ class ServerConfig:
             "max_n": (self.max_n, 1),
             "max_stop_strings": (self.max_stop_strings, 0),
             "max_concurrent_requests_per_key": (self.max_concurrent_requests_per_key, 1),
+            "max_stored_responses": (self.max_stored_responses, 0),
             "priority_aging_seconds": (self.priority_aging_seconds, 0),
             "shutdown_timeout": (self.shutdown_timeout, 0),
+            "max_connections": (self.max_connections, 1),
         }
         for name, (value, least) in minimums.items():
             if value is not None and not value >= least:  # "not >=" also refuses NaN
                 raise ValueError(f"{name} must be at least {least}, got {value}")
+        for name in ("header_read_timeout", "body_read_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:  # "not >" also refuses NaN
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.api_key is not None and not self.api_keys:
             raise ValueError("api_key must name at least one key")
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import math
 import signal
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -22,10 +23,11 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from server import openapi
 from server.allocator import limit_malloc_arenas, start_heap_trimming
+from server.connections import guarded_protocol
 from server.errors import APIError, error_response, install_error_handlers
 from server.limits import RequestLimits
 from server.metrics import EngineMetrics
-from server.middleware import ApiKeyAuth, BodySizeLimit, ConcurrencyLimit
+from server.middleware import ApiKeyAuth, BodySizeLimit, ConcurrencyLimit, RefuseWhileDraining
 from server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -39,12 +41,15 @@ from server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from server.response_store import ResponseStore
+from server.responses import ResponsesServing
+from server.responses_protocol import STREAM_EVENTS, ResponseDeleted, ResponseObject, ResponsesRequest
 from server.serving import Serving
 
 logger = logging.getLogger("spindle.server")
 
-# After server.shutdown_timeout the engine aborts what is still running, which ends every response in-band; uvicorn
-# cancels whatever is left only this much later, as a backstop.
+# After server.shutdown_timeout the engine aborts what is still running, which ends every response in-band; the drain
+# waits at most this much longer for the requests in flight before uvicorn cancels what is left.
 SHUTDOWN_BACKSTOP_SECONDS = 5.0
 _API_PATHS = ("/v1", "/tokenize", "/detokenize")
 _OPS_PATHS = ("/health", "/metrics")
@@ -63,8 +68,12 @@ def create_app(
     """The app; with ``engine_thread`` its start-up starts the engine loop in a thread of its own, otherwise the
     caller runs the loop (``AsyncEngine.run``)."""
     server_config = config.server
-    limits = RequestLimits(server_config, engine.engine.tokenizer, engine.engine.max_model_len)
+    limits = RequestLimits(
+        server_config, engine.engine.tokenizer, engine.engine.max_model_len, config.scheduler.max_waiting_requests
+    )
     serving = Serving(engine, engine.engine.model_name, limits, server_config.log_prompts)
+    store = ResponseStore(server_config.max_stored_responses)  # Responses API objects, per API key
+    responses = ResponsesServing(serving, store, keyed=bool(server_config.api_keys))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -74,8 +83,15 @@ def create_app(
         engine.stop(timeout=server_config.shutdown_timeout)
 
     app = FastAPI(title="Spindle", version=spindle_version(), lifespan=lifespan)
-    # Starlette runs the last middleware added first: the key check, then the cap per key, then the body size.
+    # Starlette runs the last middleware added first: the key check, then the cap per key, then the refusal while
+    # shutting down, then the body size.
     app.add_middleware(BodySizeLimit, limit=server_config.max_request_body_bytes)
+    app.add_middleware(
+        RefuseWhileDraining,
+        draining=lambda: engine.is_draining,
+        reason=lambda: engine.unavailable_reason,
+        refused=lambda path: path.startswith(_API_PATHS),
+    )
     api_keys = server_config.api_keys
     if server_config.max_concurrent_requests_per_key is not None:
         app.add_middleware(
@@ -88,7 +104,7 @@ def create_app(
         prefixes = _API_PATHS + (_OPS_PATHS if server_config.auth_health_and_metrics else ())
         app.add_middleware(ApiKeyAuth, api_keys=api_keys, protected=lambda path: path.startswith(prefixes))
     install_error_handlers(app)
-    openapi.customize(app, [CompletionResponse, ChatCompletionChunk])
+    openapi.customize(app, [CompletionResponse, ChatCompletionChunk, *STREAM_EVENTS])
     ops_errors = openapi.errors(401, 413) if api_keys and server_config.auth_health_and_metrics else openapi.errors(413)
     api_errors = openapi.errors(400, 401, 404, 413, 429)
 
@@ -145,6 +161,20 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return _respond(await serving.create_chat_completion(body, request.is_disconnected))
 
+    @app.post("/v1/responses", responses=openapi.typed_events(ResponseObject, STREAM_EVENTS))
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        return _respond(await responses.create(body, request))
+
+    @app.get("/v1/responses/{response_id}", responses=api_errors)
+    async def retrieve_response(response_id: str, request: Request, stream: bool = False) -> ResponseObject:
+        if stream:
+            raise APIError(400, "a stored response cannot be streamed again", param="stream")
+        return responses.retrieve(response_id, request)
+
+    @app.delete("/v1/responses/{response_id}", responses=api_errors)
+    async def delete_response(response_id: str, request: Request) -> ResponseDeleted:
+        return responses.delete(response_id, request)
+
     return app
 
 
@@ -168,7 +198,9 @@ def build_server(config: EngineConfig, engine_thread: bool = True) -> tuple[Fast
 
 
 class _DrainingServer(uvicorn.Server):
-    """Uvicorn, with the engine refusing new work and bounding in-flight work as soon as shutdown begins."""
+    """Uvicorn, draining on shutdown: the engine refuses new work and bounds in-flight work at once, and the server
+    keeps listening until the requests in flight end, so that meanwhile /health and new requests get 503 (a closed
+    port would look like a crash to a load balancer)."""
 
     def __init__(self, config: uvicorn.Config, engine: AsyncEngine, grace: float) -> None:
         super().__init__(config)
@@ -177,7 +209,15 @@ class _DrainingServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.engine.drain(self.grace)
-        await super().shutdown(sockets)
+        await self._drain()
+        await super().shutdown(sockets)  # stops listening, closes idle connections
+
+    async def _drain(self) -> None:
+        in_flight = [task for task in self.server_state.tasks if not task.done()]
+        logger.info("Draining %d request(s) in flight; new requests get 503", len(in_flight))
+        deadline = time.monotonic() + self.grace + SHUTDOWN_BACKSTOP_SECONDS
+        while any(not task.done() for task in in_flight) and not self.force_exit and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
 
 
 def run_server(config: EngineConfig) -> None:
@@ -193,7 +233,9 @@ def run_server(config: EngineConfig) -> None:
         host=server.host,
         port=server.port,
         log_level=server.log_level,
-        timeout_graceful_shutdown=math.ceil(server.shutdown_timeout + SHUTDOWN_BACKSTOP_SECONDS),
+        http=guarded_protocol(server),
+        timeout_keep_alive=server.keep_alive_timeout,  # type: ignore[arg-type]  # a float works: it is a delay
+        timeout_graceful_shutdown=1,  # after the drain: for requests answered 503 meanwhile
     )
     http = _DrainingServer(uvicorn_config, engine, server.shutdown_timeout)
 

@@ -1,4 +1,5 @@
-"""Per-request limits from ServerConfig: choices, stop strings and prompt length, checked before any work is done."""
+"""Per-request limits from ServerConfig (and the scheduler's queue bound): choices, stop strings and prompt length,
+checked before any work is done."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from server.errors import APIError
 
 
 class RequestLimits:
-    def __init__(self, config: ServerConfig, tokenizer: Tokenizer, max_model_len: int) -> None:
+    def __init__(
+        self, config: ServerConfig, tokenizer: Tokenizer, max_model_len: int, max_waiting_requests: int | None = None
+    ) -> None:
         self.max_n = config.max_n
+        self.max_waiting_requests = max_waiting_requests
         self.max_stop_strings = config.max_stop_strings
         # The completion needs at least one token of the context.
         self.max_prompt_tokens = min(config.max_prompt_tokens or max_model_len, max_model_len - 1)
@@ -19,9 +23,19 @@ class RequestLimits:
         )
 
     def check_choices(self, num_prompts: int, n: int) -> None:
-        if num_prompts * n > self.max_n:
-            prompts = f" for each of {num_prompts} prompts" if num_prompts > 1 else ""
-            raise APIError(400, f"n={n}{prompts} asks for {num_prompts * n} choices, more than {self.max_n}", param="n")
+        sequences = num_prompts * n
+        prompts = f" for each of {num_prompts} prompts" if num_prompts > 1 else ""
+        if sequences > self.max_n:
+            raise APIError(400, f"n={n}{prompts} asks for {sequences} choices, more than {self.max_n}", param="n")
+        # Each choice waits as one sequence: a request with more than the queue holds could never be queued, and a
+        # 503 would have its client retry in vain. One that could fit later gets the engine's 503.
+        if self.max_waiting_requests is not None and sequences > self.max_waiting_requests:
+            raise APIError(
+                400,
+                f"the request needs {sequences} sequences (n={n}{prompts}), but this server queues at most "
+                f"{self.max_waiting_requests} (--max-waiting-requests)",
+                param="n" if n > 1 else "prompt",
+            )
 
     def check_stop(self, stop: str | list[str] | None) -> None:
         if isinstance(stop, list) and len(stop) > self.max_stop_strings:

@@ -78,6 +78,9 @@ class EngineMetrics:
             "page_selection_blocks_held", "KV blocks their sequences held: what full attention would have read."
         )
         self.spec_drafts = counter("spec_decode_num_drafts", "Request steps that verified draft tokens.")
+        self.step_reruns = counter(
+            "step_reruns", "Model runs over part of a failed step's batch, to find the requests that failed it."
+        )
         self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens verified.")
         self.spec_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
         self.swap_preemptions = counter("kv_swap_preemptions", "Preemptions that swapped the request's KV out.")
@@ -93,6 +96,11 @@ class EngineMetrics:
         self.disk_written = counter("kv_disk_written_bytes", "Bytes of KV block files written to the disk tier.")
         self.disk_corrupt = counter("kv_disk_corrupt_files", "Disk-tier files rejected as corrupt (and deleted).")
         self.disk_dropped = counter("kv_disk_dropped_writes", "KV blocks not stored because the writer was behind.")
+        self.disk_io_errors = counter(
+            "kv_disk_io_errors",
+            "Failed disk-tier file operations (each a miss or an unstored block; a run of them "
+            "takes the tier offline).",
+        )
         self.disk_stored = gauge("kv_disk_stored_bytes", "Bytes of KV block files in the disk tier.")
         self.spec_acceptance = gauge("spec_decode_acceptance_rate", "Draft tokens accepted / verified, since start.")
         self.spec_accepted_length = gauge(
@@ -128,6 +136,7 @@ class EngineMetrics:
         self._advance(self.page_selection_blocks_read, counters.page_selection_blocks_read)
         self._advance(self.page_selection_blocks_held, counters.page_selection_blocks_held)
         self._advance(self.spec_drafts, counters.spec_drafts)
+        self._advance(self.step_reruns, counters.step_reruns)
         self._advance(self.spec_draft_tokens, counters.spec_draft_tokens)
         self._advance(self.spec_accepted_tokens, counters.spec_accepted_tokens)
         self._advance(self.swap_preemptions, stats.num_swap_preemptions)
@@ -143,6 +152,7 @@ class EngineMetrics:
         self._advance(self.disk_written, disk.written_bytes)
         self._advance(self.disk_corrupt, disk.corrupt_files)
         self._advance(self.disk_dropped, disk.dropped_writes)
+        self._advance(self.disk_io_errors, disk.io_errors)
         self.disk_stored.set(disk.stored_bytes)
         if counters.spec_drafts:
             self.spec_acceptance.set(counters.spec_accepted_tokens / counters.spec_draft_tokens)

@@ -1,4 +1,5 @@
-"""ASGI middleware that guards the app before a request is parsed: body size, API keys, requests in flight per key."""
+"""ASGI middleware that guards the app before a request is parsed: body size, API keys, requests in flight per key,
+shutdown."""
 
 from __future__ import annotations
 
@@ -136,3 +137,25 @@ class ConcurrencyLimit:
             self.in_flight[key] -= 1
             if not self.in_flight[key]:
                 del self.in_flight[key]
+
+
+class RefuseWhileDraining:
+    """Once shutdown began, 503 ``engine_unavailable`` for new requests on the paths ``refused`` selects, which
+    the drain would otherwise serve (those that need no engine) or queue; in-flight requests are not affected."""
+
+    def __init__(
+        self, app: ASGIApp, draining: Callable[[], bool], reason: Callable[[], str], refused: Callable[[str], bool]
+    ) -> None:
+        self.app = app
+        self.draining = draining
+        self.reason = reason
+        self.refused = refused
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.draining() and self.refused(scope["path"]):
+            # Connection: close moves the client's next request to a new connection (maybe to another replica).
+            headers = {"Retry-After": RETRY_AFTER_SECONDS, "Connection": "close"}
+            response = error_response(503, self.reason(), code="engine_unavailable", headers=headers)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -29,6 +29,19 @@ def generation(response: type[BaseModel], chunk: type[BaseModel]) -> Responses:
     json_payload = {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}
     data = {"anyOf": [{"const": "[DONE]"}, json_payload]}
     event = {"type": "object", "properties": {"data": data}, "required": ["data"]}
+    return _streaming(response, event)
+
+
+def typed_events(response: type[BaseModel], events: list[type[BaseModel]]) -> Responses:
+    """A generation route whose stream names each event (``event:`` is the data's ``type``), as the Responses API's
+    does: each event's data is one of ``events``, and no ``[DONE]`` closes it."""
+    payload = {"anyOf": [{"$ref": _COMPONENTS + model.__name__} for model in events]}
+    data = {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}
+    properties = {"event": {"type": "string"}, "data": data}
+    return _streaming(response, {"type": "object", "properties": properties, "required": ["event", "data"]})
+
+
+def _streaming(response: type[BaseModel], event: dict[str, Any]) -> Responses:
     stream = {"text/event-stream": {"schema": event}}
     return {200: {"model": response, "content": stream}} | errors(400, 401, 404, 413, 429, 503)
 

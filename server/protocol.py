@@ -161,6 +161,11 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     best_of: int | None = None
 
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0, as in vLLM: the prompt comes back (with its logprobs) and nothing is generated."""
+        return self.echo and self.max_tokens == 0
+
 
 class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)

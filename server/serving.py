@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.responses import StreamingResponse
@@ -60,6 +60,12 @@ class Choice(CompletionOutput):
 
     prompt_token_ids: list[int] = field(default_factory=list)
     text_offset: int = 0  # where the next logprob token starts in the choice's text (completions' logprobs)
+    prompt_only: bool = False  # echo without generation: outputs reach it without the token sampled
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache held (the Responses API reports them)
+
+    def add(self, output: RequestOutput) -> None:
+        super().add(output)
+        self.num_cached_tokens = output.num_cached_tokens
 
 
 Started = list[tuple[Choice, RequestStream]]
@@ -123,15 +129,20 @@ class Serving:
                 code="context_length_exceeded",
             )
 
-    async def start(self, base_id: str, prompts: list[list[int]], params: SamplingParams, priority: int) -> Started:
-        """Add one engine request per prompt and sample (n); on any refusal abort those already added."""
+    async def start(
+        self, base_id: str, prompts: list[list[int]], params: SamplingParams, priority: int, prompt_only: bool = False
+    ) -> Started:
+        """Add one engine request per prompt and sample (n); on any refusal abort those already added.
+
+        ``prompt_only``: the choices report the prompt's outputs but none of the tokens sampled (echo alone).
+        """
         started: Started = []
         try:
             for prompt_index, prompt in enumerate(prompts):
                 for sample_index, child in enumerate(fan_out(params)):
                     index = prompt_index * params.n + sample_index
                     stream = await self.engine.add_request(f"{base_id}-{index}", prompt, child, priority)
-                    started.append((Choice(index, prompt_token_ids=prompt), stream))
+                    started.append((Choice(index, prompt_token_ids=prompt, prompt_only=prompt_only), stream))
         except BaseException as exc:
             for _, stream in started:
                 stream.close()
@@ -150,7 +161,7 @@ class Serving:
             try:
                 async with stream:
                     async for output in stream:
-                        await queue.put((choice, output))
+                        await queue.put((choice, _without_generation(output) if choice.prompt_only else output))
             except Exception as exc:
                 await queue.put(exc)
             finally:
@@ -167,7 +178,7 @@ class Serving:
                     raise _api_error_for(item) or item
                 else:
                     if item[1].finish_reason == "error":
-                        raise APIError(500, item[1].error or "generation failed", code="generation_error")
+                        raise _generation_error(item[1])
                     yield item
         finally:
             for task in tasks:
@@ -262,10 +273,11 @@ class Serving:
         constraint = await structured_outputs(request, self.grammars)
         prompts = await self.completion_prompts(request)
         prompt_logprobs = request.logprobs if request.echo else None
-        params = _sampling_params(request, request.max_tokens, request.logprobs, prompt_logprobs, constraint)
+        max_tokens = _completion_max_tokens(request)
+        params = _sampling_params(request, max_tokens, request.logprobs, prompt_logprobs, constraint)
         for prompt in prompts:
             self.check_length(len(prompt), params.max_tokens)
-        started = await self.start(request_id, prompts, params, request.priority)
+        started = await self.start(request_id, prompts, params, request.priority, prompt_only=request.echo_only)
         if request.stream:
             return self.stream_completion(request, request_id, started, prompts)
         choices = await self.collect(started, disconnected)
@@ -277,12 +289,12 @@ class Serving:
         )
 
     def _completion_choice(self, request: CompletionRequest, choice: Choice) -> CompletionChoice:
-        prefix = self._prompt_text(choice) if request.echo else ""
+        prefix = self._prompt_text(choice, request.skip_special_tokens) if request.echo else ""
         return CompletionChoice(
             index=choice.index,
             text=prefix + choice.text,
             logprobs=(
-                self._completion_logprobs(choice, choice.logprobs, choice.prompt_logprobs)
+                self._completion_logprobs(choice, choice.logprobs, choice.prompt_logprobs, request.skip_special_tokens)
                 if request.logprobs is not None
                 else None
             ),
@@ -293,16 +305,26 @@ class Serving:
         )
 
     def _completion_logprobs(
-        self, choice: Choice, tokens: list[SampledToken], prompt_logprobs: list[SampledToken] | None = None
+        self,
+        choice: Choice,
+        tokens: list[SampledToken],
+        prompt_logprobs: list[SampledToken] | None = None,
+        skip_special_tokens: bool = True,
     ) -> CompletionLogprobs:
         """The legacy logprobs shape for ``tokens``, which continue ``choice``'s text (advancing its offset).
 
         With ``prompt_logprobs`` (echo), the echoed prompt's tokens come first, from offset 0.
+
+        Each token is spelled as the text spells it, decoded with the request's ``skip_special_tokens`` like the
+        echoed prompt and the generated text: a special token the text leaves out is "" (its logprob is still
+        reported), so the tokens joined are the text and each sits at its text_offset. vLLM spells every token as
+        itself, so there tokens and offsets disagree with a text without its special tokens. The top_logprobs keys
+        stay the candidates' own strings: they are not part of the text, and "" would merge special candidates.
         """
         result = CompletionLogprobs()
 
         def add(token_id: int, logprob: float | None, top_logprobs: dict[str, float] | None) -> None:
-            text = self._token_text(token_id)
+            text = self._token_text(token_id, skip_special_tokens)
             result.text_offset.append(choice.text_offset)
             choice.text_offset += len(text)
             result.tokens.append(text)
@@ -317,7 +339,8 @@ class Serving:
             # Nothing precedes the first prompt token to predict it from: OpenAI reports nulls for it.
             add(choice.prompt_token_ids[0], None, None)
             add_all(prompt_logprobs)
-            choice.text_offset = len(self._prompt_text(choice))  # the completion follows the echoed text
+            # The completion follows the echoed text.
+            choice.text_offset = len(self._prompt_text(choice, skip_special_tokens))
         add_all(tokens)
         return result
 
@@ -332,9 +355,11 @@ class Serving:
             text, logprobs = output.new_text, None
             if output.prompt_logprobs is not None:
                 # Echo with logprobs: the echoed prompt waits for its logprobs, which come with the first tokens.
-                text = self._prompt_text(choice) + text
+                text = self._prompt_text(choice, request.skip_special_tokens) + text
             if request.logprobs is not None:
-                logprobs = self._completion_logprobs(choice, output.new_logprobs, output.prompt_logprobs)
+                logprobs = self._completion_logprobs(
+                    choice, output.new_logprobs, output.prompt_logprobs, request.skip_special_tokens
+                )
             elif not text and output.finish_reason is None and not request.return_token_ids:
                 return None  # a token whose text is held back (part of a stop string, or of a character): no news
             return chunk(
@@ -353,7 +378,10 @@ class Serving:
 
         echoed = []
         if request.echo and request.logprobs is None:
-            echoed = [chunk(CompletionChoice(index=c.index, text=self._prompt_text(c))) for c, _ in started]
+            echoed = [
+                chunk(CompletionChoice(index=c.index, text=self._prompt_text(c, request.skip_special_tokens)))
+                for c, _ in started
+            ]
         events = self.event_stream(started, prompts, echoed, event, usage_event if _include_usage(request) else None)
         return EventStream(events, started)
 
@@ -389,6 +417,20 @@ class Serving:
     ) -> ChatCompletionResponse | EventStream:
         request_id = random_id("chatcmpl")
         self.check_request(request, request_id, 1)
+        prompt, params, tools = await self.prepare_chat(request)
+        started = await self.start(request_id, [prompt], params, request.priority)
+        if request.stream:
+            return self.stream_chat(request, request_id, started, [prompt], tools)
+        choices = await self.collect(started, disconnected)
+        return ChatCompletionResponse(
+            id=request_id,
+            model=self.model_name,
+            choices=[self._chat_choice(request, c, tools) for c in choices],
+            usage=_usage([prompt], choices),
+        )
+
+    async def prepare_chat(self, request: ChatCompletionRequest) -> tuple[list[int], SamplingParams, ToolUse | None]:
+        """A checked chat request's prompt, sampling parameters and tool use (None without tools)."""
         if request.top_logprobs and not request.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         tools = tool_use(request)
@@ -404,16 +446,7 @@ class Serving:
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = _sampling_params(request, max_tokens, logprobs, None, constraint)
         self.check_length(len(prompt), params.max_tokens)
-        started = await self.start(request_id, [prompt], params, request.priority)
-        if request.stream:
-            return self.stream_chat(request, request_id, started, [prompt], tools is not None)
-        choices = await self.collect(started, disconnected)
-        return ChatCompletionResponse(
-            id=request_id,
-            model=self.model_name,
-            choices=[self._chat_choice(request, c, tools is not None) for c in choices],
-            usage=_usage([prompt], choices),
-        )
+        return prompt, params, tools
 
     async def chat_constraint(self, request: ChatCompletionRequest, tools: ToolUse | None) -> StructuredOutputs | None:
         """The grammar of a chat's output: the forced calls of its tool_choice, or its structured-output fields."""
@@ -426,10 +459,10 @@ class Serving:
             return await compiled(tools.forced, "tools", self.grammars)
         return constraint
 
-    def _chat_choice(self, request: ChatCompletionRequest, choice: Choice, with_tools: bool) -> ChatChoice:
+    def _chat_choice(self, request: ChatCompletionRequest, choice: Choice, tools: ToolUse | None) -> ChatChoice:
         message, finish_reason = ChatResponseMessage(content=choice.text), choice.finish_reason
-        if with_tools:
-            message, finish_reason = chat_message(choice.text, finish_reason)
+        if tools is not None:
+            message, finish_reason = chat_message(choice.text, finish_reason, tools.names)
         return ChatChoice(
             index=choice.index,
             message=message,
@@ -458,9 +491,9 @@ class Serving:
         request_id: str,
         started: Started,
         prompts: list[list[int]],
-        with_tools: bool,
+        tools: ToolUse | None,
     ) -> EventStream:
-        tool_deltas = {choice.index: ToolCallDeltas() for choice, _ in started} if with_tools else {}
+        tool_deltas = {choice.index: ToolCallDeltas(tools.names) for choice, _ in started} if tools is not None else {}
 
         def chunk(choice: ChatStreamChoice) -> dict[str, Any]:
             body = ChatCompletionChunk(id=request_id, model=self.model_name, choices=[choice])
@@ -468,7 +501,7 @@ class Serving:
 
         def event(choice: Choice, output: RequestOutput) -> dict[str, Any]:
             delta, finish_reason = DeltaMessage(content=output.new_text), output.finish_reason
-            if with_tools:
+            if tools is not None:
                 delta, finish_reason = tool_deltas[choice.index].delta(output.new_text, finish_reason)
             return chunk(
                 ChatStreamChoice(
@@ -491,11 +524,11 @@ class Serving:
         events = self.event_stream(started, prompts, roles, event, usage_event if _include_usage(request) else None)
         return EventStream(events, started)
 
-    def _prompt_text(self, choice: Choice) -> str:
-        return self.tokenizer.decode(choice.prompt_token_ids)
+    def _prompt_text(self, choice: Choice, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(choice.prompt_token_ids, skip_special_tokens=skip_special_tokens)
 
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+    def _token_text(self, token_id: int, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)
 
 
 def _prompt_items(request: CompletionRequest) -> list[str | list[int]]:
@@ -508,6 +541,31 @@ def _prompt_items(request: CompletionRequest) -> list[str | list[int]]:
 
 def _include_usage(request: CompletionRequest | ChatCompletionRequest) -> bool:
     return request.stream_options is not None and request.stream_options.include_usage
+
+
+def _completion_max_tokens(request: CompletionRequest) -> int | None:
+    """The engine's max_tokens. Echo alone still runs the prompt, for its logprobs; as in vLLM it samples one token,
+    which the response drops (an engine request generates at least one)."""
+    if not request.echo_only:
+        return request.max_tokens
+    if request.min_tokens:
+        raise APIError(400, f"min_tokens ({request.min_tokens}) must not exceed max_tokens (0)", param="min_tokens")
+    return 1
+
+
+def _without_generation(output: RequestOutput) -> RequestOutput:
+    """An echo-only choice's view of an output: the prompt's logprobs, not the token sampled with them, and the
+    end that max_tokens 0 means ("length"); an abort or error stays as it is."""
+    ended = output.finish_reason in ("stop", "length")
+    return replace(
+        output,
+        new_token_ids=[],
+        new_text="",
+        new_logprobs=[],
+        num_output_tokens=0,
+        finish_reason="length" if ended else output.finish_reason,
+        stop_reason=None,
+    )
 
 
 def _sampling_params(
@@ -533,6 +591,13 @@ def _usage(prompts: list[list[int]], choices: list[Choice]) -> UsageInfo:
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _generation_error(output: RequestOutput) -> APIError:
+    """The HTTP error for a request that failed while running: a 400 when its own input failed it."""
+    if output.error_param is not None:
+        return APIError(400, output.error or "invalid request", param=output.error_param)
+    return APIError(500, output.error or "generation failed", code="generation_error")
 
 
 def _api_error_for(exc: BaseException) -> APIError | None:

@@ -3,6 +3,7 @@ into OpenAI's ``tool_calls`` (whole, or as stream deltas)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from server.protocol import (
 class ToolUse:
     tools: list[dict[str, Any]]  # OpenAI tool definitions, for the prompt
     forced: StructuredOutputs | None  # the grammar of the calls "required" or a named tool_choice demands
+    names: tuple[str, ...] = ()  # the functions that grammar lets a call name (none when the model is free)
 
 
 def tool_use(request: ChatCompletionRequest) -> ToolUse | None:
@@ -41,21 +43,30 @@ def tool_use(request: ChatCompletionRequest) -> ToolUse | None:
     functions = {tool.function.name: tool.function.model_dump(exclude_none=True) for tool in request.tools}
     if len(functions) < len(request.tools):
         raise APIError(400, "tools must have distinct function names", param="tools")
-    forced = None
+    forced: StructuredOutputs | None = None
+    names: tuple[str, ...] = ()
     if choice == "required":
         forced = forced_tool_calls(list(functions.values()), single=not request.parallel_tool_calls)
+        names = tuple(functions)
     elif isinstance(choice, NamedToolChoice):
         if choice.function.name not in functions:
             raise APIError(
                 400, f"tool_choice names {choice.function.name!r}, which is not in tools", param="tool_choice"
             )
         forced = forced_tool_calls([functions[choice.function.name]], single=True)
-    return ToolUse([tool.model_dump(exclude_none=True) for tool in request.tools], forced)
+        names = (choice.function.name,)
+    return ToolUse([tool.model_dump(exclude_none=True) for tool in request.tools], forced, names)
 
 
-def chat_message(text: str, finish_reason: str | None) -> tuple[ChatResponseMessage, str | None]:
-    """The assistant message of a whole output, with its calls, and the finish reason ("tool_calls" if it called)."""
-    content, calls = parse_tool_calls(text)
+def chat_message(
+    text: str, finish_reason: str | None, names: Sequence[str] = ()
+) -> tuple[ChatResponseMessage, str | None]:
+    """The assistant message of a whole output, with its calls, and the finish reason ("tool_calls" if it called).
+
+    An output cut off ("length") inside a call gives the call as far as it was written; ``names`` are those of
+    ``ToolUse``, which name a forced call cut off before its name was whole.
+    """
+    content, calls = parse_tool_calls(text, truncated=finish_reason == "length", names=names)
     if not calls:
         return ChatResponseMessage(content=content), finish_reason
     message = ChatResponseMessage(content=content.strip() or None, tool_calls=[_tool_call(c) for c in calls])
@@ -63,15 +74,20 @@ def chat_message(text: str, finish_reason: str | None) -> tuple[ChatResponseMess
 
 
 class ToolCallDeltas:
-    """One streamed choice: each text delta becomes a content delta plus the calls that completed in it."""
+    """One streamed choice: each text delta becomes a content delta plus the calls that completed in it (a call the
+    output was cut off in comes with the last delta, as ``chat_message`` reads it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: Sequence[str] = ()) -> None:
         self._stream = ToolCallStream()
         self._num_calls = 0
+        self._names = names
 
     def delta(self, text: str, finish_reason: str | None) -> tuple[DeltaMessage, str | None]:
         content, calls = self._stream.feed(text)
-        if finish_reason is not None:
+        if finish_reason == "length":
+            rest, cut = self._stream.finish_truncated(self._names)
+            content, calls = content + rest, calls + cut
+        elif finish_reason is not None:
             content += self._stream.finish()
         deltas = [
             DeltaToolCall(index=self._num_calls + offset, **_tool_call(call).model_dump())

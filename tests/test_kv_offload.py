@@ -442,7 +442,9 @@ def test_swap_space_smaller_than_a_block_is_refused(source) -> None:
 def test_offload_metrics_are_exported() -> None:
     metrics = EngineMetrics("m")
     stats = SchedulerStats(0, 0, 0.0, 0, 0, 5, 1, 1, num_swap_preemptions=3, num_swap_slots=10, num_free_swap_slots=4)
-    disk = DiskStoreCounters(hits=2, misses=1, read_bytes=8, written_bytes=9, corrupt_files=1, stored_bytes=9)
+    disk = DiskStoreCounters(
+        hits=2, misses=1, read_bytes=8, written_bytes=9, corrupt_files=1, io_errors=4, stored_bytes=9
+    )
     metrics.observe([], stats, EngineCounters(swap=SwapCounters(100, 60), disk=disk))
     value = lambda name: metrics.registry.get_sample_value(f"spindle:{name}", {"model_name": "m"})  # noqa: E731
     assert (value("kv_swap_preemptions_total"), value("kv_recompute_preemptions_total")) == (3, 2)
@@ -455,3 +457,4 @@ def test_offload_metrics_are_exported() -> None:
     )
     assert (value("kv_disk_read_bytes_total"), value("kv_disk_written_bytes_total")) == (8, 9)
     assert value("kv_disk_stored_bytes") == 9
+    assert value("kv_disk_io_errors_total") == 4

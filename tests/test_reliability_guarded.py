@@ -264,6 +264,9 @@ CHECKS = [
 OPERATIONS = [
     ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/{response_id}"),
+    ("DELETE", "/v1/responses/{response_id}"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model}"),
     ("POST", "/tokenize"),
@@ -288,7 +291,8 @@ def api_schema(guarded: ServerProcess) -> Any:
 def event_validators(guarded: ServerProcess) -> dict[str, Draft202012Validator]:
     """By path, a validator of the JSON each server-sent event carries, as the server's own schema describes it.
 
-    Schemathesis checks each event's shape, but not the JSON in its data (``contentSchema``): these do.
+    Schemathesis checks each event's shape, but not the JSON in its data (``contentSchema``): these do. A stream
+    whose events are named (the Responses API's) has no ``[DONE]`` among its data.
     """
     document = httpx.get(f"{guarded.url}/openapi.json").json()
     validators = {}
@@ -296,16 +300,19 @@ def event_validators(guarded: ServerProcess) -> dict[str, Draft202012Validator]:
         for operation in operations.values():
             stream = operation["responses"].get("200", {}).get("content", {}).get("text/event-stream")
             if stream is not None:
-                payload = stream["schema"]["properties"]["data"]["anyOf"][1]["contentSchema"]
-                validators[path] = Draft202012Validator(payload | {"components": document["components"]})
-    assert set(validators) == {"/v1/completions", "/v1/chat/completions"}
+                event = stream["schema"]["properties"]
+                data = event["data"] if "event" in event else event["data"]["anyOf"][1]
+                validators[path] = Draft202012Validator(data["contentSchema"] | {"components": document["components"]})
+    assert set(validators) == {"/v1/completions", "/v1/chat/completions", "/v1/responses"}
     return validators
 
 
 def check_events(response: Any, validator: Draft202012Validator) -> None:
-    data = [line[len("data: ") :] for line in response.content.decode().splitlines() if line.startswith("data: ")]
-    assert data[-1] == "[DONE]"
-    for payload in data[:-1]:
+    lines = response.content.decode().splitlines()
+    data = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+    if not lines[0].startswith("event: "):
+        assert data.pop() == "[DONE]"
+    for payload in data:
         validator.validate(json.loads(payload))
 
 
@@ -314,7 +321,7 @@ def check_events(response: Any, validator: Draft202012Validator) -> None:
 STEERED_FIELDS = {
     "prompt", "messages", "stream", "stream_options", "echo", "logprobs", "top_logprobs", "return_token_ids",
     "ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "user", "priority", "seed",
-    "add_generation_prompt",
+    "add_generation_prompt", "input", "store",
 }  # fmt: skip
 
 
@@ -322,9 +329,12 @@ def steered(case: Any, stream: bool) -> Any:
     def short(text: object) -> str:  # a prompt that fits the context
         return text[:12] if isinstance(text, str) and text.strip() else "Hello"
 
-    body = {k: v for k, v in case.body.items() if k in STEERED_FIELDS} | {"max_tokens": 4, "stream": stream}
+    limit = {"max_output_tokens": 4} if "input" in case.body else {"max_tokens": 4}
+    body = {k: v for k, v in case.body.items() if k in STEERED_FIELDS} | limit | {"stream": stream}
     if "prompt" in body:
         body["prompt"] = short(body["prompt"])
+    if "input" in body:
+        body["input"] = short(body["input"])
     if "messages" in body:
         body["messages"] = [{"role": "user", "content": short(m.get("content"))} for m in body["messages"][:2]]
     case.body = body

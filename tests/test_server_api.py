@@ -414,3 +414,62 @@ def test_echo_with_logprobs(client: openai.OpenAI, model: str, offline_llm: LLM)
     assert [t for p in pieces for t in p.tokens] == logprobs.tokens
     assert [lp for p in pieces for lp in p.token_logprobs] == logprobs.token_logprobs
     assert [o for p in pieces for o in p.text_offset] == logprobs.text_offset
+
+
+def assert_text_matches_tokens(text: str, logprobs: Any) -> None:
+    """The legacy logprobs spell the choice's text: each token sits at its text_offset, and together they are it."""
+    assert "".join(logprobs.tokens) == text
+    for token, offset in zip(logprobs.tokens, logprobs.text_offset, strict=True):
+        assert text[offset : offset + len(token)] == token
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+@pytest.mark.parametrize("logit_bias", [None, {"1": 100}], ids=["plain", "special-generated"])
+def test_echo_text_tokens_and_offsets_agree(
+    skip_special_tokens: bool, logit_bias: dict[str, int] | None, client: openai.OpenAI, model: str
+) -> None:
+    # "<|im_end|>" is a special token of the prompt; a logit bias on <|im_start|> (id 1) generates special ones.
+    kwargs: dict[str, Any] = {"model": model, "prompt": "A<|im_end|>B", "max_tokens": 3, "echo": True, "logprobs": 1}
+    extra_body = {"skip_special_tokens": skip_special_tokens, "ignore_eos": True}
+    kwargs |= {"logit_bias": logit_bias, "extra_body": extra_body, **GREEDY}
+    choice = complete(client, **kwargs).choices[0]
+    assert choice.text.startswith("AB" if skip_special_tokens else "A<|im_end|>B")
+    assert len(choice.logprobs.tokens) == len(choice.prompt_token_ids) + len(choice.token_ids) == 6
+    assert_text_matches_tokens(choice.text, choice.logprobs)
+    streamed = stream_completion(client, **kwargs)
+    assert streamed.text[0] == choice.text
+    pieces = streamed.logprobs[0]
+    assert [t for p in pieces for t in p.tokens] == choice.logprobs.tokens
+    assert [o for p in pieces for o in p.text_offset] == choice.logprobs.text_offset
+
+
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_echo_with_max_tokens_0_returns_the_prompt_alone(
+    logprobs: int | None, client: openai.OpenAI, model: str
+) -> None:
+    kwargs: dict[str, Any] = {"model": model, "prompt": PROMPT, "echo": True, "logprobs": logprobs, **GREEDY}
+    echoed = complete(client, max_tokens=4, **kwargs).choices[0]  # the same prompt, with generated tokens
+    response = complete(client, max_tokens=0, **kwargs)
+    choice = response.choices[0]
+    assert (choice.text, choice.finish_reason, choice.token_ids) == (PROMPT, "length", [])
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (len(echoed.prompt_token_ids), 0)
+    if logprobs is None:
+        assert choice.logprobs is None
+    else:
+        prompt_len = len(choice.prompt_token_ids)
+        assert choice.logprobs.token_logprobs[0] is None  # nothing precedes the first token, as OpenAI returns
+        for field_name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert getattr(choice.logprobs, field_name) == getattr(echoed.logprobs, field_name)[:prompt_len]
+    streamed = stream_completion(client, max_tokens=0, stream_options={"include_usage": True}, **kwargs)
+    assert (streamed.text[0], streamed.finish_reason[0], streamed.token_ids[0]) == (PROMPT, "length", [])
+    assert streamed.chunks[-1].usage.completion_tokens == 0
+    if logprobs is not None:
+        assert [t for p in streamed.logprobs[0] for t in p.tokens] == choice.logprobs.tokens
+        assert [lp for p in streamed.logprobs[0] for lp in p.token_logprobs] == choice.logprobs.token_logprobs
+
+
+def test_echo_with_max_tokens_0_refuses_min_tokens(http: httpx.Client) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 0, "echo": True, "min_tokens": 1}
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "min_tokens"

@@ -72,6 +72,30 @@ def test_full_queue_is_503_with_retry_after(limited: ServerProcess, authed: http
     assert authed.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
+# (path, body, the parameter blamed, sequences needed): more than the one waiting slot of the limited server.
+MORE_THAN_QUEUED = [
+    ("/v1/completions", {"prompt": "Hi", "n": 2}, "n", 2),
+    ("/v1/completions", {"prompt": "Hi", "n": 2, "stream": True}, "n", 2),
+    ("/v1/completions", {"prompt": ["Hi", "Ho"]}, "prompt", 2),
+    ("/v1/completions", {"prompt": [[1, 2], [3, 4]], "n": 2}, "n", 4),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": 2}, "n", 2),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param", "sequences"), MORE_THAN_QUEUED)
+def test_more_sequences_than_the_queue_holds_is_400(
+    path: str, body: dict[str, object], param: str, sequences: int, limited: ServerProcess, authed: httpx.Client
+) -> None:
+    limited.wait_idle()
+    refused = authed.post(path, json=body | {"max_tokens": 2})  # idle server: no wait would let it in
+    assert refused.status_code == 400, refused.text
+    assert "retry-after" not in refused.headers
+    error = refused.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert f"needs {sequences} sequences" in error["message"]
+    assert "queues at most 1" in error["message"]
+
+
 def draining(server: ServerProcess, within: float = 2.0) -> bool:
     """Whether /health turns 503, or the server stops listening, within ``within`` seconds."""
     deadline = time.monotonic() + within

@@ -20,6 +20,7 @@ import pytest
 from engine.sampling_params import SamplingParams
 from engine.tools.parser import parse_tool_calls
 from engine.tools.prompt import conversation_with_tools
+from tests.test_structured import late_failing_grammar
 
 if TYPE_CHECKING:
     from engine.llm import LLM
@@ -316,6 +317,75 @@ def test_bad_constraints_are_400_naming_the_problem(
     assert problem in error["message"]
 
 
+# ---------------------------------------------------------------- grammars that compile but fail once running
+# The shared server takes 64 KiB bodies: 5,000 short options are over the limit on choices but under that one (the
+# 50,000 of the in-process test are not).
+MANY_CHOICES = [str(i) for i in range(5000)]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "problem"),
+    [
+        ("/v1/chat/completions", {"guided_json": {"$ref": "#"}}, "guided_json", "allows no output"),
+        ("/v1/completions", {"guided_json": {"$ref": "#"}}, "guided_json", "allows no output"),
+        (
+            "/v1/chat/completions",
+            {"response_format": json_schema_format({"$ref": "#"})},
+            "response_format",
+            "allows no output",
+        ),
+        ("/v1/completions", {"guided_grammar": 'start: "x" start'}, "guided_grammar", "Too many items"),
+        (
+            "/v1/chat/completions",
+            {"structured_outputs": {"grammar": 'start: "x" start'}},
+            "structured_outputs.grammar",
+            "Too many items",
+        ),
+        ("/v1/completions", {"guided_choice": MANY_CHOICES}, "guided_choice", "at most 1999 options, got 5000"),
+    ],
+    ids=["ref_chat", "ref_completions", "ref_response_format", "recursion", "recursion_structured", "choices"],
+)
+def test_grammars_failing_on_their_first_step_are_400_at_admission(
+    http: httpx.Client, model: str, path: str, body: dict[str, Any], param: str, problem: str
+) -> None:
+    prompt = {"messages": ASK} if path.endswith("chat/completions") else {"prompt": PROMPT}
+    response = http.post(path, json={"model": model, "max_tokens": 4, **prompt, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert problem in error["message"] and "<state>" not in error["message"]
+
+
+def test_a_grammar_failing_mid_output_is_400_and_its_batch_mates_finish(
+    server: ServerProcess, http: httpx.Client, model: str, offline_llm: LLM
+) -> None:
+    """A grammar that passes admission but fails on the token its request samples (forced by logit_bias) fails that
+    request alone, as a 400 naming the parameter; a request decoding beside it is unchanged, and no step is re-run."""
+    offline = offline_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=24))[0].outputs[0]
+    b = offline_llm.engine.tokenizer.encode("b", add_special_tokens=False)[0]
+    bad = {"model": model, "max_tokens": 4, "temperature": 0.0, "logit_bias": {str(b): 100}}
+    bad["guided_grammar"] = late_failing_grammar()
+    before = server.wait_idle()
+    with ThreadPoolExecutor(1) as pool:
+        free = pool.submit(
+            http.post, "/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+        )
+        failed = http.post("/v1/completions", json={**bad, "prompt": PROMPT})
+        streamed = http.post("/v1/chat/completions", json={**bad, "messages": ASK, "stream": True})
+        assert free.result().status_code == 200
+    assert free.result().json()["choices"][0]["text"] == offline.text
+    assert failed.status_code == 400, failed.text
+    error = failed.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "guided_grammar")
+    assert "Current row has 2002 items" in error["message"] and "<state>" not in error["message"]
+    events = [line[len("data: ") :] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["param"] == "guided_grammar"
+    after = server.wait_idle()
+    assert after["spindle:step_reruns_total"] == before["spindle:step_reruns_total"]
+    assert after["spindle:request_success_total[error]"] - before.get("spindle:request_success_total[error]", 0) == 2
+
+
 # ---------------------------------------------------------------- tools
 def reassemble(chunks: list[Any]) -> tuple[str, list[dict[str, Any]], str | None]:
     """Content, tool calls (merged by index as OpenAI clients do) and the finish reason of a streamed choice."""
@@ -388,12 +458,61 @@ def test_required_tool_calls_always_parse(client: openai.OpenAI, model: str) -> 
                 jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
 
 
+def check_call_cut_off(client: openai.OpenAI, kwargs: dict[str, Any], cuts: tuple[int, ...]) -> None:
+    """Greedy, the request cut off at each of ``cuts`` max_tokens returns the call of the whole output as far as it
+    was written (the name, the beginning of the arguments) with finish_reason "length" and no markup in the content,
+    whole and streamed; the whole output's call is complete."""
+    whole = client.chat.completions.create(max_tokens=120, **kwargs).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    [complete] = whole.message.tool_calls
+    json.loads(complete.function.arguments)
+    for max_tokens in cuts:
+        cut = client.chat.completions.create(max_tokens=max_tokens, **kwargs).choices[0]
+        assert cut.finish_reason == "length" and not cut.message.content
+        [call] = cut.message.tool_calls
+        assert call.type == "function" and call.id and call.function.name == complete.function.name
+        assert complete.function.arguments.startswith(call.function.arguments)
+        assert call.function.arguments != complete.function.arguments
+        streamed = client.chat.completions.create(max_tokens=max_tokens, stream=True, **kwargs)
+        content, calls, finish = reassemble(list(streamed))
+        assert (content, finish) == ("", "length")
+        assert [(c["name"], c["arguments"]) for c in calls] == [(call.function.name, call.function.arguments)]
+
+
+# Greedy, the forced call is <tool_call>[{"name": "get_weather", "arguments": {"city": "Paris", ...: 5 tokens end in
+# the tag, 19 in the arguments.
+@pytest.mark.parametrize(
+    ("tool_choice", "cuts"),
+    [({"type": "function", "function": {"name": "get_weather"}}, (5, 19)), ("required", (19,))],
+    ids=["named", "required"],
+)
+def test_a_forced_tool_call_cut_off_by_max_tokens(
+    client: openai.OpenAI, model: str, tool_choice: Any, cuts: tuple[int, ...]
+) -> None:
+    kwargs = {"model": model, "messages": ASK, "tools": TOOLS, "tool_choice": tool_choice, "temperature": 0.0}
+    check_call_cut_off(client, kwargs, cuts)
+
+
+def test_an_auto_tool_call_cut_off_by_max_tokens(client: openai.OpenAI, model: str) -> None:
+    """After turns in which the assistant called, the model calls by itself (tool_choice "auto")."""
+    messages: list[dict[str, Any]] = []
+    for index, city in enumerate(("Oslo", "Rome")):
+        arguments = json.dumps({"city": city, "unit": "celsius"})
+        call = {"id": f"c{index}", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+        messages += [
+            {"role": "user", "content": f"Weather in {city}?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+        ]
+    messages.append({"role": "user", "content": "Weather in Paris?"})
+    check_call_cut_off(client, {"model": model, "messages": messages, "tools": TOOLS, "temperature": 0.0}, (19,))
+
+
 def test_auto_tool_choice_matches_the_offline_engine(client: openai.OpenAI, model: str, offline_llm: LLM) -> None:
     """The server's prompt carries the tools as documented: greedy output equals the offline engine's on the same
     rendering, read into content and calls the same way, whole and streamed."""
     prompt = offline_llm.tokenizer.encode_chat(conversation_with_tools(ASK, TOOLS, template_renders=False))
     offline = offline_llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16))[0].outputs[0]
-    expected_content, expected_calls = parse_tool_calls(offline.text)
+    expected_content, expected_calls = parse_tool_calls(offline.text, truncated=offline.finish_reason == "length")
     expected_finish = "tool_calls" if expected_calls and offline.finish_reason == "stop" else offline.finish_reason
     kwargs = {"model": model, "messages": ASK, "tools": TOOLS, "temperature": 0.0, "max_tokens": 16}
     choice = client.chat.completions.create(**kwargs).choices[0]

@@ -132,3 +132,58 @@ def test_forced_calls_grammar(tokenizer: Tokenizer, compiler: GrammarCompiler, s
     assert matcher.finished
     call = parse_tool_calls(one)[1][0]
     jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+
+
+CUT = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Pa'
+
+
+@pytest.mark.parametrize(
+    ("text", "names", "expected"),
+    [
+        # Forced: the output is nothing but calls, so a name cut off (or not begun) is the one name that fits.
+        (CUT, ("get_weather", "plant"), ("", [ToolCall("get_weather", '{"city": "Pa')])),
+        ('<tool_call>[{"name": "get_w', ("get_weather", "plant"), ("", [ToolCall("get_weather", "")])),
+        ("<tool_call>[", ("get_weather",), ("", [ToolCall("get_weather", "")])),
+        ("<tool_c", ("get_weather",), ("", [ToolCall("get_weather", "")])),
+        ('<tool_call>[{"name": "get_', ("get_weather", "get_time"), ("", [])),
+        # Earlier calls whole, the last one as far as it goes; a list cut in its end tag is whole.
+        (
+            '<tool_call>[{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {',
+            ("a", "b"),
+            ("", [ToolCall("a", '{"x": 1}'), ToolCall("b", "{")]),
+        ),
+        ('<tool_call>[{"name": "a", "arguments": {}}, ', ("a",), ("", [ToolCall("a", "{}"), ToolCall("a", "")])),
+        ('<tool_call>[{"name": "a", "arguments": {"x": "y"}}]</tool', ("a",), ("", [ToolCall("a", '{"x": "y"}')])),
+        # Free ("auto"): a call is read once its name is written whole; an unnamed one is dropped with its markup.
+        ("Let me check. " + CUT, (), ("Let me check. ", [ToolCall("get_weather", '{"city": "Pa')])),
+        ('<tool_call>\n{"name": "f", "parameters": {"a": [1, ', (), ("", [ToolCall("f", '{"a": [1, ')])),
+        ('<tool_call>{"arguments": {"a": 1}, "name": "f"', (), ("", [ToolCall("f", '{"a": 1}')])),
+        ('x <tool_call>[{"name": "get_w', (), ("x ", [])),
+        ("x <tool_call>", (), ("x ", [])),
+        # Not the beginning of calls, or not a call tag yet: content, as in an output that was not cut off.
+        ("x <tool_call>hello", (), ("x <tool_call>hello", [])),
+        ('x <tool_call>[{"name": 3, ', (), ('x <tool_call>[{"name": 3, ', [])),
+        ("x <tool_c", (), ("x <tool_c", [])),
+    ],
+)
+def test_a_call_cut_off_is_read_as_far_as_it_goes(
+    text: str, names: tuple[str, ...], expected: tuple[str, list[ToolCall]]
+) -> None:
+    assert parse_tool_calls(text, truncated=True, names=names) == expected
+    for split in range(len(text) + 1):
+        stream = ToolCallStream()
+        content, calls = stream.feed(text[:split])
+        more, new_calls = stream.feed(text[split:])
+        rest, cut = stream.finish_truncated(names)
+        assert (content + more + rest, calls + new_calls + cut) == expected
+    # An output that ended by itself inside a call keeps it as text.
+    assert parse_tool_calls(text) == (text, [])
+
+
+def test_a_cut_off_name_escape_and_arguments_stay_as_written() -> None:
+    text = '<tool_call>[{"name": "caf\\u00e9", "arguments": {"q": "\\n\\u00'
+    assert parse_tool_calls(text, truncated=True) == ("", [ToolCall("café", '{"q": "\\n\\u00')])
+    assert parse_tool_calls('<tool_call>[{"name": "caf\\u00', truncated=True, names=("café", "tea")) == (
+        "",
+        [ToolCall("café", "")],
+    )
