@@ -1,7 +1,7 @@
 """Load time, resident memory after load, and single-sequence decode speed of the engine.
 
 .venv/bin/python benchmarks/single_stream.py [--dtype auto|bfloat16|float32] [--tokens 128] [--model PATH]
-    [--weight-quantization auto|none|int4]
+    [--weight-quantization auto|none|int4] [--activation-quantization none|int8]
 """
 
 from __future__ import annotations
@@ -24,12 +24,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--prompt", default="Write a short story about a lighthouse keeper.")
     parser.add_argument("--weight-quantization", default="auto", help="4-bit weight copies for small steps")
+    parser.add_argument("--activation-quantization", default="none", help="int8: quantize fp32 activations (lossy)")
     args = parser.parse_args()
 
     process = psutil.Process()
     rss_before = process.memory_info().rss
     started = time.perf_counter()
-    llm = LLM(model=args.model, dtype=args.dtype, weight_quantization=args.weight_quantization)
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        weight_quantization=args.weight_quantization,
+        activation_quantization=args.activation_quantization,
+    )
     load_seconds = time.perf_counter() - started
     rss_after = process.memory_info().rss
     engine = llm.engine
@@ -46,7 +52,8 @@ def main() -> None:
     prefill, decode = step_times[0], sorted(step_times[1:])
     print(
         f"model: {engine.model_name}  dtype: {args.dtype} ({ModelConfig(dtype=args.dtype).torch_dtype})  "
-        f"weight quantization: {args.weight_quantization}  threads: {torch.get_num_threads()}  "
+        f"weight quantization: {args.weight_quantization}  activation quantization: {args.activation_quantization}  "
+        f"threads: {torch.get_num_threads()}  "
         f"CPU: {cpu_profile().describe()}"
     )
     print(f"load time: {load_seconds:.2f} s")
