@@ -76,7 +76,17 @@ def _router(args: argparse.Namespace) -> int:
 
 
 # Of the server's settings, those the router applies to itself.
-ROUTER_SERVER_FIELDS = ("host", "port", "log_level", "max_request_body_bytes", "shutdown_timeout")
+ROUTER_SERVER_FIELDS = (
+    "host",
+    "port",
+    "log_level",
+    "max_request_body_bytes",
+    "shutdown_timeout",
+    "header_read_timeout",
+    "body_read_timeout",
+    "keep_alive_timeout",
+    "max_connections",
+)
 
 
 def _export_hf(args: argparse.Namespace) -> int:

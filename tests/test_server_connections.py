@@ -191,6 +191,45 @@ def test_past_the_connection_cap_requests_get_503_at_once(guarded: ServerProcess
     assert later == 200  # once the silent holders are cut off at the header timeout
 
 
+@pytest.fixture(scope="module")
+def guarded_router(launch_server: Launcher) -> ServerProcess:
+    """The router with the same limits, in front of a replica that never answers: its own /health (503) is what a
+    normal client gets."""
+    flags = [
+        *("--replica", "http://127.0.0.1:9", "--header-read-timeout", str(HEADER_TIMEOUT)),
+        *("--keep-alive-timeout", str(KEEP_ALIVE_TIMEOUT), "--max-connections", str(MAX_CONNECTIONS)),
+    ]
+    router = launch_server("router-connections", flags, command="router")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            httpx.get(f"{router.url}/health", timeout=1.0)
+            return router
+        time.sleep(0.2)
+    raise RuntimeError(f"the router did not start:\n{router.log_tail()}")
+
+
+def test_the_router_cuts_off_slow_headers_while_a_normal_client_is_served(guarded_router: ServerProcess) -> None:
+    never_ending = b"GET /health HTTP/1.1\r\nHost: spindle\r\nX-Padding: " + b"a" * 4000
+
+    async def scenario() -> tuple[list[float], int, float]:
+        began = time.monotonic()
+        slow = [
+            asyncio.create_task(slow_client(guarded_router, b"", never_ending, HEADER_TIMEOUT + SLACK))
+            for _ in range(20)
+        ]
+        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(base_url=guarded_router.url, timeout=30) as client:
+            status = (await client.get("/health")).status_code
+        served_after = time.monotonic() - began
+        return await asyncio.gather(*slow), status, served_after
+
+    cut_after, status, served_after = asyncio.run(scenario())
+    assert status == 503  # answered: no replica is in rotation
+    assert served_after < min(cut_after)
+    assert all(HEADER_TIMEOUT - EARLY <= seconds <= HEADER_TIMEOUT + SLACK for seconds in cut_after), cut_after
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

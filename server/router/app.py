@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from engine.config import EngineConfig
 from engine.errors import ConfigError
 from server.app import spindle_version
+from server.connections import guarded_protocol
 from server.errors import error_response, install_error_handlers
 from server.metrics import RouterMetrics
 from server.middleware import BodySizeLimit
@@ -170,6 +171,9 @@ def run_router(config: EngineConfig) -> None:
         port=server.port,
         log_level=server.log_level,
         timeout_graceful_shutdown=math.ceil(server.shutdown_timeout),
+        # the server's read timeouts and connection cap: slow or idle clients hold no connection here either
+        http=guarded_protocol(server),
+        timeout_keep_alive=server.keep_alive_timeout,  # type: ignore[arg-type]  # a float works: it is a delay
     )
     signal.signal(signal.SIGTERM, exit_cleanly)
     uvicorn.Server(uvicorn_config).run()
