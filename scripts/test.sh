@@ -16,8 +16,8 @@ fi
 "${pytest[@]}"
 [ "$(uname -m)" = x86_64 ] || exit 0
 kernels=(tests/test_cpu_profile.py tests/test_cpu_attention.py tests/test_layer_ops.py tests/test_linear_f32.py
-  tests/test_int4_weights.py tests/test_int8_weights.py tests/test_bucketed_linear.py tests/test_amx_linear.py
-  tests/test_attention_registry.py)
+  tests/test_linear_q8.py tests/test_int4_weights.py tests/test_int8_weights.py tests/test_bucketed_linear.py
+  tests/test_amx_linear.py tests/test_attention_registry.py)
 # (speculative verification steps are in test_native_decoder's runs)
 model_and_engine=(tests/test_reference_greedy.py tests/test_native_decoder.py tests/test_prompt_logprobs.py
   tests/test_engine_batching.py tests/test_kv_cache_dtype.py tests/test_server_api.py)
