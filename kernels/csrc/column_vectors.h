@@ -61,4 +61,28 @@ void pack_scales(const uint16_t* table, int64_t block, int64_t group, int64_t gr
     for (int c = 0; c < kColumns; ++c) fp16[c] = table[(block * kColumns + c) * groups + group];
 }
 
+// The 4-bit layouts' frame, per block of 16 output columns and group of 32 input channels (blocks one after another,
+// each block's groups in order), 320 bytes: the 16 columns' fp16 scales, their fp16 minimums, then 256 bytes of
+// levels, a byte per column and channel c < 16 holding the level of channel c (low nibble) and c + 16 (high nibble).
+// ``slot(column, channel)`` says where in those 256 bytes each kernel wants that byte.
+constexpr int64_t kInt4GroupBytes = 320;
+
+template <typename Slot>
+void pack_int4_groups(const uint8_t* levels, const uint16_t* scales, const uint16_t* minimums, uint8_t* packed,
+                      int64_t out_features, int64_t in_features, Slot slot) {
+    const int64_t groups = in_features / kGroup;
+    for (int64_t b = 0; b < out_features / kColumns; ++b)
+        for (int64_t g = 0; g < groups; ++g) {
+            uint8_t* target = packed + (b * groups + g) * kInt4GroupBytes;
+            pack_scales(scales, b, g, groups, target);
+            pack_scales(minimums, b, g, groups, target + kScaleBytes);
+            for (int c = 0; c < kColumns; ++c) {
+                const uint8_t* column = levels + (b * kColumns + c) * in_features + g * kGroup;
+                for (int channel = 0; channel < kGroup / 2; ++channel)
+                    target[2 * kScaleBytes + slot(c, channel)] =
+                        static_cast<uint8_t>((column[channel] & 0xF) | (column[channel + kGroup / 2] & 0xF) << 4);
+            }
+        }
+}
+
 }  // namespace

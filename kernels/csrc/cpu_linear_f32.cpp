@@ -30,7 +30,7 @@
 
 namespace {
 
-constexpr int64_t kInt4GroupBytes = 320, kInt8GroupBytes = 544;
+constexpr int64_t kInt8GroupBytes = 544;
 
 // 16 bytes widened to int32, unsigned or signed.
 template <bool Signed>
@@ -163,19 +163,8 @@ void linear(const float* x, const uint8_t* packed, float* out, int64_t rows, int
 // Levels [N, K] (one per byte, 0-15) with fp16 scales and minimums [N, K / 32] into the 4-bit layout above.
 extern "C" void spindle_pack_int4_f32(const uint8_t* levels, const uint16_t* scales, const uint16_t* minimums,
                                       uint8_t* packed, int64_t out_features, int64_t in_features) {
-    const int64_t groups = in_features / kGroup;
-    for (int64_t b = 0; b < out_features / kColumns; ++b)
-        for (int64_t g = 0; g < groups; ++g) {
-            uint8_t* target = packed + (b * groups + g) * kInt4GroupBytes;
-            pack_scales(scales, b, g, groups, target);
-            pack_scales(minimums, b, g, groups, target + kScaleBytes);
-            for (int j = 0; j < kGroup / 2; ++j)
-                for (int c = 0; c < kColumns; ++c) {
-                    const uint8_t* column = levels + (b * kColumns + c) * in_features + g * kGroup;
-                    target[2 * kScaleBytes + j * kColumns + c] =
-                        static_cast<uint8_t>((column[j] & 0xF) | (column[j + kGroup / 2] & 0xF) << 4);
-                }
-        }
+    pack_int4_groups(levels, scales, minimums, packed, out_features, in_features,
+                     [](int column, int channel) { return channel * kColumns + column; });
 }
 
 // Values [N, K] (int8) with fp16 scales [N, K / 32] into the 8-bit layout above.

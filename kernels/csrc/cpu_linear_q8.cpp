@@ -30,7 +30,7 @@ typedef uint8_t Bytes __attribute__((vector_size(kLanes * sizeof(int32_t))));
 typedef uint16_t Words __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 constexpr int kSteps = 4;
-constexpr int64_t kGroupBytes = 320, kStepBytes = kColumns * 4;
+constexpr int64_t kStepBytes = kColumns * 4;
 
 // Each 32-bit lane of acc plus the sum of its four products levels[4l + k] * activations[4l + k] (unsigned levels
 // up to 15, signed activations): exact in every path (the 16-bit pair sums reach at most 2 * 15 * 128).
@@ -100,7 +100,7 @@ inline void block_sums(const QuantizedRows& quantized, int64_t first_row, int64_
                        int64_t groups, Vec (*sums)[kParts]) {
     Vec total[Rows][kParts] = {};
     for (int64_t g = 0; g < groups; ++g) {
-        const uint8_t* group = block + g * kGroupBytes;
+        const uint8_t* group = block + g * kInt4GroupBytes;
         Ints dots[Rows][kParts] = {};
         for (int step = 0; step < kSteps; ++step) {
             Bytes low[kParts], high[kParts];
@@ -151,20 +151,9 @@ inline void block_rows(int count, const QuantizedRows& quantized, int64_t first_
 // Levels [N, K] (one per byte, 0-15) with fp16 scales and minimums [N, K / 32] into the layout above.
 extern "C" void spindle_pack_int4_q8(const uint8_t* levels, const uint16_t* scales, const uint16_t* minimums,
                                      uint8_t* packed, int64_t out_features, int64_t in_features) {
-    const int64_t groups = in_features / kGroup;
-    for (int64_t b = 0; b < out_features / kColumns; ++b)
-        for (int64_t g = 0; g < groups; ++g) {
-            uint8_t* target = packed + (b * groups + g) * kGroupBytes;
-            pack_scales(scales, b, g, groups, target);
-            pack_scales(minimums, b, g, groups, target + kScaleBytes);
-            for (int step = 0; step < kSteps; ++step)
-                for (int c = 0; c < kColumns; ++c) {
-                    const uint8_t* column = levels + (b * kColumns + c) * in_features + g * kGroup;
-                    for (int k = 0; k < 4; ++k)
-                        target[2 * kScaleBytes + step * kStepBytes + 4 * c + k] = static_cast<uint8_t>(
-                            (column[4 * step + k] & 0xF) | (column[kGroup / 2 + 4 * step + k] & 0xF) << 4);
-                }
-        }
+    pack_int4_groups(levels, scales, minimums, packed, out_features, in_features, [](int column, int channel) {
+        return channel / 4 * kStepBytes + 4 * column + channel % 4;
+    });
 }
 
 // out [M, N] ~= x [M, K] @ W^T for W packed by spindle_pack_int4_q8 (N a multiple of 16, K of 32).
@@ -174,7 +163,7 @@ extern "C" bool spindle_linear_int4_q8(const float* x, const uint8_t* packed, fl
     const int64_t groups = in_features / kGroup, blocks = out_features / kColumns;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* block = packed + b * groups * kGroupBytes;
+        const uint8_t* block = packed + b * groups * kInt4GroupBytes;
         for (int64_t first = 0; first < rows; first += kRowChunk) {
             const int count = static_cast<int>(std::min<int64_t>(kRowChunk, rows - first));
             Vec sums[kRowChunk][kParts];
