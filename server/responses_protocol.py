@@ -287,48 +287,42 @@ class ResponseOutputItemEvent(BaseModel):
     item: OutputItem
 
 
-class ResponseContentPartEvent(BaseModel):
-    type: Literal["response.content_part.added", "response.content_part.done"]
+class _ItemEvent(BaseModel):
+    """What every event about one output item carries."""
+
     sequence_number: int
     item_id: str
     output_index: int
+
+
+class _TextEvent(_ItemEvent):
+    content_index: int
+    logprobs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ResponseContentPartEvent(_ItemEvent):
+    type: Literal["response.content_part.added", "response.content_part.done"]
     content_index: int
     part: ResponseOutputText
 
 
-class ResponseTextDeltaEvent(BaseModel):
+class ResponseTextDeltaEvent(_TextEvent):
     type: Literal["response.output_text.delta"] = "response.output_text.delta"
-    sequence_number: int
-    item_id: str
-    output_index: int
-    content_index: int
     delta: str
-    logprobs: list[dict[str, Any]] = Field(default_factory=list)
 
 
-class ResponseTextDoneEvent(BaseModel):
+class ResponseTextDoneEvent(_TextEvent):
     type: Literal["response.output_text.done"] = "response.output_text.done"
-    sequence_number: int
-    item_id: str
-    output_index: int
-    content_index: int
     text: str
-    logprobs: list[dict[str, Any]] = Field(default_factory=list)
 
 
-class ResponseArgumentsDeltaEvent(BaseModel):
+class ResponseArgumentsDeltaEvent(_ItemEvent):
     type: Literal["response.function_call_arguments.delta"] = "response.function_call_arguments.delta"
-    sequence_number: int
-    item_id: str
-    output_index: int
     delta: str
 
 
-class ResponseArgumentsDoneEvent(BaseModel):
+class ResponseArgumentsDoneEvent(_ItemEvent):
     type: Literal["response.function_call_arguments.done"] = "response.function_call_arguments.done"
-    sequence_number: int
-    item_id: str
-    output_index: int
     arguments: str
 
 
