@@ -21,12 +21,15 @@ pytest_plugins = ["tests.server_fixtures"]
 SHUTDOWN_TIMEOUT = 20.0
 STREAM = {"prompt": "Once upon a time", "ignore_eos": True, "stream": True}
 SHORT = STREAM | {"max_tokens": 8}  # finishes within the shutdown timeout
-LONG = STREAM | {"max_tokens": 1500}  # keeps the drain going until the shutdown timeout cuts it
+# Keeps the drain going until the shutdown timeout cuts it, however fast the CPU: at even 3 ms a token it would
+# still be running after the timeout.
+LONG = STREAM | {"max_tokens": 8000}
+LONG_CONTEXT = ["--max-model-len", "8192", "--kv-cache-memory", "1GiB"]
 
 
 @pytest.fixture
 def doomed(launch_server: Launcher) -> ServerProcess:
-    return launch_server("drain", ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]).wait_ready()
+    return launch_server("drain", ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT), *LONG_CONTEXT]).wait_ready()
 
 
 def events(response: httpx.Response) -> Iterator[str]:
