@@ -208,7 +208,7 @@ class RuntimeConfig:
     attention_backend: str = "auto"
     device: str = "cpu"
     num_threads: int | None = None  # per rank; None: this process's cores, shared evenly by the ranks on them
-    tensor_parallel_size: int = 1  # ranks (processes) the model is split over (README: "Tensor parallelism")
+    tensor_parallel_size: int = 1  # ranks (processes) the model is split over (docs/tensor-parallelism.md)
     tensor_parallel_timeout: float = 60.0  # seconds a rank waits in a step's collective before the engine fails
 
     def __post_init__(self) -> None:

@@ -4,7 +4,7 @@ Each step, the blocks the batch reads are decoded once per layer into a dense wo
 runs on it through block tables renumbered into that set. New rows are stored first (quantized, or staged and
 sealed by a block codec) and handed on as stored, so every row is attended in its stored form, as the Triton
 kernels do for int8/int4. Decoding costs a pass over the batch's resident KV per layer: memory is what this buys,
-not speed (the README measures both).
+not speed (docs/kv-policies.md measures both).
 """
 
 from __future__ import annotations

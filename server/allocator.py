@@ -3,7 +3,7 @@
 glibc gives threads that allocate at the same time arenas of their own (up to eight per core), and memory freed in
 one arena is not reused by another. The server's threads (engine step, HTTP loop, thread pools, grammar workers) each
 grow one, so resident memory crept up under a long mixed load. With two arenas, a 64-client soak grew about half as
-fast (README, "Limits and security"). ``MALLOC_ARENA_MAX`` in the environment, if set, is left to decide.
+fast (docs/http-api.md, "Limits and security"). ``MALLOC_ARENA_MAX`` in the environment, if set, is left to decide.
 
 The rest of the creep was free memory still held by the arenas: a step's activations are freed in a different order
 than they were allocated, and glibc returns a heap's pages to the system only from its top. ``malloc_trim(0)`` hands

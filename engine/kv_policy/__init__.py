@@ -1,7 +1,7 @@
 """KV-cache policies: which rows of a request's KV cache stay resident (eviction and merging), chosen by name.
 
 ``none`` keeps everything (the exact baseline). The others bound each request's resident KV to ``kv_budget`` rows,
-so long contexts and many sequences fit a fixed KV memory at some loss of quality; the README's table measures it.
+so long contexts and many sequences fit a fixed KV memory at some loss of quality; docs/kv-policies.md measures it.
 They rewrite a request's blocks in place, so prefix caching is off with them.
 
 ``quest`` evicts nothing: every row stays resident, and each decode token reads only ``kv_budget`` rows' worth of
