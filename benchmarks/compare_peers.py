@@ -21,8 +21,8 @@ vLLM with oneDNN and ATen capped alike (kernels/cpu_profile.py), and llama.cpp b
     .venv/bin/python benchmarks/compare_peers.py                                   # 64 prompts at c = 1, 8, 32
     .venv/bin/python benchmarks/compare_peers.py --num-prompts 4 --concurrency 1 2  # a quick smoke run
 
-Writes into --output-dir: peers.md (machine, commands and the table, ready for docs/performance.md), peers.png (throughput,
-TPOT p50 and TTFT p99 against concurrency), peers.json (every summary) and logs/<server>.log.
+Writes into --output-dir: peers.md (machine, commands and the table, ready for docs/performance.md), peers.png
+(throughput, TPOT p50 and TTFT p99 against concurrency), peers.json (every summary) and logs/<server>.log.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ from typing import Any
 from engine.llm_engine import EngineCounters, LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.structured.compiler import GrammarCompiler
+from engine.tokenizer import Tokenizer
 from scheduler.output import SchedulerStats
 
 logger = logging.getLogger("spindle.engine")
@@ -114,6 +116,28 @@ class AsyncEngine:
                 raise RuntimeError("the engine loop was already started")
             self._started = True
         self._run()
+
+    # What callers need of the wrapped engine, by name: fixed once it is built, so any thread may read them (the
+    # scheduler and the model stay the engine thread's).
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        return self.engine.grammars
+
+    def close(self) -> None:
+        """Release the wrapped engine (its disk tier's writes, its tensor-parallel workers) once the loop has ended."""
+        self.engine.close()
 
     @property
     def is_running(self) -> bool:
@@ -258,7 +282,7 @@ class AsyncEngine:
         if stream is None:  # the caller went away before its request was added
             return
         try:
-            if self.engine.scheduler.is_queue_full():
+            if self.engine.is_queue_full():
                 limit = self.engine.scheduler_config.max_waiting_requests
                 raise QueueFullError(f"{limit} requests are already waiting, the most this server queues")
             self.engine.add_request(

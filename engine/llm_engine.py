@@ -343,6 +343,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def is_queue_full(self) -> bool:
+        """Whether as many requests wait as ``max_waiting_requests`` allows (never, without that bound)."""
+        return self.scheduler.is_queue_full()
+
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 

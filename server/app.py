@@ -44,7 +44,8 @@ from server.protocol import (
 from server.response_store import ResponseStore
 from server.responses import ResponsesServing
 from server.responses_protocol import STREAM_EVENTS, ResponseDeleted, ResponseObject, ResponsesRequest
-from server.serving import Serving
+from server.serving_chat import ChatServing
+from server.serving_completions import CompletionServing
 
 logger = logging.getLogger("spindle.server")
 
@@ -68,12 +69,12 @@ def create_app(
     """The app; with ``engine_thread`` its start-up starts the engine loop in a thread of its own, otherwise the
     caller runs the loop (``AsyncEngine.run``)."""
     server_config = config.server
-    limits = RequestLimits(
-        server_config, engine.engine.tokenizer, engine.engine.max_model_len, config.scheduler.max_waiting_requests
-    )
-    serving = Serving(engine, engine.engine.model_name, limits, server_config.log_prompts)
+    limits = RequestLimits(server_config, engine.tokenizer, engine.max_model_len, config.scheduler.max_waiting_requests)
+    completion_serving = CompletionServing(engine, engine.model_name, limits, server_config.log_prompts)
+    # Chat's also serves the model checks and /tokenize, which may render messages with its chat template.
+    chat_serving = ChatServing(engine, engine.model_name, limits, server_config.log_prompts)
     store = ResponseStore(server_config.max_stored_responses)  # Responses API objects, per API key
-    responses = ResponsesServing(serving, store, keyed=bool(server_config.api_keys))
+    responses = ResponsesServing(chat_serving, store, keyed=bool(server_config.api_keys))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -124,42 +125,42 @@ def create_app(
 
     @app.get("/v1/models", responses=api_errors)
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=serving.model_name, max_model_len=serving.max_model_len)])
+        return ModelList(data=[ModelCard(id=chat_serving.model_name, max_model_len=chat_serving.max_model_len)])
 
     # The path converter keeps a slash in a model id ("org/name"), as OpenAI's and vLLM's ids may have one.
     @app.get("/v1/models/{model:path}", responses=api_errors)
     async def retrieve_model(model: str) -> ModelCard:
-        serving.check_model(model)
-        return ModelCard(id=serving.model_name, max_model_len=serving.max_model_len)
+        chat_serving.check_model(model)
+        return ModelCard(id=chat_serving.model_name, max_model_len=chat_serving.max_model_len)
 
     @app.post("/tokenize", responses=api_errors)
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
-        serving.check_model(request.model)
+        chat_serving.check_model(request.model)
         if (request.prompt is None) == (request.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if request.messages is not None:
-            tokens = serving.chat_prompt(request.messages, request.add_generation_prompt)
+            tokens = chat_serving.chat_prompt(request.messages, request.add_generation_prompt)
         else:
             prompt = request.prompt or ""
             limits.check_text(prompt, "prompt")
-            tokens = serving.tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
-        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=serving.max_model_len)
+            tokens = chat_serving.tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=chat_serving.max_model_len)
 
     @app.post("/detokenize", responses=api_errors)
     async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
-        serving.check_model(request.model)
-        vocab = serving.tokenizer.vocab_size
+        chat_serving.check_model(request.model)
+        vocab = chat_serving.tokenizer.vocab_size
         if any(not 0 <= t < vocab for t in request.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return DetokenizeResponse(prompt=serving.tokenizer.decode(request.tokens))
+        return DetokenizeResponse(prompt=chat_serving.tokenizer.decode(request.tokens))
 
     @app.post("/v1/completions", responses=openapi.generation(CompletionResponse, CompletionResponse))
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return _respond(await serving.create_completion(body, request.is_disconnected))
+        return _respond(await completion_serving.create_completion(body, request.is_disconnected))
 
     @app.post("/v1/chat/completions", responses=openapi.generation(ChatCompletionResponse, ChatCompletionChunk))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return _respond(await serving.create_chat_completion(body, request.is_disconnected))
+        return _respond(await chat_serving.create_chat_completion(body, request.is_disconnected))
 
     @app.post("/v1/responses", responses=openapi.typed_events(ResponseObject, STREAM_EVENTS))
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
@@ -253,6 +254,6 @@ def run_server(config: EngineConfig) -> None:
         engine.run()
         http_thread.join()
     finally:
-        engine.engine.close()  # tensor-parallel workers leave with the server
+        engine.close()  # tensor-parallel workers leave with the server
     if not http.started:
         raise SystemExit(1)

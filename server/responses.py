@@ -42,7 +42,8 @@ from server.responses_protocol import (
     item_id,
 )
 from server.responses_stream import OutputEvents
-from server.serving import Choice, EventStream, Serving, Started
+from server.serving_chat import ChatServing
+from server.streaming import Choice, EventStream, Started, collect, merged
 from server.tool_calls import ToolUse, chat_message
 
 # The chat fields errors name, and the Responses fields they come from.
@@ -56,8 +57,8 @@ _RESPONSES_PARAMS = {
 
 
 class ResponsesServing:
-    def __init__(self, serving: Serving, store: ResponseStore, keyed: bool) -> None:
-        self.serving = serving
+    def __init__(self, chat_serving: ChatServing, store: ResponseStore, keyed: bool) -> None:
+        self.chat_serving = chat_serving
         self.store = store
         self.keyed = keyed  # API keys are configured: each key has its own stored responses
 
@@ -74,9 +75,9 @@ class ResponsesServing:
         items = [*self._conversation(owner, request.previous_response_id), *_input_items(request)]
         with _responses_params():
             chat = _chat_request(request, items)
-            self.serving.check_request(chat, response_id, 1)
-            prompt, params, tools = await self.serving.prepare_chat(chat)
-            started = await self.serving.start(response_id, [prompt], params, chat.priority)
+            self.chat_serving.check_request(chat, response_id, 1)
+            prompt, params, tools = await self.chat_serving.prepare_chat(chat)
+            started = await self.chat_serving.start(response_id, [prompt], params, chat.priority)
         pending = self._pending(request, response_id, params)
 
         def finished(choice: Choice, output: list[OutputItem]) -> ResponseObject:
@@ -95,7 +96,7 @@ class ResponsesServing:
 
         if request.stream:
             return EventStream(self._events(started, pending, tools, finished), started)
-        [choice] = await self.serving.collect(started, http.is_disconnected)
+        [choice] = await collect(started, http.is_disconnected)
         return finished(choice, _output_items(choice, tools))
 
     def retrieve(self, response_id: str, http: HTTPConnection) -> ResponseObject:
@@ -130,7 +131,7 @@ class ResponsesServing:
             status="in_progress",
             instructions=request.instructions,
             max_output_tokens=request.max_output_tokens,
-            model=self.serving.model_name,
+            model=self.chat_serving.model_name,
             parallel_tool_calls=request.parallel_tool_calls is not False,
             previous_response_id=request.previous_response_id,
             store=request.store is not False,
@@ -156,7 +157,7 @@ class ResponsesServing:
         try:
             yield events.lifecycle("response.created", pending)
             yield events.lifecycle("response.in_progress", pending)
-            async with aclosing(self.serving.merged(started)) as outputs:
+            async with aclosing(merged(started)) as outputs:
                 async for choice, output in outputs:
                     choice.add(output)
                     for event in events.feed(output.new_text, output.finish_reason):

@@ -117,7 +117,7 @@ def test_a_failing_request_gets_an_error_and_the_engine_serves_on(
 
 def test_a_failing_request_does_not_fail_the_requests_batched_with_it(engine: AsyncEngine, poisoned: None) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    prompt = engine.engine.tokenizer.encode("Once upon a time")
+    prompt = engine.tokenizer.encode("Once upon a time")
 
     async def run(request_id: str, request_params: SamplingParams) -> str | None:
         finish = None

@@ -42,7 +42,7 @@ class BrokenEngine:
 
 
 def make_app(engine: AsyncEngine, **server_fields: Any) -> FastAPI:
-    return create_app(engine, build_config("fp32", server_fields), EngineMetrics(engine.engine.model_name))
+    return create_app(engine, build_config("fp32", server_fields), EngineMetrics(engine.model_name))
 
 
 def wait_until_stopped(engine: AsyncEngine) -> None:
