@@ -1,33 +1,16 @@
-// What the 4-bit and 8-bit linear kernels with fp32 activations share (cpu_linear_f32.cpp, cpu_linear_q8.cpp): the
-// native fp32 vector, blocks of 16 output columns as kParts of them, groups of 32 input channels, and the fp16 scales
-// stored per block and group.
+// What the 4-bit and 8-bit linear kernels with fp32 activations share (cpu_linear_f32.cpp, cpu_linear_q8.cpp): blocks
+// of 16 output columns as kParts native vectors, groups of 32 input channels, and the fp16 scales stored per block
+// and group.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
-#include "numeric.h"
-
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#elif defined(__ARM_NEON)
-#include <arm_neon.h>
-#endif
+#include "native_vector.h"
 
 namespace {
 
-// The native vector: 16 fp32 lanes on AVX-512, 8 on AVX2, 4 elsewhere (NEON, SSE2); a block's 16 columns are
-// kParts of them.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX2__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
+// A block's 16 columns are kParts native vectors.
 constexpr int kColumns = 16, kGroup = 32, kParts = kColumns / kLanes;
 constexpr int64_t kScaleBytes = 32;  // a block's 16 fp16 scales (or minimums) for one group
 // Rows multiplied per pass over a block's weights: their sums stay in registers (16 vector registers on AVX2 and
@@ -38,21 +21,9 @@ constexpr int kRowChunk = 8;
 constexpr int kRowChunk = 4;
 #endif
 
-// 16 fp16 values widened to fp32. (GCC's generic conversion of a vector of halves goes element by element.)
+// A block's 16 fp16 values (scales or minimums) widened to fp32.
 inline void load_halves(const uint8_t* source, Vec (&out)[kParts]) {
-#if defined(__AVX512F__)
-    out[0] = reinterpret_cast<Vec>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(source))));
-#elif defined(__AVX2__) && defined(__F16C__)
-    for (int p = 0; p < kParts; ++p)
-        out[p] = reinterpret_cast<Vec>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(source) + p)));
-#elif defined(__ARM_NEON) && defined(__aarch64__)
-    for (int p = 0; p < kParts; ++p)
-        out[p] = reinterpret_cast<Vec>(vcvt_f32_f16(vld1_f16(reinterpret_cast<const __fp16*>(source) + 4 * p)));
-#else
-    spindle::Half halves[kColumns];
-    std::memcpy(halves, source, sizeof(halves));
-    for (int i = 0; i < kColumns; ++i) out[i / kLanes][i % kLanes] = static_cast<float>(halves[i]);
-#endif
+    for (int p = 0; p < kParts; ++p) out[p] = load_lanes(reinterpret_cast<const spindle::Half*>(source) + p * kLanes);
 }
 
 // The fp16 scale (and minimum) of each column of a block for one group, from [N, K / 32] tables.

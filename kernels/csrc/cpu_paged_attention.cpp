@@ -21,6 +21,7 @@
 #include <cstring>
 #include <vector>
 
+#include "native_vector.h"
 #include "numeric.h"
 
 namespace {
@@ -28,7 +29,6 @@ namespace {
 using spindle::BFloat16;
 using spindle::exp_nonpositive;
 using spindle::store;
-using spindle::to_float;
 
 // Context tokens per work item: long contexts are split (flash-decoding) so a few sequences still fill every thread.
 constexpr int kItemsPerThread = 4;
@@ -44,73 +44,23 @@ struct Rows {
     int first, count, length;
 };
 
-// 16 fp32 lanes: one AVX-512 register; GCC lowers the arithmetic to narrower registers on CPUs without it.
-typedef float Vec16 __attribute__((vector_size(64)));
-
-// The lane sums of 16 vectors in one: lane i is the sum of the lanes of v[kBitReversed[i]] (a tree of shuffles and
-// adds, about a third of the instructions of 16 separate horizontal sums). Callers put source i at v[kBitReversed[i]]
-// to read its sum from lane i.
-constexpr int kBitReversed[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
-
-inline Vec16 sum_lanes_of_16(const Vec16* v) {
-    Vec16 halves[8], quarters[4], eighths[2];
-    for (int i = 0; i < 8; ++i)
-        halves[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22,
-                                            23) +
-                    __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
-                                            29, 30, 31);
-    for (int i = 0; i < 4; ++i)
-        quarters[i] = __builtin_shufflevector(halves[2 * i], halves[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10,
-                                              11, 24, 25, 26, 27) +
-                      __builtin_shufflevector(halves[2 * i], halves[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14,
-                                              15, 28, 29, 30, 31);
-    for (int i = 0; i < 2; ++i)
-        eighths[i] = __builtin_shufflevector(quarters[2 * i], quarters[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9,
-                                             24, 25, 12, 13, 28, 29) +
-                     __builtin_shufflevector(quarters[2 * i], quarters[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11,
-                                             26, 27, 14, 15, 30, 31);
-    return __builtin_shufflevector(eighths[0], eighths[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
-           __builtin_shufflevector(eighths[0], eighths[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-}
-
 struct Scratch {
     std::vector<float> scores;
-    std::vector<Vec16> vectors;
+    std::vector<Vec> vectors;
 };
-
-// Load 16 consecutive elements as fp32 with whole-vector conversions (no per-element inserts).
-typedef uint16_t Bits16x16 __attribute__((vector_size(32)));
-typedef uint32_t Bits32x16 __attribute__((vector_size(64)));
-typedef spindle::Half Half16 __attribute__((vector_size(32)));
-
-inline Vec16 load16(const float* source) {
-    Vec16 v;
-    std::memcpy(&v, source, sizeof(v));
-    return v;
-}
-inline Vec16 load16(const spindle::Half* source) {
-    Half16 h;
-    std::memcpy(&h, source, sizeof(h));
-    return __builtin_convertvector(h, Vec16);
-}
-inline Vec16 load16(const BFloat16* source) {
-    Bits16x16 bits;
-    std::memcpy(&bits, source, sizeof(bits));
-    return reinterpret_cast<Vec16>(__builtin_convertvector(bits, Bits32x16) << 16);
-}
 
 // One work item: every query head of every query row of one sequence over context positions [begin, end) (row r
 // of `rows.count` only up to its own position). A token's K (or V) rows
 // for all KV heads are contiguous in the cache, so the item streams whole cache blocks front to back, which the
 // hardware prefetcher follows; splitting items by KV head instead was measured 1.5x slower (strided reads).
 // Writes per (row, query head): its unnormalised output [head_dim], then the max and the sum of exp(score - max)
-// (-inf and 0 for a row that sees none of the positions). Lanes = head_dim / 16 is a template parameter so the row
-// vectors live in registers.
-template <typename T, int Lanes>
+// (-inf and 0 for a row that sees none of the positions). Chunks = head_dim / kLanes is a template parameter so the
+// row vectors live in registers.
+template <typename T, int Chunks>
 void attend_partition(const T* query, const T* key_cache, const T* value_cache, const int32_t* table, int begin,
                       int end, int num_rows, int context_len, const Shape& shape, float scale, float* partial,
                       Scratch& scratch) {
-    constexpr int dim = Lanes * 16;
+    constexpr int dim = Chunks * kLanes;
     const int heads = shape.num_heads;
     const int group = heads / shape.num_kv_heads;
     const int length = end - begin;
@@ -118,12 +68,12 @@ void attend_partition(const T* query, const T* key_cache, const T* value_cache, 
     const int64_t token_stride = static_cast<int64_t>(shape.num_kv_heads) * dim;
     const int64_t block_stride = token_stride * shape.block_size;
     scratch.scores.resize(static_cast<size_t>(row_heads) * length);
-    scratch.vectors.assign(static_cast<size_t>(row_heads) * (Lanes * 2 + 16), Vec16{});
-    float* scores = scratch.scores.data();        // [rows * heads, length]
-    Vec16* q = scratch.vectors.data();             // [rows * heads, Lanes], pre-scaled
-    Vec16* acc = q + static_cast<size_t>(row_heads) * Lanes;  // [rows * heads, Lanes]
-    // [rows * heads, 16]: the dot products of 16 tokens before their lanes are summed (sum_lanes_of_16)
-    Vec16* products = acc + static_cast<size_t>(row_heads) * Lanes;
+    scratch.vectors.assign(static_cast<size_t>(row_heads) * (Chunks * 2 + kLanes), Vec{});
+    float* scores = scratch.scores.data();  // [rows * heads, length]
+    Vec* q = scratch.vectors.data();        // [rows * heads, Chunks], pre-scaled
+    Vec* acc = q + static_cast<size_t>(row_heads) * Chunks;  // [rows * heads, Chunks]
+    // [rows * heads, kLanes]: the dot products of kLanes tokens before their lanes are summed (sum_lanes)
+    Vec* products = acc + static_cast<size_t>(row_heads) * Chunks;
 
     // Visit the context token by token: `visit(t, row)` for t in [0, length), row = the token's rows for all heads.
     // Blocks are scattered through the pool, so the hardware prefetcher stalls at every block boundary; while one
@@ -149,24 +99,26 @@ void attend_partition(const T* query, const T* key_cache, const T* value_cache, 
     };
 
     for (int rh = 0; rh < row_heads; ++rh)
-        for (int l = 0; l < Lanes; ++l) q[rh * Lanes + l] = load16(query + rh * dim + 16 * l) * scale;
+        for (int l = 0; l < Chunks; ++l) q[rh * Chunks + l] = load_lanes(query + rh * dim + kLanes * l) * scale;
     for_each_token(key_cache, [&](int t, const T* row) {
-        const int slot = kBitReversed[t % 16];
+        const int slot = lane_slot(t % kLanes);
         for (int kv_head = 0; kv_head < shape.num_kv_heads; ++kv_head) {
-            Vec16 k[Lanes];
-            for (int l = 0; l < Lanes; ++l) k[l] = load16(row + kv_head * dim + 16 * l);
+            Vec k[Chunks];
+            for (int l = 0; l < Chunks; ++l) k[l] = load_lanes(row + kv_head * dim + kLanes * l);
             for (int r = 0; r < num_rows; ++r)
                 for (int h = r * heads + kv_head * group; h < r * heads + (kv_head + 1) * group; ++h) {
-                    const Vec16* qh = q + h * Lanes;
-                    Vec16 sum = qh[0] * k[0];
-                    for (int l = 1; l < Lanes; ++l) sum += qh[l] * k[l];
-                    products[h * 16 + slot] = sum;
+                    const Vec* qh = q + h * Chunks;
+                    Vec sum = qh[0] * k[0];
+                    for (int l = 1; l < Chunks; ++l) sum += qh[l] * k[l];
+                    products[h * kLanes + slot] = sum;
                 }
         }
-        if (t % 16 == 15 || t == length - 1) {  // lanes of slots not written since the last flush are not stored
-            const int first = t - t % 16;
+        // Every kLanes tokens (and at the end) the slots' lane sums become scores; a partial flush stores only the
+        // lanes of slots written since the last one.
+        if (t % kLanes == kLanes - 1 || t == length - 1) {
+            const int first = t - t % kLanes;
             for (int rh = 0; rh < row_heads; ++rh) {
-                const Vec16 sums = sum_lanes_of_16(products + rh * 16);
+                const Vec sums = sum_lanes(products + rh * kLanes);
                 std::memcpy(scores + static_cast<size_t>(rh) * length + first, &sums, (t - first + 1) * sizeof(float));
             }
         }
@@ -193,23 +145,23 @@ void attend_partition(const T* query, const T* key_cache, const T* value_cache, 
 
     for_each_token(value_cache, [&](int t, const T* row) {
         for (int kv_head = 0; kv_head < shape.num_kv_heads; ++kv_head) {
-            Vec16 v[Lanes];
-            for (int l = 0; l < Lanes; ++l) v[l] = load16(row + kv_head * dim + 16 * l);
+            Vec v[Chunks];
+            for (int l = 0; l < Chunks; ++l) v[l] = load_lanes(row + kv_head * dim + kLanes * l);
             for (int r = 0; r < num_rows; ++r)
                 for (int h = r * heads + kv_head * group; h < r * heads + (kv_head + 1) * group; ++h) {
                     const float weight = scores[static_cast<size_t>(h) * length + t];
-                    for (int l = 0; l < Lanes; ++l) acc[h * Lanes + l] += weight * v[l];
+                    for (int l = 0; l < Chunks; ++l) acc[h * Chunks + l] += weight * v[l];
                 }
         }
     });
-    for (int rh = 0; rh < row_heads; ++rh) std::memcpy(partial + rh * (dim + 2), acc + rh * Lanes, sizeof(Vec16) * Lanes);
+    for (int rh = 0; rh < row_heads; ++rh) std::memcpy(partial + rh * (dim + 2), acc + rh * Chunks, sizeof(Vec) * Chunks);
 }
 
-template <typename T, int Lanes>
+template <typename T, int Chunks>
 void decode_attention(const T* query, const T* key_cache, const T* value_cache, const int32_t* block_tables,
                       const int32_t* context_lens, const int32_t* row_counts, T* output, const Shape& shape,
                       float scale, int num_threads) {
-    constexpr int dim = Lanes * 16;
+    constexpr int dim = Chunks * kLanes;
     const int heads = shape.num_heads;
     int max_len = 1, max_rows = 1;
     std::vector<Rows> rows(shape.num_seqs);
@@ -239,7 +191,7 @@ void decode_attention(const T* query, const T* key_cache, const T* value_cache, 
             const int begin = static_cast<int>(item % max_parts) * partition;
             const int end = std::min(own.length, begin + partition);
             if (begin >= end) continue;
-            attend_partition<T, Lanes>(query + static_cast<int64_t>(own.first) * heads * dim, key_cache, value_cache,
+            attend_partition<T, Chunks>(query + static_cast<int64_t>(own.first) * heads * dim, key_cache, value_cache,
                                        block_tables + static_cast<int64_t>(seq) * shape.max_blocks, begin, end,
                                        own.count, own.length, shape, scale, partials.data() + item * item_floats,
                                        scratch);
@@ -278,16 +230,16 @@ bool dispatch_head_dim(const T* query, const T* key_cache, const T* value_cache,
                        const int32_t* context_lens, const int32_t* row_counts, T* output, const Shape& shape,
                        float scale, int num_threads) {
     switch (shape.head_dim) {
-#define SPINDLE_HEAD_DIM_CASE(lanes)                                                                              \
-    case lanes * 16:                                                                                              \
-        decode_attention<T, lanes>(query, key_cache, value_cache, block_tables, context_lens, row_counts, output,  \
+#define SPINDLE_HEAD_DIM_CASE(dim)                                                                                \
+    case dim:                                                                                                     \
+        decode_attention<T, dim / kLanes>(query, key_cache, value_cache, block_tables, context_lens, row_counts, output,  \
                                    shape, scale, num_threads);                                                    \
         return true;
-        SPINDLE_HEAD_DIM_CASE(4)
-        SPINDLE_HEAD_DIM_CASE(5)
-        SPINDLE_HEAD_DIM_CASE(6)
-        SPINDLE_HEAD_DIM_CASE(8)
-        SPINDLE_HEAD_DIM_CASE(16)
+        SPINDLE_HEAD_DIM_CASE(64)
+        SPINDLE_HEAD_DIM_CASE(80)
+        SPINDLE_HEAD_DIM_CASE(96)
+        SPINDLE_HEAD_DIM_CASE(128)
+        SPINDLE_HEAD_DIM_CASE(256)
 #undef SPINDLE_HEAD_DIM_CASE
         default:
             return false;
