@@ -25,8 +25,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.llm_engine import EngineCounters, LLMEngine
-from engine.outputs import RequestOutput
+from engine.llm_engine import LLMEngine
+from engine.outputs import EngineCounters, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.structured.compiler import GrammarCompiler
 from engine.tokenizer import Tokenizer

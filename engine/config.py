@@ -28,7 +28,7 @@ from engine.kv_cache import KV_CACHE_BITS
 from engine.kv_policy import EvictionPolicy, PageSelectionPolicy, build_eviction_policy, build_page_selection
 from kernels.cpu_profile import CpuProfileError, cpu_profile
 from kernels.kv_codecs import CodecSettings
-from kernels.native import INT8_ACTIVATIONS, native_quantized_kernels
+from kernels.native import INT8_ACTIVATIONS
 from scheduler.config import SchedulerConfig
 from scheduler.preemption import PREEMPTION_MODES
 
@@ -39,15 +39,6 @@ AUTO_DTYPE = "auto"  # bfloat16 where the CPU multiplies it in hardware, else fl
 WEIGHT_QUANTIZATIONS = ("auto", "none", "int4")
 ACTIVATION_QUANTIZATIONS = ("none", "int8")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
-
-
-# Measured with the 4-bit copies against the dense bf16 weights (time ratios):
-AMX_INT4_MAX_ROWS = 16  # the native kernel on AMX tiles, decode steps: 0.78x at 8 sequences, 0.88x at 16
-# The native kernel on the vector units of a CPU with AVX512-BF16 and no AMX (AMD Zen 5), a decode step's
-# projections from memory: 0.38x at 1 row, 0.65x at 16, 0.85x at 32, 0.81x at 48, 0.93x at 64.
-VECTOR_INT4_MAX_ROWS = 48
-TORCH_INT4_MAX_ROWS = 4  # PyTorch's 4-bit kernel on AMX: 0.70x at 1 sequence, 0.94x at 4, 1.16x at 8
-F32_INT4_MAX_ROWS = 32  # the native kernel with fp32 activations (any CPU)
 
 
 @dataclass
@@ -65,7 +56,7 @@ class ModelConfig:
     weight_quantization: str = "auto"
     # Steps of at most this many tokens use the 4-bit copies, larger ones the dense weights. None: where the copies'
     # kernel stops beating the dense weights (measured: 16 rows for the native kernel on AMX tiles, 48 on AVX512-BF16
-    # vectors, 4 for PyTorch's).
+    # vectors, 4 for PyTorch's; engine/models/quantize.py).
     int4_max_rows: int | None = None
     # none | int8. int8: with float32 activations, the 4-bit copies' native kernel quantizes each row's activations
     # to int8 per group of 32 channels (scale max|x| / 127, as llama.cpp does) and multiplies in integers: lossy
@@ -86,25 +77,6 @@ class ModelConfig:
             )
         if self.int4_max_rows is not None and self.int4_max_rows < 1:
             raise ValueError(f"int4_max_rows must be >= 1, got {self.int4_max_rows}")
-
-    def int4_rows(self, weights_are_q4_1: bool, device: torch.device) -> int:
-        """How many rows a step may have to use the 4-bit copies; 0: build none."""
-        if self.weight_quantization == "int4" and device.type != "cpu":
-            raise ConfigError(f"weight_quantization int4 runs on the CPU only, not on {device.type}")
-        dtype = self.torch_dtype
-        native = native_quantized_kernels(dtype) if device.type == "cpu" and dtype != torch.float16 else None
-        wanted = self.weight_quantization == "int4" or (
-            self.weight_quantization == "auto" and weights_are_q4_1 and native is not None
-        )
-        if not wanted:
-            return 0
-        if self.int4_max_rows is not None:
-            return self.int4_max_rows
-        if native is None:
-            return TORCH_INT4_MAX_ROWS
-        if dtype == torch.float32:
-            return F32_INT4_MAX_ROWS
-        return AMX_INT4_MAX_ROWS if native.has_amx else VECTOR_INT4_MAX_ROWS
 
     @property
     def int4_activations(self) -> torch.dtype:

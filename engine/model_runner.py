@@ -15,6 +15,7 @@ import torch
 from engine.kv_policy import QueryRecorder
 from engine.kv_policy.residuals import ResidualBuffers
 from engine.models import AttentionContext, LlamaForCausalLM
+from engine.models.native_decoder import NativeDecoder
 from engine.parallel.group import TensorParallelGroup
 from engine.sampler import SampledToken, Sampler, SamplingRow, logprob_tokens
 from engine.spec.verifier import verify
@@ -48,8 +49,10 @@ class ModelRunner:
         device: torch.device,
         query_recorder: QueryRecorder | None = None,
         residuals: ResidualBuffers | None = None,
+        native_decoder: NativeDecoder | None = None,
     ) -> None:
         self.model = model
+        self.native_decoder = native_decoder  # takes the decode steps it can (engine/models/native_decoder.py)
         self.tp: TensorParallelGroup = model.tp
         self.backend = backend
         self.kv_caches = kv_caches
@@ -135,7 +138,11 @@ class ModelRunner:
         (gathered over the vocabulary shards: None on ranks other than 0). Every rank runs this for every step."""
         layout, input_ids, positions = layout_of(plan, self.block_size, self.device)
         ctx = AttentionContext(self.backend, self.backend.prepare(layout, self.dtype), self.kv_caches, query_observer)
-        hidden = self.model(input_ids, positions, ctx)
+        decoder = self.native_decoder
+        if decoder is not None and decoder.accepts(input_ids.shape[0], ctx):
+            hidden = decoder.forward(input_ids, positions, ctx)
+        else:
+            hidden = self.model(input_ids, positions, ctx)
         if not plan.logit_rows:
             return None
         return self.model.compute_logits(hidden[plan.logit_rows])

@@ -16,6 +16,8 @@ from engine.loader import ModelSource
 from engine.model_runner import ModelRunner
 from engine.model_spec import ModelSpec
 from engine.models import build_model
+from engine.models.native_decoder import NativeDecoder
+from engine.models.quantize import int4_rows_for
 from engine.parallel.group import TensorParallelGroup
 from engine.parallel.shard import TensorShard
 from kernels.cpu_attention import warm_up_prefill_attention
@@ -77,10 +79,8 @@ def build_runner(
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    int4_rows = config.model.int4_rows(source.linear_weights_are_q4_1, device)
-    model = build_model(
-        source, config.model.torch_dtype, device, progress, tp, int4_rows, config.model.int4_activations
-    )
+    rows = int4_rows_for(config.model, source.linear_weights_are_q4_1, device)
+    model = build_model(source, config.model.torch_dtype, device, progress, tp, rows, config.model.int4_activations)
     model.warm_up(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
     if device.type == "cpu":
         spec = model.spec
@@ -95,4 +95,5 @@ def build_runner(
     if page_selection is not None:
         backend = with_page_selection(backend, page_selection, [keys for keys, _ in kv_caches])
     residuals = ResidualBuffers(kv_plan.num_residual_slots, layout.block_size) if kv_plan.codecs.active else None
-    return ModelRunner(model, backend, kv_caches, layout.block_size, device, query_recorder, residuals)
+    decoder = NativeDecoder.of(model) if rows else None
+    return ModelRunner(model, backend, kv_caches, layout.block_size, device, query_recorder, residuals, decoder)

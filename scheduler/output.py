@@ -15,7 +15,8 @@ class ScheduledRequest:
     block_table: list[int]  # the request's whole block table after allocation (a copy)
     sample: bool  # the chunk reaches the end of the known tokens, so the runner samples the next token
     num_draft_tokens: int = 0  # the last ones of token_ids are drafts: the runner verifies them
-    num_draft_slots: int = 0  # rows reserved after token_ids for drafts not yet filled in (Scheduler.fill_drafts)
+    # Rows reserved after token_ids (schedule()'s draft_lengths) for drafts not yet filled in (Scheduler.fill_drafts).
+    num_draft_slots: int = 0
 
 
 @dataclass(frozen=True)

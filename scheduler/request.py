@@ -49,9 +49,6 @@ class Request:
     num_preemptions: int = field(default=0, init=False)
     # Swap slots holding the KV of a request preempted by swapping, block by block; empty otherwise.
     swap_slots: list[int] = field(default_factory=list, init=False, repr=False)
-    # Rows to reserve in the next step for draft tokens (speculative decoding), filled in by a drafter once the step
-    # is scheduled (Scheduler.fill_drafts); the scheduler consumes the number.
-    num_draft_slots: int = field(default=0, init=False)
     # Chained hashes of the full blocks of all_token_ids, extended by the KV-cache manager as tokens arrive.
     block_hashes: list[int] = field(default_factory=list, init=False, repr=False)
     _all_token_ids: list[int] = field(init=False, repr=False)

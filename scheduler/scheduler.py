@@ -1,6 +1,7 @@
 """Continuous batching: decides each step which tokens of which requests the model computes."""
 
 import dataclasses
+from collections.abc import Mapping
 
 from scheduler.config import SchedulerConfig
 from scheduler.errors import RequestRejected
@@ -50,7 +51,9 @@ class Scheduler:
         self._requests[request.request_id] = request
         self.waiting.push(request)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, draft_lengths: Mapping[str, int] | None = None) -> SchedulerOutput:
+        """The next step's batch. ``draft_lengths``: rows to reserve for draft tokens after a decoding request's token,
+        by request id (speculative decoding); ``fill_drafts()`` puts the drafts in before the step runs."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
@@ -72,7 +75,7 @@ class Scheduler:
                 i += 1
 
         # Blocks are short after a preemption: then no rows are reserved for drafts.
-        budget -= self._reserve_draft_slots(scheduled, 0 if preempted else budget)
+        budget -= self._reserve_draft_slots(scheduled, 0 if preempted else budget, draft_lengths or {})
 
         # Admit waiting requests in queue order; never preempt for them, and skip admission after a preemption.
         # (So a step never swaps in a slot that a swap-out of the same step could take.)
@@ -249,16 +252,17 @@ class Scheduler:
             sample=request.num_computed_tokens == request.num_tokens,
         )
 
-    def _reserve_draft_slots(self, scheduled: list[ScheduledRequest], budget: int) -> int:
-        """Reserve rows for the scheduled decodes' draft tokens, within ``budget`` tokens and only from free blocks
-        (so speculation never preempts a request); every scheduled request's ``num_draft_slots`` is consumed.
-        Returns the rows reserved."""
+    def _reserve_draft_slots(
+        self, scheduled: list[ScheduledRequest], budget: int, draft_lengths: Mapping[str, int]
+    ) -> int:
+        """Reserve rows for the scheduled decodes' draft tokens (up to ``draft_lengths`` of each), within ``budget``
+        tokens and only from free blocks (so speculation never preempts a request). Returns the rows reserved."""
         added = 0
         for index, item in enumerate(scheduled):
-            request = self._requests[item.request_id]
-            wanted, request.num_draft_slots = request.num_draft_slots, 0
+            wanted = draft_lengths.get(item.request_id, 0)
             if not (wanted and item.sample and len(item.token_ids) == 1 and added < budget):
                 continue
+            request = self._requests[item.request_id]
             # Drafts past max_tokens less one could never be kept (the target adds a token after the accepted
             # ones); the cut also keeps every position inside the context and the blocks _validate accounted for.
             room = min(self._cap(budget - added + 1), request.max_tokens - request.num_output_tokens) - 1
@@ -336,7 +340,6 @@ class Scheduler:
         else:
             request.num_computed_tokens = request.num_evicted_tokens = 0
         kv.free(request)
-        request.num_draft_slots = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self._num_preemptions += 1

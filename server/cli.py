@@ -26,7 +26,7 @@ def _torchrun_worker(config: EngineConfig) -> int | None:
     rank = torchrun_rank()
     if not rank:
         return None
-    from engine.parallel.worker import run_worker
+    from engine.worker_rank import run_worker
 
     return run_worker(config, rank, int(os.environ["WORLD_SIZE"]), "env://")
 

@@ -9,13 +9,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from torch.nn import functional as F
 
-from engine.config import (
-    AMX_INT4_MAX_ROWS,
-    F32_INT4_MAX_ROWS,
-    TORCH_INT4_MAX_ROWS,
-    VECTOR_INT4_MAX_ROWS,
-    ModelConfig,
-)
+from engine.config import ModelConfig
 from engine.errors import ConfigError
 from engine.loader import open_model
 from engine.models.bucketed_linear import BucketedLinear, CompactWeight
@@ -25,6 +19,13 @@ from engine.models.int4_weights import (
     NativeInt4Weight,
     TorchInt4Weight,
     quantize_int4,
+)
+from engine.models.quantize import (
+    AMX_INT4_MAX_ROWS,
+    F32_INT4_MAX_ROWS,
+    TORCH_INT4_MAX_ROWS,
+    VECTOR_INT4_MAX_ROWS,
+    int4_rows_for,
 )
 from kernels.native import native_quantized_kernels
 
@@ -97,16 +98,16 @@ def test_auto_turns_the_copies_on_for_q4_1_projections_where_a_native_kernel_tak
     # By default, as many rows as the copies' kernel on this machine wins at.
     native = native_quantized_kernels(torch.bfloat16)
     expected = TORCH_INT4_MAX_ROWS if native is None else AMX_INT4_MAX_ROWS if native.has_amx else VECTOR_INT4_MAX_ROWS
-    assert ModelConfig(dtype="bfloat16").int4_rows(weights_are_q4_1=True, device=cpu) == (expected if native else 0)
-    assert ModelConfig(dtype="float32").int4_rows(weights_are_q4_1=True, device=cpu) == F32_INT4_MAX_ROWS
-    assert ModelConfig(dtype="float16").int4_rows(weights_are_q4_1=True, device=cpu) == 0
-    assert ModelConfig().int4_rows(weights_are_q4_1=False, device=cpu) == 0
-    assert ModelConfig().int4_rows(weights_are_q4_1=True, device=cuda) == 0
-    assert ModelConfig(dtype="bfloat16", weight_quantization="int4").int4_rows(True, cpu) == expected
-    assert ModelConfig(weight_quantization="none").int4_rows(weights_are_q4_1=True, device=cpu) == 0
-    assert ModelConfig(weight_quantization="int4", int4_max_rows=8).int4_rows(False, cpu) == 8
+    assert int4_rows_for(ModelConfig(dtype="bfloat16"), True, cpu) == (expected if native else 0)
+    assert int4_rows_for(ModelConfig(dtype="float32"), True, cpu) == F32_INT4_MAX_ROWS
+    assert int4_rows_for(ModelConfig(dtype="float16"), True, cpu) == 0
+    assert int4_rows_for(ModelConfig(), weights_are_q4_1=False, device=cpu) == 0
+    assert int4_rows_for(ModelConfig(), weights_are_q4_1=True, device=cuda) == 0
+    assert int4_rows_for(ModelConfig(dtype="bfloat16", weight_quantization="int4"), True, cpu) == expected
+    assert int4_rows_for(ModelConfig(weight_quantization="none"), True, cpu) == 0
+    assert int4_rows_for(ModelConfig(weight_quantization="int4", int4_max_rows=8), False, cpu) == 8
     with pytest.raises(ConfigError, match="CPU only"):
-        ModelConfig(weight_quantization="int4").int4_rows(True, cuda)
+        int4_rows_for(ModelConfig(weight_quantization="int4"), True, cuda)
 
 
 @pytest.mark.parametrize(

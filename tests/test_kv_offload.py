@@ -22,9 +22,10 @@ from engine.config import build_config
 from engine.errors import ConfigError
 from engine.kv_cache import KVCacheLayout
 from engine.kv_offload import BlockBytes, DiskPrefixStore, DiskStoreCounters, SwapCounters, disk_store
-from engine.llm_engine import EngineCounters, LLMEngine
+from engine.llm_engine import LLMEngine
 from engine.loader import ModelSource, open_model
 from engine.models import build_model
+from engine.outputs import EngineCounters
 from engine.sampling_params import SamplingParams
 from scheduler import Request, SchedulerStats
 from scheduler.block_hash import extend_block_hashes

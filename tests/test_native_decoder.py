@@ -11,11 +11,12 @@ import torch
 from engine import LLM, SamplingParams
 from engine.config import build_config
 from engine.models import AttentionContext, LlamaForCausalLM
+from engine.models.native_decoder import NativeDecoder
 from kernels.native import native_quantized_kernels
 
 
 def _decoder_or_skip(llm: LLM):
-    decoder = llm.engine.runner.model.native_decoder
+    decoder = llm.engine.runner.native_decoder
     if decoder is None:
         pytest.skip("no native 4-bit kernels on this CPU")
     return decoder
@@ -41,33 +42,29 @@ def speculating_llm(request: pytest.FixtureRequest) -> Iterator[LLM]:
 
 class BothPaths:
     """Runs each step the native decoder takes through the layer-by-layer path too, and records whether the two
-    final hidden states are equal (the second run writes the same K/V rows again)."""
+    final hidden states are equal (the second run writes the same K/V rows again); records the steps it leaves to
+    that path too."""
 
-    def __init__(self, model: LlamaForCausalLM) -> None:
-        self.model = model
+    def __init__(self, model: LlamaForCausalLM, decoder: NativeDecoder, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.model, self.decoder = model, decoder
         self.steps: list[tuple[int, bool, bool]] = []  # (rows, taken natively, equal)
+        monkeypatch.setattr(model, "forward", self.layered)
+        monkeypatch.setattr(decoder, "forward", self.native)
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        model, decoder = self.model, self.model.native_decoder
-        assert decoder is not None
-        native = LlamaForCausalLM.forward(model, input_ids, positions, ctx)
-        if not decoder.accepts(input_ids.shape[0], ctx):
-            self.steps.append((input_ids.shape[0], False, True))
-            return native
-        model.native_decoder = None
-        try:
-            layered = LlamaForCausalLM.forward(model, input_ids, positions, ctx)
-        finally:
-            model.native_decoder = decoder
+    def layered(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        self.steps.append((input_ids.shape[0], False, True))
+        return LlamaForCausalLM.forward(self.model, input_ids, positions, ctx)
+
+    def native(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        native = NativeDecoder.forward(self.decoder, input_ids, positions, ctx)
+        layered = LlamaForCausalLM.forward(self.model, input_ids, positions, ctx)
         self.steps.append((input_ids.shape[0], True, torch.equal(native, layered)))
         return native
 
 
 def test_decode_and_verification_steps_equal_the_layer_by_layer_path(speculating_llm: LLM, monkeypatch) -> None:
-    _decoder_or_skip(speculating_llm)
-    model = speculating_llm.engine.runner.model
-    both = BothPaths(model)
-    monkeypatch.setattr(model, "forward", both)
+    decoder = _decoder_or_skip(speculating_llm)
+    both = BothPaths(speculating_llm.engine.runner.model, decoder, monkeypatch)
     prompts = [
         "Count: 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,",
         "Write a short poem about rain on a tin roof.",
@@ -87,9 +84,7 @@ def test_decode_and_verification_steps_equal_the_layer_by_layer_path(speculating
 
 def test_steps_it_cannot_take_go_layer_by_layer(speculating_llm: LLM, monkeypatch) -> None:
     decoder = _decoder_or_skip(speculating_llm)
-    model = speculating_llm.engine.runner.model
-    both = BothPaths(model)
-    monkeypatch.setattr(model, "forward", both)
+    both = BothPaths(speculating_llm.engine.runner.model, decoder, monkeypatch)
     monkeypatch.setattr(decoder, "max_rows", 2)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     speculating_llm.generate([f"Name a colour, number {i}." for i in range(4)], params)
@@ -107,7 +102,7 @@ def test_steps_it_cannot_take_go_layer_by_layer(speculating_llm: LLM, monkeypatc
 def test_models_it_cannot_serve_have_none(overrides: dict) -> None:
     llm = LLM(config=build_config(None, overrides))
     try:
-        assert llm.engine.runner.model.native_decoder is None
+        assert llm.engine.runner.native_decoder is None
     finally:
         llm.close()
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from engine.errors import ConfigError
-from engine.llm_engine import EngineCounters
 from engine.loader import ModelSource, open_model
+from engine.outputs import EngineCounters
 from kernels.backend import BatchLayout
 from kernels.cpu_attention import CpuAttentionBackend
 from kernels.native import load_native_kernels

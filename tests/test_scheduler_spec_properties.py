@@ -50,11 +50,13 @@ class VerifyingRunner(FakeRunner):
         return sampled
 
 
-def reserve(scheduler: Scheduler, rng: random.Random) -> None:
-    """Ask for up to 5 draft rows for each decoding request."""
-    for request in scheduler.running:
-        if request.num_computed_tokens == request.num_tokens - 1:
-            request.num_draft_slots = rng.randint(0, 5)
+def draft_lengths(scheduler: Scheduler, rng: random.Random) -> dict[str, int]:
+    """Up to 5 draft rows for each decoding request."""
+    return {
+        request.request_id: rng.randint(0, 5)
+        for request in scheduler.running
+        if request.num_computed_tokens == request.num_tokens - 1
+    }
 
 
 def fill(scheduler: Scheduler, output: SchedulerOutput, rng: random.Random) -> SchedulerOutput:
@@ -93,10 +95,10 @@ def test_speculative_programs_keep_exact_kv_accounting(
     runner = VerifyingRunner(scheduler.kv_cache_manager)
 
     def run_step() -> None:
-        reserve(scheduler, rng)
-        output = scheduler.schedule()
+        wanted = draft_lengths(scheduler, rng)
+        output = scheduler.schedule(wanted)
         for item in output.scheduled:
-            assert not scheduler.get_request(item.request_id).num_draft_slots  # consumed
+            assert item.num_draft_slots <= wanted.get(item.request_id, 0)  # never more rows than asked for
         output = fill(scheduler, output, rng)
         check_step(scheduler, output)
         scheduler.update(output, runner.execute(output))
@@ -118,8 +120,7 @@ def test_drafts_are_verified_and_rejected_rows_rolled_back() -> None:
     scheduler.update(output := scheduler.schedule(), runner.execute(output))  # prefill: 5 rows, 2 blocks
     tokens = list(request.all_token_ids)
     right = [next_token(tokens), next_token([*tokens, next_token(tokens)])]
-    request.num_draft_slots = 6
-    reserved = scheduler.schedule()
+    reserved = scheduler.schedule({"a": 6})
     assert reserved.scheduled[0].num_draft_slots == 6 and len(reserved.scheduled[0].block_table) == 3  # rows 0..11
     output = scheduler.fill_drafts(reserved, {"a": [*right, (right[1] + 1) % VOCAB, 5]})
     (item,) = output.scheduled

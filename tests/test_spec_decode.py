@@ -13,9 +13,10 @@ import torch
 from engine.config import build_config
 from engine.errors import ConfigError
 from engine.kv_cache import KVCacheLayout
-from engine.llm_engine import EngineCounters, LLMEngine
+from engine.llm_engine import LLMEngine
 from engine.loader import ModelSource, open_model
 from engine.models import build_model
+from engine.outputs import EngineCounters
 from engine.sampler import SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.spec import NgramDrafter, verifier

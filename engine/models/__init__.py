@@ -7,6 +7,7 @@ import torch
 from engine.loader import ModelSource
 from engine.models.bucketed_linear import BucketedLinear
 from engine.models.llama import AttentionContext, LlamaForCausalLM, RotaryEmbedding
+from engine.models.quantize import WeightCopies
 from engine.parallel.group import TensorParallelGroup
 
 __all__ = ["AttentionContext", "LlamaForCausalLM", "build_model"]
@@ -22,10 +23,11 @@ def build_model(
     int4_activations: torch.dtype | None = None,
 ) -> LlamaForCausalLM:
     """Build the architecture (``tp``'s shard of it) without initialising weights (on "meta"), then fill it from the
-    model files.
+    model files, each weight cut to that shard here.
 
-    ``int4_max_rows`` > 0 adds 4-bit copies of the decoder's projections for steps of up to that many rows; the
-    weights are then read in fp32 so that the copies start from the exact values; they are packed for
+    ``int4_max_rows`` > 0 adds the compact copies (engine/models/quantize.py): 4-bit ones of the decoder's
+    projections for steps of up to that many rows, and a Q8_0 LM head's; the weights are then read in fp32 so that
+    the copies start from the exact values; the 4-bit ones are packed for
     ``int4_activations`` (default: ``dtype``; kernels.native.INT8_ACTIVATIONS to quantize fp32 activations)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(source.spec, tp)
@@ -35,8 +37,13 @@ def build_model(
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_tables()
-    load_dtype = torch.float32 if int4_max_rows else dtype
-    model.load_weights(source.iter_weights(load_dtype, progress), int4_max_rows, int4_activations)
+    copies = WeightCopies(model, int4_max_rows, int4_activations) if int4_max_rows else None
+    shard, head_dim = model.tp.shard, model.spec.head_dim
+    weights = source.iter_weights(dtype if copies is None else torch.float32, progress)
+    model.load_weights(
+        ((name, shard.cut(name, tensor, head_dim)) for name, tensor in weights),
+        None if copies is None else copies.copied,
+    )
     for module in model.modules():
         if isinstance(module, BucketedLinear):
             module.pack()

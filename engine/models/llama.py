@@ -8,7 +8,9 @@ norm adds the residual in its own pass, and the elementwise chains run as one ke
 
 Under tensor parallelism each rank builds this model from its ``TensorShard``'s local spec (its own heads,
 intermediate units and vocabulary rows): QKV and gate/up are column-parallel, O and down row-parallel with their
-outputs summed across ranks, the embedding and LM head vocab-parallel (engine/parallel/).
+outputs summed across ranks, the embedding and LM head vocab-parallel (engine/parallel/). Its weights arrive already
+cut to that shard (``build_model``); quantized copies (quantize.py) and the native decoder (native_decoder.py) are
+applied from outside, so this file describes only the model.
 """
 
 from __future__ import annotations
@@ -25,10 +27,7 @@ from torch import nn
 from engine.errors import ModelLoadError
 from engine.model_spec import ModelSpec
 from engine.models.bucketed_linear import BucketedLinear
-from engine.models.int4_weights import quantize_int4, supports_int4
-from engine.models.int8_weights import LM_HEAD_INT8_MAX_ROWS, Int8Weight
 from engine.models.layer_ops import RotaryAngles, layer_ops_for
-from engine.models.native_decoder import NativeDecoder
 from engine.parallel.group import TensorParallelGroup
 from engine.parallel.shard import TensorShard
 from kernels.backend import AttentionBackend
@@ -166,8 +165,6 @@ class VocabParallelEmbedding(nn.Embedding):
 
 
 class LlamaForCausalLM(nn.Module):
-    native_decoder: NativeDecoder | None = None  # set by load_weights where the weights allow one
-
     def __init__(self, spec: ModelSpec, tp: TensorParallelGroup | None = None) -> None:
         """``spec`` is the whole model's; ``tp`` says which shard of it this rank holds (default: all of it)."""
         super().__init__()
@@ -184,13 +181,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Flat batch [T] -> final hidden states [T, hidden] (normalised): in one native call for a decode step
-        that the native decoder takes (engine/models/native_decoder.py), else layer by layer."""
-        decoder = self.native_decoder
-        if decoder is not None and decoder.accepts(input_ids.shape[0], ctx):
-            x = self.embed_tokens(input_ids)
-            rotary = self.rotary.angles(positions, x.dtype)
-            return decoder.forward(x, rotary.cos, rotary.sin, ctx)
+        """Flat batch [T] -> final hidden states [T, hidden] (normalised)."""
         return self.run_layers(input_ids, positions, ctx, range(len(self.layers)))
 
     def run_layers(
@@ -225,16 +216,11 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(
         self,
         weights: Iterable[tuple[str, torch.Tensor]],
-        int4_max_rows: int = 0,
-        int4_activations: torch.dtype | None = None,
+        on_copy: Callable[[str, int, torch.Tensor], None] | None = None,
     ) -> None:
-        """Copy Hugging Face-named tensors in (this rank's shard of each), fusing q/k/v and gate/up into their
-        combined projections.
-
-        With ``int4_max_rows``, each decoder projection also gets a 4-bit copy for steps of at most that many rows,
-        quantized from the tensors as given (pass fp32 for the exact levels of a Q4_1 file) and packed for
-        ``int4_activations`` (default: the parameters' dtype), and an LM head stored as
-        Q8_0 an 8-bit copy of its exact values, for steps of up to LM_HEAD_INT8_MAX_ROWS sampled rows."""
+        """Copy Hugging Face-named tensors in (already cut to this rank's shard), fusing q/k/v and gate/up into their
+        combined projections. ``on_copy`` is told (parameter name, first row, tensor as given) after each copy, e.g.
+        to build quantized copies from the unrounded values (engine/models/quantize.py)."""
         spec = self.spec
         fused_slices = {
             "q_proj": ("qkv_proj", 0, spec.q_size),
@@ -247,15 +233,7 @@ class LlamaForCausalLM(nn.Module):
         # A fused parameter is complete once each of its parts arrived.
         parts_needed = {name: 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 1 for name in params}
         parts_loaded: Counter[str] = Counter()
-        projections = {
-            f"{name}.weight": module
-            for name, module in self.layers.named_modules(prefix="layers")
-            if isinstance(module, BucketedLinear)
-        }
-        staged: dict[str, torch.Tensor] = {}  # projections as given, until every part arrived, for their 4-bit copies
-        head = "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
-        for hf_name, full_tensor in weights:
-            tensor = self.tp.shard.cut(hf_name, full_tensor, spec.head_dim)
+        for hf_name, tensor in weights:
             name = hf_name.removeprefix("model.")
             if name == "lm_head.weight" and spec.tie_word_embeddings:
                 continue
@@ -274,19 +252,8 @@ class LlamaForCausalLM(nn.Module):
                 )
             destination.copy_(tensor)
             parts_loaded[target] += 1
-            if int4_max_rows and target in projections:
-                full = staged.setdefault(target, torch.empty(param.shape, dtype=tensor.dtype))
-                full[offset : offset + tensor.shape[0]].copy_(tensor)
-                if parts_loaded[target] == parts_needed[target]:
-                    full = staged.pop(target)
-                    if supports_int4(full):
-                        copy = quantize_int4(full, int4_activations or param.dtype)
-                        projections[target].use_compact(copy, int4_max_rows)
-            if int4_max_rows and target == head:
-                head_copy = Int8Weight.of_q8_0(tensor, param.dtype)
-                if head_copy is not None:
-                    self.lm_head.use_compact(head_copy, LM_HEAD_INT8_MAX_ROWS)
+            if on_copy is not None:
+                on_copy(target, offset, tensor)
         missing = [name for name, needed in parts_needed.items() if parts_loaded[name] < needed]
         if missing:
             raise ModelLoadError(f"weights missing from the model files: {', '.join(missing[:5])}")
-        self.native_decoder = NativeDecoder.of(self) if int4_max_rows else None

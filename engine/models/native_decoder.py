@@ -13,6 +13,9 @@ It takes a step when all of this holds, and otherwise the layer-by-layer path ru
 - the K/V caches are plain blocks of the model's dtype (no block codec) and nothing observes the layers' queries (KV
   policies);
 - there is one tensor-parallel rank, and the native attention kernel is built for the model's head size.
+
+The model itself knows nothing of it: engine/model_setup.py builds one for a model with 4-bit copies, and the runner
+(engine/model_runner.py) asks it every step whether it takes the step, else runs the model.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from engine.models.int4_weights import NativeInt4Weight
 from kernels.cpu_attention import CpuAttentionMetadata
@@ -34,7 +38,7 @@ from kernels.native import (
 )
 
 if TYPE_CHECKING:
-    from engine.models.llama import AttentionContext, LlamaForCausalLM
+    from engine.models.llama import AttentionContext, LlamaForCausalLM, RotaryEmbedding
 
 
 @dataclass
@@ -45,6 +49,8 @@ class NativeDecoder:
     final_norm: torch.Tensor
     max_rows: int  # the most rows the 4-bit copies take
     activations: torch.dtype  # what the copies are packed for: the model's dtype, or INT8_ACTIVATIONS in fp32
+    embed_tokens: nn.Module  # the model's, for the step's residual stream
+    rotary: RotaryEmbedding  # the model's, for the step's cos/sin rows
 
     @classmethod
     def of(cls, model: LlamaForCausalLM) -> NativeDecoder | None:
@@ -90,7 +96,8 @@ class NativeDecoder:
             scale=model.layers[0].self_attn.scale,
         )
         weights = torch.tensor(rows, dtype=torch.int64)
-        return cls(kernels, shape, weights, model.norm.weight.detach(), min(max_rows), activations)
+        final_norm = model.norm.weight.detach()
+        return cls(kernels, shape, weights, final_norm, min(max_rows), activations, model.embed_tokens, model.rotary)
 
     def accepts(self, rows: int, ctx: AttentionContext) -> bool:
         metadata = ctx.metadata
@@ -108,10 +115,10 @@ class NativeDecoder:
     def _plain(self, cache: object) -> bool:
         return type(cache) is torch.Tensor and cache.dtype == self.final_norm.dtype and cache.is_contiguous()
 
-    def forward(
-        self, embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
-    ) -> torch.Tensor:
-        """The final norm's output for a step ``accepts`` took; ``embeddings`` becomes the residual stream."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """The final norm's output for a step ``accepts`` took, as the model's forward gives it."""
+        embeddings = self.embed_tokens(input_ids)
+        rotary = self.rotary.angles(positions, embeddings.dtype)
         metadata = ctx.metadata
         assert isinstance(metadata, CpuAttentionMetadata) and isinstance(metadata.decode, DecodeBatch)
         table = self.weights.clone()
@@ -125,8 +132,8 @@ class NativeDecoder:
             metadata.decode,
             self.final_norm,
             embeddings,
-            cos,
-            sin,
+            rotary.cos,
+            rotary.sin,
             metadata.slot_mapping,
             self.activations,
         )

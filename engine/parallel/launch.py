@@ -2,9 +2,9 @@
 
 ``tensor_parallel_size`` N > 1 in a plain process: this process is rank 0 (the engine) and it starts ranks 1..N-1
 as worker processes (``python -m engine.parallel.worker``, their arguments pickled on stdin, so the caller's main
-module is never re-imported) that meet it on a loopback port. Under ``torchrun`` (RANK and WORLD_SIZE set) every process
-joins the group torchrun describes; rank 0 serves and the others run the worker loop, so a multi-node run needs
-nothing more than torchrun's own flags.
+module is never re-imported; among them the worker's main, which the caller passes in) that meet it on a loopback
+port. Under ``torchrun`` (RANK and WORLD_SIZE set) every process joins the group torchrun describes; rank 0 serves
+and the others run the worker loop, so a multi-node run needs nothing more than torchrun's own flags.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from engine.parallel.shard import TensorShard
 
 logger = logging.getLogger("spindle.parallel")
 
+# A worker rank's life: (config, rank, world size, init method, the model's spec) -> the process's exit code.
+WorkerMain = Callable[[EngineConfig, int, int, str, ModelSpec | None], int]
+
 WORKER_EXIT_SECONDS = 10.0  # how long a stopping engine waits for its workers to leave on their own
 STARTUP_TIMEOUT = timedelta(minutes=10)  # for every rank to meet (a started worker that dies is noticed at once)
 
@@ -54,6 +57,7 @@ class WorkerArgs:
     init_method: str
     config: EngineConfig
     spec: ModelSpec
+    main: WorkerMain  # a module-level function: pickled by name, so unpickling imports what it needs
 
 
 @dataclass
@@ -117,8 +121,8 @@ def _within(seconds: float, action: Callable[[], None]) -> bool:
     return done.wait(seconds)
 
 
-def start_engine_rank(config: EngineConfig, spec: ModelSpec) -> LocalRank:
-    """Rank 0's setup: one rank, started workers, or the group torchrun started."""
+def start_engine_rank(config: EngineConfig, spec: ModelSpec, worker_main: WorkerMain) -> LocalRank:
+    """Rank 0's setup: one rank, started workers (running ``worker_main``), or the group torchrun started."""
     runtime = config.runtime
     rank = torchrun_rank()
     if rank is not None:
@@ -142,7 +146,8 @@ def start_engine_rank(config: EngineConfig, spec: ModelSpec) -> LocalRank:
     if dist.is_initialized():
         raise ConfigError("this process already runs a tensor-parallel engine: close it first (LLM.close())")
     processes = [
-        _start_worker(WorkerArgs(rank, world_size, init_method, config, spec)) for rank in range(1, world_size)
+        _start_worker(WorkerArgs(rank, world_size, init_method, config, spec, worker_main))
+        for rank in range(1, world_size)
     ]
     try:
         local = _join_watching(processes, lambda: _join(config, spec, 0, world_size, init_method))
